@@ -1,0 +1,387 @@
+//! The in-memory block index: sharded hash tables with a true LRU per shard.
+//!
+//! Layout, per shard: a `hashbrown::HashTable<u32>` of slot numbers (4 bytes + 1 control
+//! byte per block) and a slab of [`Slot`]s (block key, LRU links, and the pods holding
+//! the block as packed 4-byte [`PodEntry`]s, inline up to 4). Memory is bounded by
+//! `capacity` (block, pod) entries: past it, least-recently-used blocks are evicted
+//! (a lookup or store makes a block most recently used).
+//!
+//! Clearing a pod is O(1): each pod has an 8-bit epoch stamped into its entries, and
+//! clearing bumps it, which invalidates every older entry at once; stale entries are
+//! dropped when their block is next touched or evicted, and a full sweep runs only when
+//! the epoch wraps (every 256 clears of that pod).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use crate::entry::{PodEntry, PodId, TierId, MAX_PODS};
+use crate::{BlockIndex, IndexStats};
+
+/// Settings of an [`InMemoryIndex`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexConfig {
+    /// Most (block, pod) entries kept; least-recently-used blocks are evicted beyond.
+    /// Default 16 M (≈ 0.6 GB at the measured ≈ 40 B per entry).
+    pub capacity: usize,
+    /// Number of independently locked shards (rounded up to a power of two). Default 64.
+    pub shards: usize,
+    /// How long a speculative entry lives unless a `BlockStored` confirms it. Default 2 s
+    /// (llm-d's `speculativeTTL`).
+    pub speculative_ttl: Duration,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self { capacity: 16 << 20, shards: 64, speculative_ttl: Duration::from_secs(2) }
+    }
+}
+
+const NIL: u32 = u32::MAX;
+/// At most this many speculative entries await expiry; older ones expire early.
+const MAX_PENDING_SPECULATIVE: usize = 1 << 22;
+
+struct Slot {
+    key: u64,
+    prev: u32,
+    next: u32,
+    pods: SmallVec<[PodEntry; 4]>,
+}
+
+struct Shard {
+    table: HashTable<u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+    entries: usize,
+}
+
+#[inline]
+fn mix(k: u64) -> u64 {
+    let m = (k ^ 0x9E37_79B9_7F4A_7C15) as u128 * 0xD6E8_FEB8_6659_FD93u128;
+    (m as u64) ^ ((m >> 64) as u64)
+}
+
+type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
+struct PodState {
+    epochs: Box<[AtomicU8]>,
+    counts: Box<[AtomicI64]>,
+}
+
+impl PodState {
+    #[inline]
+    fn valid(&self, e: PodEntry) -> bool {
+        e.epoch() == self.epochs[e.pod() as usize].load(Relaxed)
+    }
+}
+
+impl Shard {
+    fn new() -> Self {
+        Self { table: HashTable::new(), slots: Vec::new(), free: Vec::new(), head: NIL, tail: NIL, entries: 0 }
+    }
+
+    #[inline]
+    fn find(&self, key: u64, h: u64) -> Option<u32> {
+        let slots = &self.slots;
+        self.table.find(h, |&i| slots[i as usize].key == key).copied()
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (p, n) = (self.slots[i as usize].prev, self.slots[i as usize].next);
+        if p == NIL { self.head = n } else { self.slots[p as usize].next = n }
+        if n == NIL { self.tail = p } else { self.slots[n as usize].prev = p }
+    }
+
+    fn push_front(&mut self, i: u32) {
+        let old = self.head;
+        {
+            let s = &mut self.slots[i as usize];
+            s.prev = NIL;
+            s.next = old;
+        }
+        if old == NIL { self.tail = i } else { self.slots[old as usize].prev = i }
+        self.head = i;
+    }
+
+    #[inline]
+    fn touch(&mut self, i: u32) {
+        if self.head != i {
+            self.unlink(i);
+            self.push_front(i);
+        }
+    }
+
+    fn find_or_insert(&mut self, key: u64, h: u64) -> u32 {
+        if let Some(i) = self.find(key, h) {
+            return i;
+        }
+        let slot = Slot { key, prev: NIL, next: NIL, pods: SmallVec::new() };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let Shard { table, slots, .. } = self;
+        table.insert_unique(h, i, |&j| mix(slots[j as usize].key));
+        self.push_front(i);
+        i
+    }
+
+    /// Removes a slot whose entries have already been accounted for.
+    fn free_slot(&mut self, i: u32) {
+        let key = self.slots[i as usize].key;
+        let Shard { table, slots, .. } = self;
+        if let Ok(entry) = table.find_entry(mix(key), |&j| slots[j as usize].key == key) {
+            entry.remove();
+        }
+        self.unlink(i);
+        self.slots[i as usize].pods = SmallVec::new();
+        self.free.push(i);
+    }
+
+    /// Drops a slot and all its entries (eviction, sweeps).
+    fn drop_slot(&mut self, i: u32, pods: &PodState) {
+        for e in self.slots[i as usize].pods.iter() {
+            if pods.valid(*e) {
+                pods.counts[e.pod() as usize].fetch_sub(1, Relaxed);
+            }
+        }
+        self.entries -= self.slots[i as usize].pods.len();
+        self.free_slot(i);
+    }
+
+    /// Drops entries of cleared pods from a slot.
+    fn purge_stale(&mut self, i: u32, pods: &PodState) {
+        let list = &mut self.slots[i as usize].pods;
+        let before = list.len();
+        list.retain(|e| pods.valid(*e));
+        self.entries -= before - list.len();
+    }
+}
+
+/// The default, in-process [`BlockIndex`].
+pub struct InMemoryIndex {
+    shards: Box<[Mutex<Shard>]>,
+    mask: u64,
+    cap_per_shard: usize,
+    pods: PodState,
+    pending: Mutex<VecDeque<(Instant, PodEntry, u64)>>,
+    clock: Clock,
+    ttl: Duration,
+    evicted_blocks: AtomicU64,
+    expired_speculative: AtomicU64,
+}
+
+impl InMemoryIndex {
+    pub fn new(cfg: IndexConfig) -> Self {
+        Self::with_clock(cfg, Arc::new(Instant::now))
+    }
+
+    /// An index reading time from `clock` (tests drive speculative expiry with it).
+    pub fn with_clock(cfg: IndexConfig, clock: Clock) -> Self {
+        let n = cfg.shards.clamp(1, 1 << 12).next_power_of_two();
+        Self {
+            shards: (0..n).map(|_| Mutex::new(Shard::new())).collect(),
+            mask: (n - 1) as u64,
+            cap_per_shard: cfg.capacity.div_ceil(n).max(1),
+            pods: PodState {
+                epochs: (0..MAX_PODS).map(|_| AtomicU8::new(0)).collect(),
+                counts: (0..MAX_PODS).map(|_| AtomicI64::new(0)).collect(),
+            },
+            pending: Mutex::new(VecDeque::new()),
+            clock,
+            ttl: cfg.speculative_ttl,
+            evicted_blocks: AtomicU64::new(0),
+            expired_speculative: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    fn shard(&self, h: u64) -> &Mutex<Shard> {
+        &self.shards[((h >> 40) & self.mask) as usize]
+    }
+
+    fn evict(&self, s: &mut Shard) {
+        while s.entries > self.cap_per_shard && s.tail != NIL {
+            let t = s.tail;
+            s.drop_slot(t, &self.pods);
+            self.evicted_blocks.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Adds entries; returns the keys that gained a new entry.
+    fn add(&self, pod: PodId, tier: TierId, keys: &[u64], speculative: bool, mut added: impl FnMut(u64)) {
+        let epoch = self.pods.epochs[pod as usize].load(Acquire);
+        let fresh = PodEntry::new(pod, tier, epoch, speculative);
+        for &key in keys {
+            let h = mix(key);
+            let mut s = self.shard(h).lock();
+            let i = s.find_or_insert(key, h);
+            s.purge_stale(i, &self.pods);
+            let list = &mut s.slots[i as usize].pods;
+            let mut grew = false;
+            match list.iter().position(|e| e.same_holder(pod, tier)) {
+                Some(j) if list[j].speculative() && !speculative => list[j] = list[j].confirmed(),
+                Some(_) => {}
+                None if speculative && list.iter().any(|e| e.pod() == pod) => {}
+                None => {
+                    list.push(fresh);
+                    grew = true;
+                }
+            }
+            if grew {
+                s.entries += 1;
+                self.pods.counts[pod as usize].fetch_add(1, Relaxed);
+                added(key);
+            }
+            s.touch(i);
+            self.evict(&mut s);
+        }
+    }
+
+    /// Expires due speculative entries (cheap when none are due or another thread is at it).
+    pub fn expire_speculative(&self) {
+        let Some(mut q) = self.pending.try_lock() else { return };
+        let now = (self.clock)();
+        while let Some(&(deadline, e, key)) = q.front() {
+            if deadline > now && q.len() <= MAX_PENDING_SPECULATIVE {
+                break;
+            }
+            q.pop_front();
+            let h = mix(key);
+            let mut s = self.shard(h).lock();
+            let Some(i) = s.find(key, h) else { continue };
+            let list = &mut s.slots[i as usize].pods;
+            if let Some(j) = list.iter().position(|x| *x == e) {
+                list.remove(j);
+                s.entries -= 1;
+                self.pods.counts[e.pod() as usize].fetch_sub(1, Relaxed);
+                self.expired_speculative.fetch_add(1, Relaxed);
+                if s.slots[i as usize].pods.is_empty() {
+                    s.free_slot(i);
+                }
+            }
+        }
+    }
+
+    fn sweep_pod(&self, pod: PodId) {
+        for shard in self.shards.iter() {
+            let mut s = shard.lock();
+            let live: Vec<u32> = s.table.iter().copied().collect();
+            for i in live {
+                let list = &mut s.slots[i as usize].pods;
+                let before = list.len();
+                list.retain(|e| e.pod() != pod);
+                let removed = before - list.len();
+                s.entries -= removed;
+                if s.slots[i as usize].pods.is_empty() {
+                    s.free_slot(i);
+                }
+            }
+        }
+    }
+}
+
+impl BlockIndex for InMemoryIndex {
+    fn store(&self, pod: PodId, tier: TierId, keys: &[u64]) {
+        self.add(pod, tier, keys, false, |_| {});
+    }
+
+    fn store_speculative(&self, pod: PodId, tier: TierId, keys: &[u64]) {
+        self.expire_speculative();
+        let deadline = (self.clock)() + self.ttl;
+        let epoch = self.pods.epochs[pod as usize].load(Acquire);
+        let e = PodEntry::new(pod, tier, epoch, true);
+        let mut newly = Vec::new();
+        self.add(pod, tier, keys, true, |k| newly.push(k));
+        let mut q = self.pending.lock();
+        q.extend(newly.into_iter().map(|k| (deadline, e, k)));
+    }
+
+    fn remove(&self, pod: PodId, tier: Option<TierId>, keys: &[u64]) {
+        for &key in keys {
+            let h = mix(key);
+            let mut s = self.shard(h).lock();
+            let Some(i) = s.find(key, h) else { continue };
+            let list = &mut s.slots[i as usize].pods;
+            let before = list.len();
+            let mut valid_removed = 0;
+            list.retain(|e| {
+                let hit = e.pod() == pod && tier.is_none_or(|t| e.tier() == t);
+                if hit && self.pods.valid(*e) {
+                    valid_removed += 1;
+                }
+                !hit
+            });
+            let removed = before - list.len();
+            s.entries -= removed;
+            self.pods.counts[pod as usize].fetch_sub(valid_removed, Relaxed);
+            if s.slots[i as usize].pods.is_empty() {
+                s.free_slot(i);
+            }
+        }
+    }
+
+    fn clear_pod(&self, pod: PodId) {
+        let epoch = &self.pods.epochs[pod as usize];
+        if epoch.load(Acquire) == u8::MAX {
+            // About to wrap: old epochs would become valid again, so drop them for real.
+            self.sweep_pod(pod);
+            epoch.store(0, Release);
+        } else {
+            epoch.fetch_add(1, AcqRel);
+        }
+        self.pods.counts[pod as usize].store(0, Relaxed);
+    }
+
+    fn prefix_lookup(&self, keys: &[u64], f: &mut dyn FnMut(usize, &[PodEntry]) -> bool) {
+        self.expire_speculative();
+        let mut buf: SmallVec<[PodEntry; 64]> = SmallVec::new();
+        for (pos, &key) in keys.iter().enumerate() {
+            let h = mix(key);
+            {
+                let mut s = self.shard(h).lock();
+                let Some(i) = s.find(key, h) else { return };
+                buf.clear();
+                buf.extend(s.slots[i as usize].pods.iter().copied().filter(|e| self.pods.valid(*e)));
+                s.touch(i);
+            }
+            if buf.is_empty() || !f(pos, &buf) {
+                return;
+            }
+        }
+    }
+
+    fn pod_entries(&self, pod: PodId) -> u64 {
+        self.pods.counts[pod as usize].load(Relaxed).max(0) as u64
+    }
+
+    fn stats(&self) -> IndexStats {
+        let (mut blocks, mut entries) = (0, 0);
+        for s in self.shards.iter() {
+            let s = s.lock();
+            blocks += s.table.len() as u64;
+            entries += s.entries as u64;
+        }
+        IndexStats {
+            blocks,
+            entries,
+            capacity: (self.cap_per_shard * self.shards.len()) as u64,
+            evicted_blocks: self.evicted_blocks.load(Relaxed),
+            expired_speculative: self.expired_speculative.load(Relaxed),
+            pending_speculative: self.pending.lock().len() as u64,
+        }
+    }
+}
