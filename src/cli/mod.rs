@@ -1,0 +1,46 @@
+//! Command-line interface: one module per subcommand.
+
+mod demo;
+mod events;
+mod hash;
+
+use clap::{Parser, Subcommand};
+
+/// KV-cache-aware request router for fleets of vLLM servers.
+#[derive(Parser, Debug)]
+#[command(name = "kvroute", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Compute vLLM's block hashes for token ids read as a JSON array on stdin.
+    Hash(hash::HashArgs),
+    /// Inspect vLLM KV-cache event payloads.
+    Events {
+        #[command(subcommand)]
+        command: events::EventsCommand,
+    },
+    /// Run a simulated fleet in-process: vLLM-like prefix caches publish real KV-event
+    /// payloads, kvroute indexes them and routes a shared-prefix workload, compared with
+    /// round-robin and random routing.
+    Demo(demo::DemoArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Hash(a) => hash::run(a),
+        Command::Events { command } => events::run(command),
+        Command::Demo(a) => demo::run(a),
+    }
+}
+
+/// Reads all of stdin as a string.
+fn read_stdin() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s).map_err(|e| anyhow::anyhow!("cannot read stdin: {e}"))?;
+    Ok(s)
+}

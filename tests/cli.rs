@@ -1,0 +1,158 @@
+//! Black-box tests of the `kvroute` binary: it is run as a child process, as outside
+//! checks run it, and its output is compared with vLLM's own vectors.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn vectors(name: &str) -> Value {
+    let dir = std::env::var("KVROUTE_VECTORS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors"));
+    serde_json::from_str(&std::fs::read_to_string(dir.join(name)).expect("vectors present")).unwrap()
+}
+
+fn kvroute(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvroute");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn hash_command_reproduces_every_vllm_vector() {
+    let doc = vectors("vllm_block_hashes.json");
+    let cases = &doc["cases"];
+    let mut checked = 0;
+    for run in doc["runs"].as_array().unwrap() {
+        let ver = run["vllm_version"].as_str().unwrap();
+        for res in run["results"].as_array().unwrap() {
+            let algo = res["algo"].as_str().unwrap();
+            let mut base = vec!["hash", "--algo", algo, "--block-size", "16", "--vllm-version", ver];
+            match run["pythonhashseed"].as_str() {
+                Some(s) => base.extend(["--seed", s]),
+                None => base.push("--no-seed"),
+            }
+            if !res["none_hash"]["reproducible"].as_bool().unwrap() {
+                let out = kvroute(&base, "[1,2,3]");
+                assert_eq!(out.status.code(), Some(2), "{base:?} must refuse");
+                assert!(String::from_utf8_lossy(&out.stderr).contains("not reproducible"));
+                continue;
+            }
+            for (name, want) in res["cases"].as_object().unwrap() {
+                let case = &cases[name];
+                let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+                if let Some(l) = case.get("lora") {
+                    args.extend(["--lora-name".into(), l["lora_name"].as_str().unwrap().into()]);
+                    args.extend(["--lora-path".into(), l["lora_path"].as_str().unwrap().into()]);
+                    args.extend(["--lora-id".into(), l["lora_int_id"].to_string()]);
+                }
+                if let Some(s) = case.get("cache_salt") {
+                    args.extend(["--cache-salt".into(), s.as_str().unwrap().into()]);
+                }
+                for m in case.get("mm").and_then(Value::as_array).into_iter().flatten() {
+                    args.extend(["--mm".into(), format!("{}:{}:{}", m["identifier"].as_str().unwrap(), m["offset"], m["length"])]);
+                }
+                let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+                let out = kvroute(&argv, &case["token_ids"].to_string());
+                assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+                let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+                let blocks = want["blocks"].as_array().unwrap();
+                assert_eq!(got["blocks"].as_array().unwrap().len(), blocks.len());
+                for (g, w) in got["blocks"].as_array().unwrap().iter().zip(blocks) {
+                    if let Some(h) = w.get("hash_hex") {
+                        assert_eq!(&g["hash_hex"], h, "{argv:?}");
+                        assert_eq!(&g["event_u64"], &w["event_hash_default_int"], "{argv:?}");
+                    } else if w["event_hash_fits_msgpack"] == true {
+                        let ev = &w["event_hash"];
+                        let want_u64 = ev.as_u64().unwrap_or_else(|| ev.as_i64().unwrap() as u64);
+                        assert_eq!(g["event_u64"].as_u64(), Some(want_u64), "{argv:?}");
+                    } else {
+                        let h = w["hash_int"]["bigint_hex"].as_str().unwrap();
+                        assert_eq!(g["hash_hex"].as_str().unwrap().trim_start_matches('0'), h.trim_start_matches('0'));
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    println!("kvroute hash: {checked} vector cases reproduced through the CLI");
+    assert!(checked >= 300);
+}
+
+#[test]
+fn events_decode_command_prints_vllm_field_values() {
+    let doc = vectors("vllm_kv_events.json");
+    let mut checked = 0;
+    for (ver, v) in doc["versions"].as_object().unwrap() {
+        for sc in v["scenarios"].as_array().unwrap() {
+            if sc["VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES"] == 0 {
+                continue; // bytes hashes: covered by the library conformance test
+            }
+            for b in sc["batches"].as_array().unwrap() {
+                let Some(hex) = b.get("payload_hex_with_dp_rank_0").and_then(Value::as_str) else { continue };
+                let out = kvroute(&["events", "decode"], hex);
+                assert!(out.status.success(), "{ver}: {}", String::from_utf8_lossy(&out.stderr));
+                let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(got["data_parallel_rank"], 0);
+                assert_eq!(got["ts"], b["fields"]["ts"]);
+                for (ge, we) in got["events"].as_array().unwrap().iter().zip(b["fields"]["events"].as_array().unwrap()) {
+                    assert_eq!(ge["type"], we["__type__"]);
+                    for (k, wv) in we.as_object().unwrap() {
+                        if k == "__type__" {
+                            continue;
+                        }
+                        let w = match (k.as_str(), wv) {
+                            ("block_hashes", Value::Array(a)) => Value::Array(a.iter().map(|h| h.as_u64().unwrap_or_else(|| h.as_i64().unwrap() as u64).into()).collect()),
+                            ("parent_block_hash", Value::Number(n)) => n.as_u64().unwrap_or_else(|| n.as_i64().unwrap() as u64).into(),
+                            _ => wv.clone(),
+                        };
+                        assert_eq!(ge[k], w, "{ver} {} field {k}", b["name"]);
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 80, "{checked}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_exit_code_2() {
+    for (args, stdin, msg) in [
+        (vec!["hash"], "[1, 2", "JSON array of token ids"),
+        (vec!["hash"], "[-1]", "JSON array of token ids"),
+        (vec!["hash", "--algo", "md5"], "[]", "unknown hash algorithm"),
+        (vec!["hash", "--algo", "sha256_cbor", "--vllm-version", "0.9.2", "--seed", "0"], "[]", "has no sha256_cbor"),
+        (vec!["hash", "--seed", "0", "--block-size", "0"], "[]", "block size"),
+        (vec!["events", "decode"], "not hex", "payload as hex"),
+        (vec!["events", "decode"], "93cb41d954fc4010", "not a valid KVEventBatch"),
+    ] {
+        let out = kvroute(&args, stdin);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(msg), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn demo_routes_better_than_round_robin() {
+    let out = kvroute(&["demo", "--groups", "8", "--prompts-per-group", "8", "--pods", "4"], "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = |policy: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(&format!("| {policy}"))).expect(policy);
+        line.split('|').nth(2).unwrap().trim().trim_end_matches(" %").parse().unwrap()
+    };
+    let (k, rr) = (rate("kvroute"), rate("round-robin"));
+    assert!(k > rr + 20.0, "kvroute {k} % vs round-robin {rr} %\n{text}");
+    assert!(text.contains("0 decode errors"));
+}
