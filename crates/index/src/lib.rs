@@ -15,6 +15,7 @@ mod applier;
 mod entry;
 mod memory;
 mod pods;
+mod slab;
 
 pub use applier::{ApplySnapshot, EventApplier, KeyMode};
 pub use entry::{PodEntry, PodId, TierId, MAX_PODS, MAX_TIERS};

@@ -20,6 +20,8 @@ use hashbrown::HashTable;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use crate::slab::{PodList, Slab, Slot};
+
 use crate::entry::{PodEntry, PodId, TierId, MAX_PODS};
 use crate::{BlockIndex, IndexStats};
 
@@ -46,16 +48,9 @@ const NIL: u32 = u32::MAX;
 /// At most this many speculative entries await expiry; older ones expire early.
 const MAX_PENDING_SPECULATIVE: usize = 1 << 22;
 
-struct Slot {
-    key: u64,
-    prev: u32,
-    next: u32,
-    pods: SmallVec<[PodEntry; 4]>,
-}
-
 struct Shard {
     table: HashTable<u32>,
-    slots: Vec<Slot>,
+    slots: Slab,
     free: Vec<u32>,
     head: u32,
     tail: u32,
@@ -84,29 +79,29 @@ impl PodState {
 
 impl Shard {
     fn new() -> Self {
-        Self { table: HashTable::new(), slots: Vec::new(), free: Vec::new(), head: NIL, tail: NIL, entries: 0 }
+        Self { table: HashTable::new(), slots: Slab::default(), free: Vec::new(), head: NIL, tail: NIL, entries: 0 }
     }
 
     #[inline]
     fn find(&self, key: u64, h: u64) -> Option<u32> {
         let slots = &self.slots;
-        self.table.find(h, |&i| slots[i as usize].key == key).copied()
+        self.table.find(h, |&i| slots[i].key == key).copied()
     }
 
     fn unlink(&mut self, i: u32) {
-        let (p, n) = (self.slots[i as usize].prev, self.slots[i as usize].next);
-        if p == NIL { self.head = n } else { self.slots[p as usize].next = n }
-        if n == NIL { self.tail = p } else { self.slots[n as usize].prev = p }
+        let (p, n) = (self.slots[i].prev, self.slots[i].next);
+        if p == NIL { self.head = n } else { self.slots[p].next = n }
+        if n == NIL { self.tail = p } else { self.slots[n].prev = p }
     }
 
     fn push_front(&mut self, i: u32) {
         let old = self.head;
         {
-            let s = &mut self.slots[i as usize];
+            let s = &mut self.slots[i];
             s.prev = NIL;
             s.next = old;
         }
-        if old == NIL { self.tail = i } else { self.slots[old as usize].prev = i }
+        if old == NIL { self.tail = i } else { self.slots[old].prev = i }
         self.head = i;
     }
 
@@ -122,52 +117,46 @@ impl Shard {
         if let Some(i) = self.find(key, h) {
             return i;
         }
-        let slot = Slot { key, prev: NIL, next: NIL, pods: SmallVec::new() };
+        let slot = Slot { key, prev: NIL, next: NIL, pods: PodList::Empty };
         let i = match self.free.pop() {
             Some(i) => {
-                self.slots[i as usize] = slot;
+                self.slots[i] = slot;
                 i
             }
-            None => {
-                self.slots.push(slot);
-                (self.slots.len() - 1) as u32
-            }
+            None => self.slots.push(slot),
         };
         let Shard { table, slots, .. } = self;
-        table.insert_unique(h, i, |&j| mix(slots[j as usize].key));
+        table.insert_unique(h, i, |&j| mix(slots[j].key));
         self.push_front(i);
         i
     }
 
     /// Removes a slot whose entries have already been accounted for.
     fn free_slot(&mut self, i: u32) {
-        let key = self.slots[i as usize].key;
+        let key = self.slots[i].key;
         let Shard { table, slots, .. } = self;
-        if let Ok(entry) = table.find_entry(mix(key), |&j| slots[j as usize].key == key) {
+        if let Ok(entry) = table.find_entry(mix(key), |&j| slots[j].key == key) {
             entry.remove();
         }
         self.unlink(i);
-        self.slots[i as usize].pods = SmallVec::new();
+        self.slots[i].pods = PodList::Empty;
         self.free.push(i);
     }
 
     /// Drops a slot and all its entries (eviction, sweeps).
     fn drop_slot(&mut self, i: u32, pods: &PodState) {
-        for e in self.slots[i as usize].pods.iter() {
+        for e in self.slots[i].pods.as_slice() {
             if pods.valid(*e) {
                 pods.counts[e.pod() as usize].fetch_sub(1, Relaxed);
             }
         }
-        self.entries -= self.slots[i as usize].pods.len();
+        self.entries -= self.slots[i].pods.len();
         self.free_slot(i);
     }
 
     /// Drops entries of cleared pods from a slot.
     fn purge_stale(&mut self, i: u32, pods: &PodState) {
-        let list = &mut self.slots[i as usize].pods;
-        let before = list.len();
-        list.retain(|e| pods.valid(*e));
-        self.entries -= before - list.len();
+        self.entries -= self.slots[i].pods.retain(|e| pods.valid(e));
     }
 }
 
@@ -230,12 +219,15 @@ impl InMemoryIndex {
             let mut s = self.shard(h).lock();
             let i = s.find_or_insert(key, h);
             s.purge_stale(i, &self.pods);
-            let list = &mut s.slots[i as usize].pods;
+            let list = &mut s.slots[i].pods;
             let mut grew = false;
-            match list.iter().position(|e| e.same_holder(pod, tier)) {
-                Some(j) if list[j].speculative() && !speculative => list[j] = list[j].confirmed(),
+            match list.as_slice().iter().position(|e| e.same_holder(pod, tier)) {
+                Some(j) if list.as_slice()[j].speculative() && !speculative => {
+                    let slot = &mut list.as_mut_slice()[j];
+                    *slot = slot.confirmed();
+                }
                 Some(_) => {}
-                None if speculative && list.iter().any(|e| e.pod() == pod) => {}
+                None if speculative && list.as_slice().iter().any(|e| e.pod() == pod) => {}
                 None => {
                     list.push(fresh);
                     grew = true;
@@ -263,13 +255,13 @@ impl InMemoryIndex {
             let h = mix(key);
             let mut s = self.shard(h).lock();
             let Some(i) = s.find(key, h) else { continue };
-            let list = &mut s.slots[i as usize].pods;
-            if let Some(j) = list.iter().position(|x| *x == e) {
+            let list = &mut s.slots[i].pods;
+            if let Some(j) = list.as_slice().iter().position(|x| *x == e) {
                 list.remove(j);
                 s.entries -= 1;
                 self.pods.counts[e.pod() as usize].fetch_sub(1, Relaxed);
                 self.expired_speculative.fetch_add(1, Relaxed);
-                if s.slots[i as usize].pods.is_empty() {
+                if s.slots[i].pods.is_empty() {
                     s.free_slot(i);
                 }
             }
@@ -281,12 +273,9 @@ impl InMemoryIndex {
             let mut s = shard.lock();
             let live: Vec<u32> = s.table.iter().copied().collect();
             for i in live {
-                let list = &mut s.slots[i as usize].pods;
-                let before = list.len();
-                list.retain(|e| e.pod() != pod);
-                let removed = before - list.len();
+                let removed = s.slots[i].pods.retain(|e| e.pod() != pod);
                 s.entries -= removed;
-                if s.slots[i as usize].pods.is_empty() {
+                if s.slots[i].pods.is_empty() {
                     s.free_slot(i);
                 }
             }
@@ -315,20 +304,13 @@ impl BlockIndex for InMemoryIndex {
             let h = mix(key);
             let mut s = self.shard(h).lock();
             let Some(i) = s.find(key, h) else { continue };
-            let list = &mut s.slots[i as usize].pods;
-            let before = list.len();
-            let mut valid_removed = 0;
-            list.retain(|e| {
-                let hit = e.pod() == pod && tier.is_none_or(|t| e.tier() == t);
-                if hit && self.pods.valid(*e) {
-                    valid_removed += 1;
-                }
-                !hit
-            });
-            let removed = before - list.len();
+            let hit = |e: PodEntry| e.pod() == pod && tier.is_none_or(|t| e.tier() == t);
+            let valid_removed =
+                s.slots[i].pods.as_slice().iter().filter(|e| hit(**e) && self.pods.valid(**e)).count() as i64;
+            let removed = s.slots[i].pods.retain(|e| !hit(e));
             s.entries -= removed;
             self.pods.counts[pod as usize].fetch_sub(valid_removed, Relaxed);
-            if s.slots[i as usize].pods.is_empty() {
+            if s.slots[i].pods.is_empty() {
                 s.free_slot(i);
             }
         }
@@ -355,7 +337,7 @@ impl BlockIndex for InMemoryIndex {
                 let mut s = self.shard(h).lock();
                 let Some(i) = s.find(key, h) else { return };
                 buf.clear();
-                buf.extend(s.slots[i as usize].pods.iter().copied().filter(|e| self.pods.valid(*e)));
+                buf.extend(s.slots[i].pods.as_slice().iter().copied().filter(|e| self.pods.valid(*e)));
                 s.touch(i);
             }
             if buf.is_empty() || !f(pos, &buf) {
