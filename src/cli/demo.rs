@@ -99,11 +99,18 @@ impl SimPod {
             let Some((k, t)) = self.order.pop_front() else { break };
             if self.lru.get(&k) == Some(&t) {
                 self.lru.remove(&k);
-                events.push(KvEvent::BlockRemoved(BlockRemoved { block_hashes: vec![k], medium: Some("GPU".into()), ..Default::default() }));
+                events.push(KvEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: vec![k],
+                    medium: Some("GPU".into()),
+                    ..Default::default()
+                }));
             }
         }
         let payload = (!events.is_empty()).then(|| {
-            encode_batch(&EventBatch { ts: self.tick as f64, events, data_parallel_rank: Some(0), unknown_events: 0 }, self.format)
+            encode_batch(
+                &EventBatch { ts: self.tick as f64, events, data_parallel_rank: Some(0), unknown_events: 0 },
+                self.format,
+            )
         });
         (cached, payload)
     }
@@ -133,9 +140,9 @@ fn workload(a: &DemoArgs) -> Vec<Vec<u32>> {
     let systems: Vec<Vec<u32>> =
         (0..a.groups).map(|_| (0..a.system_tokens).map(|_| rng.below(150_000) as u32).collect()).collect();
     let mut reqs = Vec::new();
-    for g in 0..a.groups {
+    for system in &systems {
         for _ in 0..a.prompts_per_group {
-            let mut t = systems[g].clone();
+            let mut t = system.clone();
             t.extend((0..a.question_tokens).map(|_| rng.below(150_000) as u32));
             reqs.push(t);
         }
@@ -248,13 +255,23 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!(
         "kvroute demo: {} simulated vLLM pods ({} GPU blocks of {BLOCK} tokens each), {} requests = {} groups × {} \
          (shared prefix {} + unique {} tokens), events delivered {} requests late",
-        a.pods, a.gpu_blocks, reqs.len(), a.groups, a.prompts_per_group, a.system_tokens, a.question_tokens, a.event_lag
+        a.pods,
+        a.gpu_blocks,
+        reqs.len(),
+        a.groups,
+        a.prompts_per_group,
+        a.system_tokens,
+        a.question_tokens,
+        a.event_lag
     );
     println!("hashing: sha256_cbor, PYTHONHASHSEED=0, vLLM {}; even pods publish 0.33 map events, odd pods 0.23 array events\n", kvroute_keys::VllmVersion::LATEST);
     // Bound: every distinct block computed once, no eviction ("global cache").
     let total: usize = reqs.iter().map(Vec::len).sum();
     let distinct = a.groups * a.system_tokens + reqs.len() * a.question_tokens;
-    println!("upper bound (global cache, infinite capacity): {:.1} % of prompt tokens cached\n", 100.0 * (total - distinct) as f64 / total as f64);
+    println!(
+        "upper bound (global cache, infinite capacity): {:.1} % of prompt tokens cached\n",
+        100.0 * (total - distinct) as f64 / total as f64
+    );
     println!("| policy | prompt tokens cached | est. TTFT p50 / p90 (ms) | requests per pod max / mean | route time p50 / p99 (µs) |");
     println!("|---|---|---|---|---|");
     let mut note = String::new();

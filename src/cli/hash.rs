@@ -66,7 +66,8 @@ pub fn run(a: HashArgs) -> anyhow::Result<()> {
     let tokens: Vec<u32> = serde_json::from_str(&input)
         .context("stdin must be a JSON array of token ids (non-negative integers below 2^32)")?;
     let seed = if a.no_seed { None } else { a.seed };
-    let hasher = BlockHasher::new(HashConfig { algo: a.algo, vllm_version: a.vllm_version, seed, block_size: a.block_size })?;
+    let hasher =
+        BlockHasher::new(HashConfig { algo: a.algo, vllm_version: a.vllm_version, seed, block_size: a.block_size })?;
     let mut mm = a.mm;
     mm.sort_by_key(|m| m.offset);
     if let Some(last) = mm.iter().find(|m| m.offset + m.length > tokens.len()) {

@@ -16,7 +16,12 @@ pub fn step_batch() -> EventBatch {
     });
     let mut events = vec![stored];
     events.extend((0..32u64).map(|i| {
-        KvEvent::BlockRemoved(BlockRemoved { block_hashes: vec![i.wrapping_mul(0xD6E8_FEB8_6659_FD93)], medium: Some("GPU".into()), group_idx: Some(0), ..Default::default() })
+        KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: vec![i.wrapping_mul(0xD6E8_FEB8_6659_FD93)],
+            medium: Some("GPU".into()),
+            group_idx: Some(0),
+            ..Default::default()
+        })
     }));
     EventBatch { ts: 1.7e9, events, data_parallel_rank: Some(0), unknown_events: 0 }
 }

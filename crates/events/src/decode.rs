@@ -488,7 +488,13 @@ impl<'a> Reader<'a> {
     fn finish(kind: Kind, f: Fields) -> Result<Option<KvEvent>> {
         Ok(Some(match kind {
             Kind::Stored => {
-                let req = |ok: bool, field| if ok { Ok(()) } else { Err(DecodeError::MissingField { event: "BlockStored", field }) };
+                let req = |ok: bool, field| {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(DecodeError::MissingField { event: "BlockStored", field })
+                    }
+                };
                 req(f.has_hashes, "block_hashes")?;
                 req(f.has_tokens, "token_ids")?;
                 req(f.has_block_size, "block_size")?;

@@ -202,10 +202,8 @@ fn removed(out: &mut Vec<u8>, r: &BlockRemoved, fmt: WireFormat) {
             opt_int(out, r.group_idx);
         }
         WireFormat::Map => {
-            let n = 3 + [r.group_idx.is_some(), r.locality.is_some(), r.ownership.is_some()]
-                .iter()
-                .filter(|&&x| x)
-                .count();
+            let n =
+                3 + [r.group_idx.is_some(), r.locality.is_some(), r.ownership.is_some()].iter().filter(|&&x| x).count();
             let _ = enc::write_map_len(out, n as u32);
             str(out, "type");
             str(out, "BlockRemoved");

@@ -86,7 +86,11 @@ fn every_vllm_event_payload_decodes_to_the_recorded_fields() {
                         _ => None,
                     };
                     if let (Some(fmt), false) = (fmt, env == 0) {
-                        assert_eq!(hex::encode(encode_batch(&batch, fmt)), b[key].as_str().unwrap(), "{ctx} {key}: re-encode");
+                        assert_eq!(
+                            hex::encode(encode_batch(&batch, fmt)),
+                            b[key].as_str().unwrap(),
+                            "{ctx} {key}: re-encode"
+                        );
                         reencoded += 1;
                     }
                 }
@@ -109,15 +113,23 @@ fn recorded_zmq_frames_decode() {
         let live = f["live_frames_hex"].as_array().unwrap();
         assert_eq!(live.len(), published.len());
         for (i, (frames, want)) in live.iter().zip(published).enumerate() {
-            let frames: Vec<Vec<u8>> = frames.as_array().unwrap().iter().map(|x| hex::decode(x.as_str().unwrap()).unwrap()).collect();
+            let frames: Vec<Vec<u8>> =
+                frames.as_array().unwrap().iter().map(|x| hex::decode(x.as_str().unwrap()).unwrap()).collect();
             assert_eq!(frames[0], f["topic"].as_str().unwrap().as_bytes());
             assert_eq!(u64::from_be_bytes(frames[1].as_slice().try_into().unwrap()), i as u64);
             let batch = decode_batch(&frames[2]).unwrap();
-            check(&format!("{ver} live {i}"), &batch, want, want["data_parallel_rank"].as_i64(), want["ts"].as_f64().unwrap());
+            check(
+                &format!("{ver} live {i}"),
+                &batch,
+                want,
+                want["data_parallel_rank"].as_i64(),
+                want["ts"].as_f64().unwrap(),
+            );
         }
         // Replay replies: the payload is the last frame, the end marker has an empty one.
         for reply in f["replay_reply_frames_hex_received_by_DEALER"].as_array().unwrap() {
-            let frames: Vec<Vec<u8>> = reply.as_array().unwrap().iter().map(|x| hex::decode(x.as_str().unwrap()).unwrap()).collect();
+            let frames: Vec<Vec<u8>> =
+                reply.as_array().unwrap().iter().map(|x| hex::decode(x.as_str().unwrap()).unwrap()).collect();
             let payload = frames.last().unwrap();
             let seq = &frames[frames.len() - 2];
             if seq.as_slice() == [0xff; 8] {

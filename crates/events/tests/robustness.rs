@@ -1,6 +1,8 @@
 //! Tolerance and robustness of the decoder beyond vLLM's recorded payloads.
 
-use kvroute_events::{decode_batch, encode_batch, BlockRemoved, BlockStored, DecodeError, EventBatch, KvEvent, Value, WireFormat};
+use kvroute_events::{
+    decode_batch, encode_batch, BlockRemoved, BlockStored, DecodeError, EventBatch, KvEvent, Value, WireFormat,
+};
 use proptest::prelude::*;
 use rmp::encode as e;
 
@@ -83,7 +85,10 @@ fn positional_events_accept_missing_and_extra_trailing_fields() {
 fn clear_errors_for_bad_input() {
     assert!(matches!(decode_batch(&[]), Err(DecodeError::Truncated { .. })));
     // A string where the events array should be.
-    assert!(matches!(decode_batch(&[0x92, 0x00, 0xa1, b'x']), Err(DecodeError::Unexpected { expected: "an array", .. })));
+    assert!(matches!(
+        decode_batch(&[0x92, 0x00, 0xa1, b'x']),
+        Err(DecodeError::Unexpected { expected: "an array", .. })
+    ));
     // BlockStored without block_size.
     let mut p = vec![0x92, 0x00, 0x91, 0x83];
     s(&mut p, "type");
@@ -97,7 +102,7 @@ fn clear_errors_for_bad_input() {
     // Token id beyond u32, array32 claiming 4 billion elements, deep nesting.
     assert!(matches!(decode_batch(&[0x92, 0x00, 0xdd, 0xff, 0xff, 0xff, 0xff]), Err(DecodeError::Truncated { .. })));
     let mut deep = vec![0x94, 0x00, 0x90, 0xc0]; // 4th envelope element: skipped, but bounded
-    deep.extend(std::iter::repeat(0x91).take(100));
+    deep.extend(std::iter::repeat_n(0x91, 100));
     deep.push(0xc0);
     assert_eq!(decode_batch(&deep), Err(DecodeError::TooDeep));
 }

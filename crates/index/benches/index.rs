@@ -15,7 +15,12 @@ fn batches(n: usize, fmt: WireFormat) -> Vec<Vec<u8>> {
     let mut prev: Option<u64> = None;
     (0..n)
         .map(|_| {
-            let hashes: Vec<u64> = (0..32).map(|_| { next += 1; next.wrapping_mul(0x9E37_79B9_7F4A_7C15) }).collect();
+            let hashes: Vec<u64> = (0..32)
+                .map(|_| {
+                    next += 1;
+                    next.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                })
+                .collect();
             let mut events = vec![KvEvent::BlockStored(BlockStored {
                 block_hashes: hashes.clone(),
                 parent_block_hash: prev,
@@ -28,12 +33,14 @@ fn batches(n: usize, fmt: WireFormat) -> Vec<Vec<u8>> {
             })];
             prev = hashes.last().copied();
             let old = next.saturating_sub(2000);
-            events.extend((0..32u64).map(|i| KvEvent::BlockRemoved(BlockRemoved {
-                block_hashes: vec![(old + i).wrapping_mul(0x9E37_79B9_7F4A_7C15)],
-                medium: Some("GPU".into()),
-                group_idx: Some(0),
-                ..Default::default()
-            })));
+            events.extend((0..32u64).map(|i| {
+                KvEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: vec![(old + i).wrapping_mul(0x9E37_79B9_7F4A_7C15)],
+                    medium: Some("GPU".into()),
+                    group_idx: Some(0),
+                    ..Default::default()
+                })
+            }));
             encode_batch(&EventBatch { ts: 0.0, events, data_parallel_rank: Some(0), unknown_events: 0 }, fmt)
         })
         .collect()
@@ -44,18 +51,23 @@ fn decode_apply(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_apply");
     g.throughput(Throughput::Elements(64 * payloads.len() as u64));
     let applier = EventApplier::new(InMemoryIndex::new(IndexConfig::default()), KeyMode::Engine);
-    g.bench_function("engine_keys", |b| b.iter(|| {
-        for p in &payloads {
-            applier.apply(0, "m", &decode_batch(p).unwrap());
-        }
-    }));
-    let applier = EventApplier::new(InMemoryIndex::new(IndexConfig::default()), KeyMode::Request(RequestKeyer::new(16, "")));
-    g.bench_function("request_keys", |b| b.iter(|| {
-        applier.clear_pod(0);
-        for p in &payloads {
-            applier.apply(0, "m", &decode_batch(p).unwrap());
-        }
-    }));
+    g.bench_function("engine_keys", |b| {
+        b.iter(|| {
+            for p in &payloads {
+                applier.apply(0, "m", &decode_batch(p).unwrap());
+            }
+        })
+    });
+    let applier =
+        EventApplier::new(InMemoryIndex::new(IndexConfig::default()), KeyMode::Request(RequestKeyer::new(16, "")));
+    g.bench_function("request_keys", |b| {
+        b.iter(|| {
+            applier.clear_pod(0);
+            for p in &payloads {
+                applier.apply(0, "m", &decode_batch(p).unwrap());
+            }
+        })
+    });
     g.finish();
 }
 

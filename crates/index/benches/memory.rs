@@ -52,8 +52,8 @@ fn measure(entries: usize, pods_per_block: usize) {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; a smoke run (`--smoke`) uses 100 k entries.
-    let n = if std::env::args().any(|a| a == "--smoke") { 100_000 } else { 10_000_000 };
+    // `cargo bench` passes --bench; a smoke run (`-- --test`, as in CI) uses 100 k entries.
+    let n = if std::env::args().any(|a| a == "--test" || a == "--smoke") { 100_000 } else { 10_000_000 };
     for per in [1, 2, 4, 8] {
         measure(n, per);
     }

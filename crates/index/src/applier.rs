@@ -70,7 +70,13 @@ pub struct EventApplier<I: BlockIndex> {
 
 impl<I: BlockIndex> EventApplier<I> {
     pub fn new(index: I, mode: KeyMode) -> Self {
-        Self { index, mode, tiers: Tiers::default(), maps: RwLock::new(HashMap::new()), counters: ApplyCounters::default() }
+        Self {
+            index,
+            mode,
+            tiers: Tiers::default(),
+            maps: RwLock::new(HashMap::new()),
+            counters: ApplyCounters::default(),
+        }
     }
 
     pub fn index(&self) -> &I {
@@ -150,10 +156,12 @@ impl<I: BlockIndex> EventApplier<I> {
             let keys: Vec<u64> = self.with_map(pod, |m| {
                 s.block_hashes
                     .iter()
-                    .filter_map(|h| m.get_mut(h).map(|v| {
-                        v.1 |= 1 << tier;
-                        v.0
-                    }))
+                    .filter_map(|h| {
+                        m.get_mut(h).map(|v| {
+                            v.1 |= 1 << tier;
+                            v.0
+                        })
+                    })
                     .collect()
             });
             self.counters.orphan_blocks.fetch_add(n - keys.len() as u64, Relaxed);

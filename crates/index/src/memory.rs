@@ -90,8 +90,16 @@ impl Shard {
 
     fn unlink(&mut self, i: u32) {
         let (p, n) = (self.slots[i].prev, self.slots[i].next);
-        if p == NIL { self.head = n } else { self.slots[p].next = n }
-        if n == NIL { self.tail = p } else { self.slots[n].prev = p }
+        if p == NIL {
+            self.head = n
+        } else {
+            self.slots[p].next = n
+        }
+        if n == NIL {
+            self.tail = p
+        } else {
+            self.slots[n].prev = p
+        }
     }
 
     fn push_front(&mut self, i: u32) {
@@ -101,7 +109,11 @@ impl Shard {
             s.prev = NIL;
             s.next = old;
         }
-        if old == NIL { self.tail = i } else { self.slots[old].prev = i }
+        if old == NIL {
+            self.tail = i
+        } else {
+            self.slots[old].prev = i
+        }
         self.head = i;
     }
 

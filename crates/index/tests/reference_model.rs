@@ -54,7 +54,14 @@ impl Reference {
         for p in 0..5u16 {
             let (mut n, mut sum) = (0, 0.0);
             for k in keys {
-                let best = self.0.get(k).into_iter().flatten().filter(|(q, _)| *q == p).map(|(_, t)| w[*t as usize]).fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))));
+                let best = self
+                    .0
+                    .get(k)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(q, _)| *q == p)
+                    .map(|(_, t)| w[*t as usize])
+                    .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))));
                 match best {
                     Some(b) => {
                         n += 1;
@@ -98,11 +105,21 @@ fn compare(idx: &InMemoryIndex, reference: &Reference) -> Result<(), TestCaseErr
         let query: Vec<u64> = (start..13).collect();
         for len in [1, 3, query.len()] {
             let q = &query[..len.min(query.len())];
-            let ours: Vec<(PodId, usize, f64)> = scorer.score(idx, q, None, &mut scratch).iter().map(|s| (s.pod, s.matched_blocks, s.weighted)).collect();
+            let ours: Vec<(PodId, usize, f64)> = scorer
+                .score(idx, q, None, &mut scratch)
+                .iter()
+                .map(|s| (s.pod, s.matched_blocks, s.weighted))
+                .collect();
             let want = reference.score(q, &weights);
             prop_assert_eq!(ours.len(), want.len(), "query {:?}", q);
             for (a, b) in ours.iter().zip(&want) {
-                prop_assert!(a.0 == b.0 && a.1 == b.1 && (a.2 - b.2).abs() < 1e-5, "query {:?}: {:?} vs {:?}", q, ours, want);
+                prop_assert!(
+                    a.0 == b.0 && a.1 == b.1 && (a.2 - b.2).abs() < 1e-5,
+                    "query {:?}: {:?} vs {:?}",
+                    q,
+                    ours,
+                    want
+                );
             }
         }
     }

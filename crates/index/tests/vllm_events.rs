@@ -56,7 +56,9 @@ fn run(version: &str, algo: &str, mode: impl Fn() -> KeyMode, request_keys: &[u6
 #[test]
 fn engine_keys_from_our_hasher_find_vllm_blocks() {
     let tokens: Vec<u32> = (0..64).collect();
-    for (version, algo) in [("0.33.0", "sha256"), ("0.33.0", "sha256_cbor"), ("0.23.0", "sha256"), ("0.11.2", "sha256_cbor")] {
+    for (version, algo) in
+        [("0.33.0", "sha256"), ("0.33.0", "sha256_cbor"), ("0.23.0", "sha256"), ("0.11.2", "sha256_cbor")]
+    {
         let h = BlockHasher::new(HashConfig {
             algo: algo.parse::<HashAlgo>().unwrap(),
             vllm_version: version.parse().unwrap(),
@@ -76,7 +78,14 @@ fn request_keys_work_without_reproducing_engine_hashes() {
     let mut keys = Vec::new();
     keyer.keys("m", &(0..64).collect::<Vec<u32>>(), &RequestExtras::default(), &mut keys);
     // Every version's payloads, including builtin and int-era ones.
-    for (version, algo) in [("0.33.0", "sha256"), ("0.24.0", "sha256_cbor"), ("0.20.2", "sha256"), ("0.10.0", "builtin"), ("0.10.0", "sha256_cbor_64bit"), ("0.9.2", "builtin")] {
+    for (version, algo) in [
+        ("0.33.0", "sha256"),
+        ("0.24.0", "sha256_cbor"),
+        ("0.20.2", "sha256"),
+        ("0.10.0", "builtin"),
+        ("0.10.0", "sha256_cbor_64bit"),
+        ("0.9.2", "builtin"),
+    ] {
         run(version, algo, || KeyMode::Request(keyer.clone()), &keys);
     }
 }

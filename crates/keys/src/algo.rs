@@ -70,9 +70,6 @@ impl fmt::Display for HashAlgo {
 impl FromStr for HashAlgo {
     type Err = KeyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        HashAlgo::ALL
-            .into_iter()
-            .find(|a| a.name() == s)
-            .ok_or_else(|| KeyError::UnknownAlgo(s.to_string()))
+        HashAlgo::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| KeyError::UnknownAlgo(s.to_string()))
     }
 }

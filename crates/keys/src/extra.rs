@@ -109,11 +109,9 @@ impl<'a> ExtraKeyGen<'a> {
                 ExtraKeyEra::NameAndOffset => {
                     PyValue::Tuple(vec![PyValue::Str(item.identifier.clone()), PyValue::Int(rel)])
                 }
-                ExtraKeyEra::Tagged => PyValue::Tuple(vec![
-                    PyValue::Tag("mm"),
-                    PyValue::Str(item.identifier.clone()),
-                    PyValue::Int(rel),
-                ]),
+                ExtraKeyEra::Tagged => {
+                    PyValue::Tuple(vec![PyValue::Tag("mm"), PyValue::Str(item.identifier.clone()), PyValue::Int(rel)])
+                }
             });
             if end >= off + len {
                 self.mm_idx += 1; // the item ends in this block; the next may start here too

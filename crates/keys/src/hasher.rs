@@ -126,9 +126,7 @@ impl BlockHasher {
                 }
             }
             HashAlgo::Sha256Cbor64bit => ChainValue::U64(low64_be(&Sha256::digest(preimage))),
-            HashAlgo::Xxhash | HashAlgo::XxhashCbor => {
-                ChainValue::from_digest(&xxh3_128(preimage).to_be_bytes())
-            }
+            HashAlgo::Xxhash | HashAlgo::XxhashCbor => ChainValue::from_digest(&xxh3_128(preimage).to_be_bytes()),
             // builtin hashes objects, not bytes; never reached through `digest`.
             HashAlgo::Builtin => ChainValue::I64(0),
         }

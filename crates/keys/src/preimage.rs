@@ -152,7 +152,7 @@ impl<'a> Pickler<'a> {
         let n = (bits >> 3) + 1;
         self.out.extend_from_slice(&[0x8a, n as u8]);
         self.out.extend(mag.iter().rev());
-        self.out.extend(std::iter::repeat(0).take(n - mag.len()));
+        self.out.extend(std::iter::repeat_n(0, n - mag.len()));
     }
 
     pub fn bytes(&mut self, b: &[u8]) {
@@ -371,7 +371,6 @@ mod tests {
             let mut v = Vec::new();
             let mut p = Pickler::new(&mut v);
             p.int(x);
-            drop(p);
             hex::encode(&v[FRAME_HEADER..])
         };
         assert_eq!(enc(255), "4bff");

@@ -152,7 +152,8 @@ mod tests {
         assert_eq!(hash_int(-1), -2);
         assert_eq!(hash_int(1 << 61), 1);
         assert_eq!(hash_tuple([].into_iter()), 5740354900026072187); // hash(())
-        assert_eq!(hash_tuple([hash_int(1), hash_int(2)].into_iter()), -3550055125485641917); // hash((1, 2))
+        assert_eq!(hash_tuple([hash_int(1), hash_int(2)].into_iter()), -3550055125485641917);
+        // hash((1, 2))
     }
 
     #[test]

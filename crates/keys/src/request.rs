@@ -96,7 +96,8 @@ mod tests {
         assert_eq!(a.len(), 2);
         k.keys("other", &toks, &RequestExtras::default(), &mut b);
         assert_ne!(a, b);
-        let lora = RequestExtras { lora: Some(LoraRef { name: "ad".into(), ..Default::default() }), ..Default::default() };
+        let lora =
+            RequestExtras { lora: Some(LoraRef { name: "ad".into(), ..Default::default() }), ..Default::default() };
         k.keys("m", &toks, &lora, &mut b);
         assert_ne!(a, b);
         let mut c = Vec::new();

@@ -54,8 +54,7 @@ fn same_value(expected: &Value, ours: &ChainValue) -> bool {
     }
     if let Some(h) = expected.get("bigint_hex").and_then(Value::as_str) {
         let ours_hex = ours.to_hex();
-        return matches!(ours, ChainValue::BigUint(_))
-            && ours_hex.trim_start_matches('0') == h.trim_start_matches('0');
+        return matches!(ours, ChainValue::BigUint(_)) && ours_hex.trim_start_matches('0') == h.trim_start_matches('0');
     }
     match ours {
         ChainValue::U64(v) => expected.as_u64() == Some(*v),
@@ -110,14 +109,18 @@ fn every_vllm_block_hash_vector_matches() {
                         preimages_ok += 1;
                     }
                     let h = hasher.hash_block(&mut buf, &parent, &tokens[s..e], extra.as_deref());
-                    let want = b.get("hash_hex").map(|x| serde_json::json!({"bytes_hex": x})).unwrap_or_else(|| b["hash_int"].clone());
+                    let want = b
+                        .get("hash_hex")
+                        .map(|x| serde_json::json!({"bytes_hex": x}))
+                        .unwrap_or_else(|| b["hash_int"].clone());
                     assert!(same_value(&want, &h), "{ctx} {name} block {i}: got {}", h.to_hex());
                     assert_eq!(all[i].value, h, "{ctx} {name} block {i}: hash_prompt agrees");
                     if let Some(ev) = b.get("event_hash_default_int") {
                         assert_eq!(ev.as_u64(), Some(h.event_u64()), "{ctx} {name} block {i}: event u64");
                     } else if b["event_hash_fits_msgpack"].as_bool() == Some(true) {
                         let ev = &b["event_hash"];
-                        let ok = ev.as_u64() == Some(h.event_u64()) || ev.as_i64().map(|v| v as u64) == Some(h.event_u64());
+                        let ok =
+                            ev.as_u64() == Some(h.event_u64()) || ev.as_i64().map(|v| v as u64) == Some(h.event_u64());
                         assert!(ok && h.fits_event(), "{ctx} {name} block {i}: event value {ev}");
                     } else {
                         assert!(!h.fits_event(), "{ctx} {name} block {i}: 256-bit ints cannot be published");
@@ -156,7 +159,10 @@ fn real_engine_capture_from_llm_d_matches() {
     ];
     let keys: Vec<u64> = h.hash_prompt(&tokens, &RequestExtras::default()).iter().map(|b| b.event).collect();
     assert_eq!(keys, vec![17705339885301241772, 13360521540053240825]);
-    let lora = RequestExtras { lora: Some(LoraRef { name: "Alice".into(), int_id: 1, path: "/x".into() }), ..Default::default() };
+    let lora = RequestExtras {
+        lora: Some(LoraRef { name: "Alice".into(), int_id: 1, path: "/x".into() }),
+        ..Default::default()
+    };
     let keys: Vec<u64> = h.hash_prompt(&tokens, &lora).iter().map(|b| b.event).collect();
     assert_eq!(keys, vec![9643097150530800701, 11170191873018355659]);
 }

@@ -150,7 +150,8 @@ mod tests {
         let s = LongestPrefixScorer::default();
         let mut scratch = Scratch::default();
         let r = s.score(&idx, &[1, 2, 3, 4], None, &mut scratch);
-        let got: Vec<(PodId, usize, f64)> = r.iter().map(|x| (x.pod, x.matched_blocks, (x.weighted * 100.0).round() / 100.0)).collect();
+        let got: Vec<(PodId, usize, f64)> =
+            r.iter().map(|x| (x.pod, x.matched_blocks, (x.weighted * 100.0).round() / 100.0)).collect();
         assert_eq!(got, vec![(1, 4, 3.6), (0, 3, 3.0), (3, 1, 1.0)]);
         assert!((r[0].score - 0.9).abs() < 1e-6);
         // Candidates: every candidate is reported, others are not.

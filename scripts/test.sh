@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs them all (the README's test command; CI calls it).
+#   ./scripts/test.sh
+# Needs: the Rust toolchain (cargo), and vLLM's ground-truth vectors in ../shared/vectors
+# (or KVROUTE_VECTORS=/path/to/vectors).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VECTORS="${KVROUTE_VECTORS:-$(pwd)/../shared/vectors}"
+if [ ! -f "$VECTORS/vllm_block_hashes.json" ] || [ ! -f "$VECTORS/vllm_kv_events.json" ]; then
+    echo "error: vLLM vectors not found in $VECTORS; conformance tests cannot run (set KVROUTE_VECTORS)" >&2
+    exit 1
+fi
+export KVROUTE_VECTORS="$(cd "$VECTORS" && pwd)"
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    echo "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi
+
+echo "== format"
+cargo fmt --all --check
+echo "== benchmark smoke run (each benchmark once, no timing)"
+cargo bench --workspace --quiet -- --test > /dev/null
+echo "== tests (unit, property, conformance, black-box CLI)"
+cargo nextest run --workspace --profile ci
