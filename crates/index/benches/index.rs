@@ -89,7 +89,18 @@ fn scoring(c: &mut Criterion) {
     let scorer = LongestPrefixScorer::default();
     let mut scratch = Scratch::default();
     let all: Vec<PodId> = (0..64).collect();
+    // Typical: 4 of the 64 pods hold the prompt (512, 384, 256, 128 blocks), every pod
+    // holds 16 k blocks of its own.
+    let typical = InMemoryIndex::new(IndexConfig::default());
+    for p in 0..64u16 {
+        let other: Vec<u64> = (0..16_384u64).map(|i| (p as u64) << 40 | i).collect();
+        typical.store(p, Tiers::GPU, &other);
+    }
+    for (p, n) in [(3u16, 512), (17, 384), (42, 256), (60, 128)] {
+        typical.store(p, Tiers::GPU, &prompt[..n]);
+    }
     let mut g = c.benchmark_group("score_512_blocks_64_pods");
+    g.bench_function("typical_4_holders", |b| b.iter(|| scorer.score(&typical, &prompt, Some(&all), &mut scratch)));
     g.bench_function("staircase", |b| b.iter(|| scorer.score(&idx, &prompt, Some(&all), &mut scratch)));
     // Worst case: every pod holds all 512 blocks.
     let full = InMemoryIndex::new(IndexConfig::default());
@@ -98,7 +109,7 @@ fn scoring(c: &mut Criterion) {
     }
     g.bench_function("all_pods_full_prefix", |b| b.iter(|| scorer.score(&full, &prompt, Some(&all), &mut scratch)));
     g.finish();
-    for (name, index) in [("staircase", &idx), ("all_pods_full_prefix", &full)] {
+    for (name, index) in [("typical_4_holders", &typical), ("staircase", &idx), ("all_pods_full_prefix", &full)] {
         let mut t: Vec<f64> = (0..20_000)
             .map(|_| {
                 let s = Instant::now();

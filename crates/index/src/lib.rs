@@ -5,7 +5,8 @@
 //! * [`BlockIndex`]: the backend trait (`store` / `remove` / `clear_pod` /
 //!   speculative entries / ordered prefix lookup). Every scorer and test runs against it.
 //! * [`InMemoryIndex`]: the default backend — concurrent (sharded locks), bounded
-//!   (capacity in (block, pod) entries, LRU eviction), O(1) per-pod clear, speculative
+//!   (capacity in (block, pod) entries, LRU eviction), per-pod clear that is instant for
+//!   lookups (epochs) and swept in the background of the event path, speculative
 //!   entries that expire after a TTL unless a `BlockStored` confirms them.
 //! * [`EventApplier`]: turns decoded vLLM event batches into index updates, keyed by the
 //!   engine's hashes or by kvroute's own request keys with an engine→request map.
@@ -56,7 +57,8 @@ pub trait BlockIndex: Send + Sync {
     /// Forgets every block of `pod`.
     fn clear_pod(&self, pod: PodId);
     /// Visits `keys` in order with the pods holding each, stopping at the first key no
-    /// pod holds or when `f` returns false.
+    /// pod holds or when `f` returns false. `f` may run while index locks are held: it
+    /// must not call back into the index.
     fn prefix_lookup(&self, keys: &[u64], f: &mut dyn FnMut(usize, &[PodEntry]) -> bool);
     /// Entries currently held by `pod`.
     fn pod_entries(&self, pod: PodId) -> u64;

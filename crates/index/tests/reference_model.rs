@@ -105,12 +105,20 @@ fn compare(idx: &InMemoryIndex, reference: &Reference) -> Result<(), TestCaseErr
         let query: Vec<u64> = (start..13).collect();
         for len in [1, 3, query.len()] {
             let q = &query[..len.min(query.len())];
-            let ours: Vec<(PodId, usize, f64)> = scorer
-                .score(idx, q, None, &mut scratch)
-                .iter()
-                .map(|s| (s.pod, s.matched_blocks, s.weighted))
-                .collect();
-            let want = reference.score(q, &weights);
+            // Scores are compared rounded, so float summation order cannot reorder ties.
+            let canon = |mut v: Vec<(PodId, usize, f64)>| {
+                v.iter_mut().for_each(|x| x.2 = (x.2 * 1e6).round() / 1e6);
+                v.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+                v
+            };
+            let ours = canon(
+                scorer
+                    .score(idx, q, None, &mut scratch)
+                    .iter()
+                    .map(|s| (s.pod, s.matched_blocks, s.weighted))
+                    .collect(),
+            );
+            let want = canon(reference.score(q, &weights));
             prop_assert_eq!(ours.len(), want.len(), "query {:?}", q);
             for (a, b) in ours.iter().zip(&want) {
                 prop_assert!(

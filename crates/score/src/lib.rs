@@ -24,19 +24,61 @@ pub struct PodScore {
 }
 
 /// Reusable per-thread scratch space, so scoring allocates nothing in steady state.
+///
+/// The walk keeps pod sets as bitsets (one bit per pod id): per block, each entry only
+/// sets a bit, so the cost per (block, pod) entry is a couple of instructions.
 #[derive(Default)]
 pub struct Scratch {
-    run: Vec<u32>,
-    cur: Vec<f32>,
-    sum: Vec<f64>,
-    allowed: Vec<bool>,
-    touched: Vec<PodId>,
+    /// Pods whose run is still going.
+    alive: Vec<u64>,
+    /// Pods holding the current block (any tier).
+    present: Vec<u64>,
+    /// Pods holding the current block on a top-weight tier.
+    top: Vec<u64>,
+    /// Candidate filter (all ones when scoring every pod).
+    allowed: Vec<u64>,
+    /// Matched blocks of pods whose run ended.
+    len: Vec<u32>,
+    /// Weight lost on blocks a pod held only on lower tiers.
+    deduct: Vec<f64>,
+    /// Best lower-tier weight this block (`stamp` = block + 1 when set).
+    low_best: Vec<f64>,
+    low_stamp: Vec<u32>,
+    low_pods: Vec<PodId>,
+    /// Pods holding block 0.
+    first: Vec<PodId>,
+}
+
+impl Scratch {
+    fn ensure(&mut self, pods: usize) {
+        let words = pods.div_ceil(64);
+        if self.alive.len() < words {
+            for v in [&mut self.alive, &mut self.present, &mut self.top] {
+                v.resize(words, 0);
+            }
+            self.allowed.resize(words, 0);
+        }
+        if self.len.len() < words * 64 {
+            let n = words * 64;
+            self.len.resize(n, 0);
+            self.deduct.resize(n, 0.0);
+            self.low_best.resize(n, 0.0);
+            self.low_stamp.resize(n, 0);
+        }
+    }
+}
+
+#[inline]
+fn bit(v: &[u64], p: usize) -> bool {
+    v[p >> 6] & (1 << (p & 63)) != 0
 }
 
 /// Tier-weighted longest-consecutive-prefix scorer.
 #[derive(Clone, Debug)]
 pub struct LongestPrefixScorer {
     weights: [f64; MAX_TIERS],
+    w_max: f64,
+    is_top: [bool; MAX_TIERS],
 }
 
 impl Default for LongestPrefixScorer {
@@ -47,7 +89,12 @@ impl Default for LongestPrefixScorer {
 
 impl LongestPrefixScorer {
     pub fn new(weights: [f64; MAX_TIERS]) -> Self {
-        Self { weights }
+        let w_max = weights.iter().copied().fold(f64::MIN, f64::max);
+        Self { weights, w_max, is_top: weights.map(|w| w == w_max) }
+    }
+
+    pub fn weights(&self) -> &[f64; MAX_TIERS] {
+        &self.weights
     }
 
     /// Scores pods for `keys`. With `candidates`, only those pods are scored and every one
@@ -60,73 +107,129 @@ impl LongestPrefixScorer {
         candidates: Option<&[PodId]>,
         scratch: &mut Scratch,
     ) -> Vec<PodScore> {
-        let Scratch { run, cur, sum, allowed, touched } = scratch;
-        touched.clear();
-        if let Some(c) = candidates {
-            let max = c.iter().copied().max().map_or(0, |m| m as usize + 1);
-            if allowed.len() < max {
-                allowed.resize(max, false);
-            }
-            for &p in c {
-                allowed[p as usize] = true;
-            }
+        let max_cand = candidates.and_then(|c| c.iter().copied().max()).map_or(0, |m| m as usize + 1);
+        scratch.ensure(max_cand.max(64));
+        let filter = candidates.is_some();
+        match candidates {
+            Some(c) => c.iter().for_each(|&p| scratch.allowed[p as usize >> 6] |= 1 << (p & 63)),
+            None => scratch.allowed.iter_mut().for_each(|w| *w = !0),
         }
-        let weights = &self.weights;
+        scratch.first.clear();
+        let mut blocks_walked = 0u32;
         let mut visit = |i: usize, entries: &[PodEntry]| -> bool {
+            let s = &mut *scratch;
             let i = i as u32;
-            let mut advanced = false;
+            // 1. Mark who holds this block. Bits are gathered in registers and written
+            //    when the word changes (OR-ing memory per entry would serialise on
+            //    store forwarding: with ≤ 64 pods every entry hits the same word).
+            let (mut word, mut pres, mut top) = (usize::MAX, 0u64, 0u64);
             for e in entries {
                 let p = e.pod() as usize;
-                if candidates.is_some() && !allowed.get(p).copied().unwrap_or(false) {
-                    continue;
-                }
-                if p >= run.len() {
-                    run.resize(p + 1, 0);
-                    cur.resize(p + 1, 0.0);
-                    sum.resize(p + 1, 0.0);
-                }
-                let w = weights[e.tier() as usize] as f32;
-                if run[p] == i {
-                    if i == 0 {
-                        touched.push(p as PodId);
+                let k = p >> 6;
+                if k != word {
+                    if word != usize::MAX {
+                        s.present[word] |= pres;
+                        s.top[word] |= top;
                     }
-                    run[p] = i + 1;
-                    cur[p] = w;
-                    sum[p] += w as f64;
-                    advanced = true;
-                } else if run[p] == i + 1 && w > cur[p] {
-                    sum[p] += (w - cur[p]) as f64;
-                    cur[p] = w;
+                    if k >= s.present.len() {
+                        if filter {
+                            word = usize::MAX;
+                            continue; // beyond every candidate
+                        }
+                        s.ensure(p + 1);
+                        s.allowed.iter_mut().for_each(|w| *w = !0);
+                    }
+                    (word, pres, top) = (k, 0, 0);
+                }
+                let b = 1u64 << (p & 63);
+                pres |= b;
+                let t = e.tier() as usize;
+                if self.is_top[t] {
+                    top |= b;
+                } else {
+                    // Lower tiers (rare: CPU offload) need per-pod bookkeeping.
+                    let w = self.weights[t];
+                    if s.low_stamp[p] != i + 1 {
+                        s.low_stamp[p] = i + 1;
+                        s.low_best[p] = w;
+                        s.low_pods.push(p as PodId);
+                    } else if w > s.low_best[p] {
+                        s.low_best[p] = w;
+                    }
                 }
             }
-            advanced
+            if word != usize::MAX {
+                s.present[word] |= pres;
+                s.top[word] |= top;
+            }
+            // 2. Intersect with the pods still running; record where runs end.
+            let mut any = false;
+            for k in 0..s.present.len() {
+                let held = s.present[k] & s.allowed[k];
+                let prev = if i == 0 { held } else { s.alive[k] };
+                let next = prev & held;
+                let mut ended = prev & !held;
+                while ended != 0 {
+                    s.len[k * 64 + ended.trailing_zeros() as usize] = i;
+                    ended &= ended - 1;
+                }
+                if i == 0 {
+                    let mut b = next;
+                    while b != 0 {
+                        s.first.push((k * 64 + b.trailing_zeros() as usize) as PodId);
+                        b &= b - 1;
+                    }
+                }
+                s.alive[k] = next;
+                any |= next != 0;
+            }
+            // 3. Pods that hold this block only on lower tiers lose weight.
+            for j in 0..s.low_pods.len() {
+                let p = s.low_pods[j] as usize;
+                if bit(&s.alive, p) && !bit(&s.top, p) {
+                    s.deduct[p] += self.w_max - s.low_best[p];
+                }
+            }
+            s.low_pods.clear();
+            s.present.iter_mut().for_each(|w| *w = 0);
+            s.top.iter_mut().for_each(|w| *w = 0);
+            blocks_walked = i + 1;
+            any
         };
         if !keys.is_empty() {
             index.prefix_lookup(keys, &mut visit);
         }
+        let s = scratch;
+        // Pods still running when the walk stopped matched every block walked.
+        for k in 0..s.alive.len() {
+            let mut b = std::mem::take(&mut s.alive[k]);
+            while b != 0 {
+                s.len[k * 64 + b.trailing_zeros() as usize] = blocks_walked;
+                b &= b - 1;
+            }
+        }
         let total = keys.len().max(1) as f64;
-        let mut out: Vec<PodScore> = touched
+        let mut out: Vec<PodScore> = s
+            .first
             .iter()
             .map(|&p| {
                 let pi = p as usize;
-                PodScore { pod: p, matched_blocks: run[pi] as usize, weighted: sum[pi], score: sum[pi] / total }
+                let weighted = s.len[pi] as f64 * self.w_max - s.deduct[pi];
+                PodScore { pod: p, matched_blocks: s.len[pi] as usize, weighted, score: weighted / total }
             })
             .collect();
-        // Reset scratch for the next call.
-        for &p in touched.iter() {
-            let pi = p as usize;
-            run[pi] = 0;
-            cur[pi] = 0.0;
-            sum[pi] = 0.0;
+        for &p in &s.first {
+            s.len[p as usize] = 0;
+            s.deduct[p as usize] = 0.0;
         }
+        s.low_stamp.iter_mut().for_each(|x| *x = 0);
+        s.allowed.iter_mut().for_each(|w| *w = 0);
         if let Some(c) = candidates {
             for &p in c {
-                allowed[p as usize] = false;
-                if !out.iter().any(|s| s.pod == p) {
+                if !out.iter().any(|x| x.pod == p) {
                     out.push(PodScore { pod: p, matched_blocks: 0, weighted: 0.0, score: 0.0 });
                 }
             }
-            out.dedup_by_key(|s| s.pod);
         }
         out.sort_by(|a, b| b.weighted.total_cmp(&a.weighted).then(a.pod.cmp(&b.pod)));
         out
