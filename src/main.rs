@@ -5,6 +5,7 @@
 //! `kvroute-keys` (request tokens → block keys) → `kvroute-score` (keys → pod scores).
 
 mod cli;
+mod config;
 
 use std::process::ExitCode;
 

@@ -3,6 +3,7 @@
 mod demo;
 mod events;
 mod hash;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,9 @@ pub enum Command {
     /// payloads, kvroute indexes them and routes a shared-prefix workload, compared with
     /// round-robin and random routing.
     Demo(demo::DemoArgs),
+    /// Run the router: follow the fleet's KV events over ZMQ and serve the scoring API
+    /// (`/v1/kv/score`, `/v1/kv/pods`, `/metrics`, `/health`).
+    Serve(Box<serve::ServeArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -34,6 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Hash(a) => hash::run(a),
         Command::Events { command } => events::run(command),
         Command::Demo(a) => demo::run(a),
+        Command::Serve(a) => serve::run(*a),
     }
 }
 

@@ -173,7 +173,10 @@ impl<I: BlockIndex> EventApplier<I> {
             self.counters.mismatched_blocks.fetch_add(n, Relaxed);
             return;
         }
-        let root_model = s.lora_name.as_deref().unwrap_or(model);
+        // Keys are rooted in the LoRA adapter (or none), not the model: topics often do
+        // not name it, and pods are filtered by model before scoring anyway.
+        let _ = model;
+        let root_model = s.lora_name.as_deref().unwrap_or("");
         let keys = self.with_map(pod, |m| {
             let mut parent = match s.parent_block_hash {
                 None | Some(0) => keyer.root(root_model),

@@ -76,7 +76,7 @@ fn engine_keys_from_our_hasher_find_vllm_blocks() {
 fn request_keys_work_without_reproducing_engine_hashes() {
     let keyer = RequestKeyer::new(16, "any-seed");
     let mut keys = Vec::new();
-    keyer.keys("m", &(0..64).collect::<Vec<u32>>(), &RequestExtras::default(), &mut keys);
+    keyer.keys("", &(0..64).collect::<Vec<u32>>(), &RequestExtras::default(), &mut keys);
     // Every version's payloads, including builtin and int-era ones.
     for (version, algo) in [
         ("0.33.0", "sha256"),

@@ -1,0 +1,120 @@
+//! Counters: per pod (for `/v1/kv/pods`) and fleet-wide (Prometheus).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use prometheus::{IntCounter, Opts, Registry};
+use serde::Serialize;
+
+/// Counters of one pod (one publisher stream; data-parallel ranks are separate pods).
+#[derive(Debug, Default)]
+pub struct PodCounters {
+    pub received: AtomicU64,
+    pub applied_batches: AtomicU64,
+    pub malformed: AtomicU64,
+    pub dropped: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub gaps: AtomicU64,
+    pub replays: AtomicU64,
+    pub replay_failures: AtomicU64,
+    pub restarts: AtomicU64,
+    /// Last sequence number received live, + 1 (0 = none yet).
+    pub last_seq_plus_one: AtomicU64,
+    pub model: Mutex<String>,
+}
+
+/// A pod's status as `/v1/kv/pods` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodStatus {
+    pub pod: String,
+    pub model: String,
+    /// (block, tier) entries the index holds for the pod.
+    pub blocks: u64,
+    pub last_seq: Option<u64>,
+    pub received: u64,
+    pub applied_batches: u64,
+    pub malformed: u64,
+    pub dropped: u64,
+    pub duplicates: u64,
+    pub gaps: u64,
+    pub replays: u64,
+    pub replay_failures: u64,
+    pub restarts: u64,
+}
+
+/// Fleet-wide counters, registered in a Prometheus registry.
+#[derive(Clone)]
+pub struct Metrics {
+    pub received: IntCounter,
+    pub applied_batches: IntCounter,
+    pub applied_events: IntCounter,
+    pub malformed: IntCounter,
+    pub dropped: IntCounter,
+    pub gaps: IntCounter,
+    pub replays: IntCounter,
+    pub replay_failures: IntCounter,
+    pub restarts: IntCounter,
+}
+
+impl Metrics {
+    pub fn new(reg: &Registry) -> Result<Self, prometheus::Error> {
+        let c = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::with_opts(Opts::new(name, help))?;
+            reg.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(Self {
+            received: c("kvroute_kv_messages_received_total", "KV-event messages received over ZMQ")?,
+            applied_batches: c("kvroute_kv_batches_applied_total", "KV-event batches applied to the index")?,
+            applied_events: c("kvroute_kv_events_applied_total", "KV events applied to the index")?,
+            malformed: c("kvroute_kv_messages_malformed_total", "Messages skipped as malformed (framing or payload)")?,
+            dropped: c("kvroute_kv_messages_dropped_total", "Messages dropped because a worker queue was full")?,
+            gaps: c("kvroute_kv_seq_gaps_total", "Sequence gaps detected")?,
+            replays: c("kvroute_kv_replays_total", "Replay requests made")?,
+            replay_failures: c("kvroute_kv_replay_failures_total", "Replays that failed or were incomplete")?,
+            restarts: c("kvroute_kv_engine_restarts_total", "Engine restarts detected (sequence went backwards)")?,
+        })
+    }
+}
+
+/// All pods' counters, by pod name.
+#[derive(Default)]
+pub struct PodTable {
+    inner: RwLock<BTreeMap<String, Arc<PodCounters>>>,
+}
+
+impl PodTable {
+    pub fn get(&self, pod: &str) -> Arc<PodCounters> {
+        if let Some(c) = self.inner.read().get(pod) {
+            return c.clone();
+        }
+        self.inner.write().entry(pod.to_string()).or_default().clone()
+    }
+
+    pub fn snapshot(&self, blocks: impl Fn(&str) -> u64) -> Vec<PodStatus> {
+        self.inner
+            .read()
+            .iter()
+            .map(|(pod, c)| {
+                let l = c.last_seq_plus_one.load(Relaxed);
+                PodStatus {
+                    pod: pod.clone(),
+                    model: c.model.lock().clone(),
+                    blocks: blocks(pod),
+                    last_seq: l.checked_sub(1),
+                    received: c.received.load(Relaxed),
+                    applied_batches: c.applied_batches.load(Relaxed),
+                    malformed: c.malformed.load(Relaxed),
+                    dropped: c.dropped.load(Relaxed),
+                    duplicates: c.duplicates.load(Relaxed),
+                    gaps: c.gaps.load(Relaxed),
+                    replays: c.replays.load(Relaxed),
+                    replay_failures: c.replay_failures.load(Relaxed),
+                    restarts: c.restarts.load(Relaxed),
+                }
+            })
+            .collect()
+    }
+}

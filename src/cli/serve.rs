@@ -1,0 +1,207 @@
+//! `kvroute serve`: the router process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use kvroute_api::{AppState, RequestKeys, SharedIndex};
+use kvroute_index::{EventApplier, InMemoryIndex, IndexConfig, KeyMode, Pods};
+use kvroute_ingest::{DialTarget, Ingestor, Metrics};
+use kvroute_keys::{BlockHasher, HashAlgo, HashConfig, RequestKeyer, VllmVersion};
+
+use crate::config::{KeyModeName, ServeConfig};
+
+/// Flags override the YAML file (`--config`), which overrides the defaults.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// YAML configuration file (same settings as the flags; see docs/configuration.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// HTTP listen address [default: 0.0.0.0:8080].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Bind a SUB socket here for vLLM publishers to connect to (repeatable)
+    /// [default: tcp://*:5557].
+    #[arg(long = "zmq-bind", value_name = "ENDPOINT")]
+    zmq_bind: Vec<String>,
+    /// Do not bind any SUB socket (dial mode only).
+    #[arg(long, conflicts_with = "zmq_bind")]
+    no_zmq_bind: bool,
+    /// Dial a pod's publisher: `POD=tcp://HOST:PORT[,replay=tcp://HOST:PORT]`
+    /// (repeatable). POD is the pod's identity, e.g. its `host:port`.
+    #[arg(long = "zmq-connect", value_name = "POD=ENDPOINT", value_parser = parse_dial)]
+    zmq_connect: Vec<DialTarget>,
+    /// Topic prefix the bound socket subscribes to [default: "" = all].
+    #[arg(long)]
+    topic_filter: Option<String>,
+    /// Bind mode: each pod's replay endpoint is tcp://<pod host>:<PORT> [default: none].
+    #[arg(long)]
+    replay_port: Option<u16>,
+    /// Data-parallel ranks per pod; rank r's endpoints are the base port + r [default: 1].
+    #[arg(long)]
+    data_parallel_size: Option<u16>,
+    /// How blocks are keyed: `request` (hash event token ids; works with any engine hash
+    /// settings) or `vllm` (index vLLM's own hashes) [default: request].
+    #[arg(long, value_enum)]
+    key_mode: Option<KeyModeName>,
+    /// Tokens per block, as vLLM's --block-size [default: 16].
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// vLLM's --prefix-caching-hash-algo (key-mode vllm) [default: sha256].
+    #[arg(long)]
+    hash_algo: Option<HashAlgo>,
+    /// The servers' PYTHONHASHSEED (key-mode vllm) [default: unset].
+    #[arg(long)]
+    hash_seed: Option<String>,
+    /// vLLM release of the servers (key-mode vllm) [default: 0.33.0].
+    #[arg(long)]
+    vllm_version: Option<VllmVersion>,
+    /// Index capacity in (block, pod) entries before LRU eviction [default: 16777216].
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Lifetime of speculative index entries, ms [default: 2000].
+    #[arg(long)]
+    speculative_ttl_ms: Option<u64>,
+    /// Event worker threads [default: 2].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Messages queued per worker before dropping [default: 65536].
+    #[arg(long)]
+    queue_capacity: Option<usize>,
+}
+
+fn parse_dial(s: &str) -> Result<DialTarget, String> {
+    let (pod, rest) = s.split_once('=').ok_or_else(|| format!("expected POD=ENDPOINT, got {s:?}"))?;
+    let mut parts = rest.split(',');
+    let endpoint = parts.next().unwrap_or_default().to_string();
+    let mut replay = None;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("replay", ep)) => replay = Some(ep.to_string()),
+            _ => return Err(format!("unknown option {p:?} in {s:?} (expected replay=ENDPOINT)")),
+        }
+    }
+    if pod.is_empty() || !endpoint.contains("://") {
+        return Err(format!("expected POD=tcp://HOST:PORT, got {s:?}"));
+    }
+    Ok(DialTarget { pod: pod.to_string(), endpoint, replay })
+}
+
+impl ServeArgs {
+    /// The effective configuration.
+    pub fn config(&self) -> anyhow::Result<ServeConfig> {
+        let mut c = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                serde_yaml::from_str(&text).with_context(|| format!("invalid configuration in {}", p.display()))?
+            }
+            None => ServeConfig::default(),
+        };
+        macro_rules! set {
+            ($flag:expr, $field:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(self.listen, c.listen);
+        set!(self.key_mode, c.key_mode);
+        set!(self.block_size, c.hash.block_size);
+        set!(self.hash_algo, c.hash.algo);
+        set!(self.vllm_version, c.hash.vllm_version);
+        set!(self.capacity, c.index.capacity);
+        set!(self.speculative_ttl_ms, c.index.speculative_ttl_ms);
+        set!(self.topic_filter, c.ingest.topic_filter);
+        set!(self.data_parallel_size, c.ingest.data_parallel_size);
+        set!(self.workers, c.ingest.workers);
+        set!(self.queue_capacity, c.ingest.queue_capacity);
+        if self.hash_seed.is_some() {
+            c.hash.seed = self.hash_seed.clone();
+        }
+        if self.replay_port.is_some() {
+            c.ingest.replay_port = self.replay_port;
+        }
+        if self.no_zmq_bind {
+            c.ingest.bind.clear();
+        } else if !self.zmq_bind.is_empty() {
+            c.ingest.bind = self.zmq_bind.clone();
+        }
+        if !self.zmq_connect.is_empty() {
+            c.ingest.connect = self.zmq_connect.clone();
+        }
+        Ok(c)
+    }
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let cfg = a.config()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let hash_cfg = HashConfig {
+        algo: cfg.hash.algo,
+        vllm_version: cfg.hash.vllm_version,
+        seed: cfg.hash.seed.clone(),
+        block_size: cfg.hash.block_size,
+    };
+    anyhow::ensure!(cfg.hash.block_size > 0, "block size must be at least 1");
+    let (mode, keys) = match cfg.key_mode {
+        KeyModeName::Request => {
+            let k = RequestKeyer::new(cfg.hash.block_size, cfg.hash.seed.clone().unwrap_or_default());
+            (KeyMode::Request(k.clone()), RequestKeys::Request(k))
+        }
+        KeyModeName::Vllm => {
+            let h = BlockHasher::new(hash_cfg).context("key-mode vllm needs reproducible vLLM hashes")?;
+            (KeyMode::Engine, RequestKeys::Vllm(h))
+        }
+    };
+    let index: SharedIndex = Arc::new(InMemoryIndex::new(IndexConfig {
+        capacity: cfg.index.capacity,
+        speculative_ttl: Duration::from_millis(cfg.index.speculative_ttl_ms),
+        ..Default::default()
+    }));
+    let applier = Arc::new(EventApplier::new(index, mode));
+    let pods = Arc::new(Pods::new());
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry)?;
+    let ingestor = Ingestor::start(&cfg.ingest, applier.clone(), pods.clone(), metrics)
+        .context("cannot start KV-event ingestion")?;
+    let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        tracing::info!(
+            listen = %cfg.listen,
+            bind = ?cfg.ingest.bind,
+            dial = cfg.ingest.connect.len(),
+            key_mode = ?cfg.key_mode,
+            "kvroute serving"
+        );
+        axum::serve(listener, kvroute_api::router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("HTTP server failed")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_targets_parse() {
+        let d = parse_dial("10.0.0.1:8000=tcp://10.0.0.1:5557,replay=tcp://10.0.0.1:5558").unwrap();
+        assert_eq!(d.pod, "10.0.0.1:8000");
+        assert_eq!(d.endpoint, "tcp://10.0.0.1:5557");
+        assert_eq!(d.replay.as_deref(), Some("tcp://10.0.0.1:5558"));
+        assert!(parse_dial("tcp://x:1").is_err());
+        assert!(parse_dial("p=tcp://x:1,foo=bar").is_err());
+    }
+}

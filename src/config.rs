@@ -1,0 +1,139 @@
+//! `kvroute serve` configuration: typed, with documented defaults. A YAML file
+//! (`--config`) may carry any of it; command-line flags override the file.
+//!
+//! ```yaml
+//! listen: 0.0.0.0:8080          # HTTP: /health, /v1/kv/score, /v1/kv/pods, /metrics
+//! key_mode: request             # request | vllm (see docs/architecture.md)
+//! hash:                         # how the vLLM servers hash (used by key_mode: vllm)
+//!   algo: sha256                # vLLM's --prefix-caching-hash-algo
+//!   seed: null                  # PYTHONHASHSEED as the servers have it; null = unset
+//!   vllm_version: "0.33"
+//!   block_size: 16
+//! index:
+//!   capacity: 16777216          # (block, pod) entries before LRU eviction
+//!   speculative_ttl_ms: 2000
+//! ingest:
+//!   bind: ["tcp://*:5557"]      # SUB sockets vLLM servers connect to
+//!   connect:                    # publishers to dial
+//!     - {pod: "10.0.0.1:8000", endpoint: "tcp://10.0.0.1:5557", replay: "tcp://10.0.0.1:5558"}
+//!   topic_filter: ""
+//!   replay_port: null           # bind mode: replay port on each pod's host
+//!   data_parallel_size: 1
+//!   workers: 2
+//!   queue_capacity: 65536
+//!   replay_idle_timeout_ms: 2000
+//!   replay_total_timeout_ms: 30000
+//! ```
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use kvroute_ingest::IngestConfig;
+use kvroute_keys::{HashAlgo, VllmVersion};
+use serde::{Deserialize, Serialize};
+
+/// How blocks are keyed in the index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyModeName {
+    /// kvroute hashes each event's token ids (works with any engine hash settings).
+    #[default]
+    Request,
+    /// Index vLLM's own hashes; requests are hashed like the servers (`hash:` must match).
+    Vllm,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HashSection {
+    #[serde(with = "as_str")]
+    pub algo: HashAlgo,
+    pub seed: Option<String>,
+    #[serde(with = "as_str")]
+    pub vllm_version: VllmVersion,
+    pub block_size: usize,
+}
+
+impl Default for HashSection {
+    fn default() -> Self {
+        Self { algo: HashAlgo::Sha256, seed: None, vllm_version: VllmVersion::LATEST, block_size: 16 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexSection {
+    pub capacity: usize,
+    pub speculative_ttl_ms: u64,
+}
+
+impl Default for IndexSection {
+    fn default() -> Self {
+        Self { capacity: 16 << 20, speculative_ttl_ms: 2000 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub key_mode: KeyModeName,
+    pub hash: HashSection,
+    pub index: IndexSection,
+    pub ingest: IngestConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            key_mode: KeyModeName::default(),
+            hash: HashSection::default(),
+            index: IndexSection::default(),
+            ingest: IngestConfig::default(),
+        }
+    }
+}
+
+/// (De)serialises a `FromStr + Display` value as a string.
+mod as_str {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        T::from_str(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_overrides_defaults_and_rejects_unknown_keys() {
+        let c: ServeConfig = serde_yaml::from_str(
+            "listen: 127.0.0.1:9000\nkey_mode: vllm\nhash: {algo: sha256_cbor, seed: '42', vllm_version: '0.30'}\n\
+             ingest: {bind: [], connect: [{pod: 'a:1', endpoint: 'tcp://127.0.0.1:1'}]}\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.key_mode, KeyModeName::Vllm);
+        assert_eq!(c.hash.algo, HashAlgo::Sha256Cbor);
+        assert_eq!(c.hash.block_size, 16);
+        assert!(c.ingest.bind.is_empty());
+        assert_eq!(c.ingest.connect[0].replay, None);
+        assert_eq!(c.index, IndexSection::default());
+        assert!(serde_yaml::from_str::<ServeConfig>("listne: x").is_err());
+        assert!(serde_yaml::from_str::<ServeConfig>("hash: {algo: md5}").is_err());
+    }
+}
