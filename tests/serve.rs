@@ -411,3 +411,29 @@ fn score_api_rejects_bad_requests_with_a_message() {
         assert!(v["error"].as_str().unwrap().contains(msg), "{body}: {v}");
     }
 }
+
+#[test]
+fn data_parallel_ranks_are_separate_pods_with_their_own_sequences() {
+    let (b0, b1, _) = pool_payloads();
+    // The payload's last byte is its data_parallel_rank (0); rank 1 is the same batch
+    // published by the engine's second rank.
+    let rank1 = |p: &[u8]| {
+        let mut v = p.to_vec();
+        *v.last_mut().unwrap() = 1;
+        v
+    };
+    let z = free_port();
+    let ctx = zmq::Context::new();
+    let s = Server::start(&["--zmq-bind".into(), format!("tcp://127.0.0.1:{z}")]);
+    let publisher = Publisher::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
+    let topic = "kv@10.1.1.1:8000@m";
+    publisher.send_batch(topic, 0, &b0);
+    publisher.send_batch(topic, 0, &rank1(&b0)); // each rank counts from 0: not a restart
+    publisher.send_batch(topic, 1, &rank1(&b1));
+    s.wait_for("rank 1 has 4 blocks", |s| s.matched("10.1.1.1:8000#dp1", &tokens(64)) == 4);
+    assert_eq!(s.matched("10.1.1.1:8000", &tokens(64)), 2);
+    for pod in ["10.1.1.1:8000", "10.1.1.1:8000#dp1"] {
+        let p = s.pod(pod);
+        assert_eq!((p["restarts"].as_u64(), p["gaps"].as_u64()), (Some(0), Some(0)), "{pod}: {p}");
+    }
+}
