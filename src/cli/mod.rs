@@ -31,6 +31,9 @@ pub enum Command {
     /// Run the router: follow the fleet's KV events over ZMQ and serve the scoring API
     /// (`/v1/kv/score`, `/v1/kv/pods`, `/metrics`, `/health`).
     Serve(Box<serve::ServeArgs>),
+    /// Run a vLLM-compatible model-server simulator (OpenAI API, prefix cache with
+    /// vLLM-exact block hashes, KV events over ZMQ, vLLM metrics, latency model).
+    Sim(Box<kvroute_sim::SimArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -39,6 +42,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events { command } => events::run(command),
         Command::Demo(a) => demo::run(a),
         Command::Serve(a) => serve::run(*a),
+        Command::Sim(a) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            Ok(kvroute_sim::run(*a)?)
+        }
     }
 }
 

@@ -1,0 +1,375 @@
+//! The simulated engine: admission (`max_num_seqs` running, `max_waiting` queued, then
+//! 429), the prefix cache, the latency model and the metrics, all in model time; real
+//! delays are model time ÷ `speedup`.
+
+use std::sync::atomic::{AtomicUsize, Ordering::*};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvroute_events::{BlockRemoved, BlockStored, KvEvent};
+use kvroute_keys::{BlockHasher, RequestExtras};
+use parking_lot::Mutex;
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+
+use crate::config::Latency;
+use crate::pool::BlockPool;
+
+/// vLLM's `vllm:time_to_first_token_seconds` buckets.
+const TTFT_BUCKETS: [f64; 22] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    160.0, 640.0, 2560.0,
+];
+
+/// Metrics with vLLM's names, types and labels (`model_name`, `engine`).
+pub struct SimMetrics {
+    pub registry: Registry,
+    pub running: Gauge,
+    pub waiting: Gauge,
+    pub kv_usage: Gauge,
+    pub prefix_queries: IntCounter,
+    pub prefix_hits: IntCounter,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub success: IntCounterVec,
+    pub ttft: Histogram,
+    pub e2e: Histogram,
+    pub queue_time: Histogram,
+}
+
+impl SimMetrics {
+    pub fn new(model: &str, block_size: usize, num_gpu_blocks: usize) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let labels = |o: Opts| o.const_label("model_name", model).const_label("engine", "0");
+        let gauge = |n: &str, h: &str| -> Result<Gauge, prometheus::Error> {
+            let g = Gauge::with_opts(labels(Opts::new(n, h)))?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |n: &str, h: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::with_opts(labels(Opts::new(n, h)))?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let hist = |n: &str, h: &str, b: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+            let o = HistogramOpts::new(n, h).const_label("model_name", model).const_label("engine", "0").buckets(b);
+            let x = Histogram::with_opts(o)?;
+            registry.register(Box::new(x.clone()))?;
+            Ok(x)
+        };
+        let info = Gauge::with_opts(
+            Opts::new("vllm:cache_config_info", "Information of the LLMEngine CacheConfig")
+                .const_label("block_size", block_size.to_string())
+                .const_label("num_gpu_blocks", num_gpu_blocks.to_string())
+                .const_label("enable_prefix_caching", "True")
+                .const_label("engine", "0"),
+        )?;
+        info.set(1.0);
+        registry.register(Box::new(info))?;
+        let success = IntCounterVec::new(
+            labels(Opts::new("vllm:request_success_total", "Count of successfully processed requests")),
+            &["finish_reason"],
+        )?;
+        registry.register(Box::new(success.clone()))?;
+        let e2e_buckets = vec![0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0];
+        Ok(Self {
+            running: gauge("vllm:num_requests_running", "Number of requests in model execution batches")?,
+            waiting: gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed")?,
+            kv_usage: gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage")?,
+            prefix_queries: counter("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of tokens")?,
+            prefix_hits: counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of tokens")?,
+            prompt_tokens: counter("vllm:prompt_tokens_total", "Number of prefill tokens processed")?,
+            generation_tokens: counter("vllm:generation_tokens_total", "Number of generation tokens processed")?,
+            success,
+            ttft: hist(
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds",
+                TTFT_BUCKETS.to_vec(),
+            )?,
+            e2e: hist(
+                "vllm:e2e_request_latency_seconds",
+                "Histogram of e2e request latency in seconds",
+                e2e_buckets.clone(),
+            )?,
+            queue_time: hist(
+                "vllm:request_queue_time_seconds",
+                "Histogram of time spent in WAITING phase",
+                e2e_buckets,
+            )?,
+            registry,
+        })
+    }
+}
+
+/// Why a request is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    #[error("the waiting queue is full ({0} requests)")]
+    QueueFull(usize),
+    #[error("the request needs {need} KV blocks but the cache has {capacity}")]
+    TooLarge { need: usize, capacity: usize },
+}
+
+pub struct Engine {
+    pub hasher: BlockHasher,
+    pub latency: Latency,
+    pub speedup: f64,
+    pub max_waiting: usize,
+    pub metrics: SimMetrics,
+    pool: Mutex<BlockPool>,
+    space: Notify,
+    slots: Semaphore,
+    running: AtomicUsize,
+    waiting: AtomicUsize,
+    events: Option<Mutex<Sender<Vec<KvEvent>>>>,
+}
+
+/// A request's work, as the HTTP layer hands it over.
+pub struct Job {
+    pub tokens: Vec<u32>,
+    pub max_tokens: usize,
+    pub extras: RequestExtras,
+    pub lora_id: Option<i64>,
+    /// `kv_transfer_params.do_remote_prefill`: the prompt's KV arrives from a prefiller.
+    pub remote_prefill: bool,
+}
+
+/// What happened to a request, in model time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timing {
+    pub cached_tokens: usize,
+    pub queue: Duration,
+    pub ttft: Duration,
+}
+
+/// A queued request; becomes running with [`Ticket::run`].
+pub struct Ticket<'a> {
+    engine: &'a Engine,
+    arrived: Instant,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.engine.waiting.fetch_sub(1, AcqRel);
+        self.engine.metrics.waiting.set(self.engine.waiting.load(Acquire) as f64);
+    }
+}
+
+/// A running request holding a slot and its KV blocks.
+pub struct Running<'a> {
+    engine: &'a Engine,
+    _permit: SemaphorePermit<'a>,
+    hashes: Vec<u64>,
+    anon: usize,
+    pub timing: Timing,
+    started: Instant,
+    generated: usize,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let e = self.engine;
+        {
+            let mut p = e.pool.lock();
+            p.release(&self.hashes, self.anon);
+            e.metrics.kv_usage.set(p.usage());
+        }
+        e.space.notify_waiters();
+        e.running.fetch_sub(1, AcqRel);
+        e.metrics.running.set(e.running.load(Acquire) as f64);
+        e.metrics.generation_tokens.inc_by(self.generated as u64);
+    }
+}
+
+impl Engine {
+    pub fn new(
+        hasher: BlockHasher,
+        latency: Latency,
+        speedup: f64,
+        max_waiting: usize,
+        num_gpu_blocks: usize,
+        metrics: SimMetrics,
+        events: Option<Sender<Vec<KvEvent>>>,
+    ) -> Self {
+        Self {
+            slots: Semaphore::new(latency.max_num_seqs),
+            hasher,
+            latency,
+            speedup: if speedup > 0.0 { speedup } else { 1.0 },
+            max_waiting,
+            metrics,
+            pool: Mutex::new(BlockPool::new(num_gpu_blocks)),
+            space: Notify::new(),
+            running: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            events: events.map(Mutex::new),
+        }
+    }
+
+    fn real(&self, model: Duration) -> Duration {
+        model.div_f64(self.speedup)
+    }
+
+    fn publish(&self, ev: Vec<KvEvent>) {
+        if let (Some(tx), false) = (&self.events, ev.is_empty()) {
+            let _ = tx.lock().send(ev);
+        }
+    }
+
+    /// Queues a request, or refuses it at once when the waiting queue is full.
+    pub fn enqueue(&self) -> Result<Ticket<'_>, EngineError> {
+        let w = self.waiting.fetch_add(1, AcqRel);
+        if self.slots.available_permits() == 0 && w >= self.max_waiting {
+            self.waiting.fetch_sub(1, AcqRel);
+            return Err(EngineError::QueueFull(self.max_waiting));
+        }
+        self.metrics.waiting.set((w + 1) as f64);
+        Ok(Ticket { engine: self, arrived: Instant::now() })
+    }
+
+    /// Blocks of a request: its full prompt blocks (cached) and the rest (private).
+    fn blocks_needed(&self, job: &Job) -> (Vec<u64>, usize) {
+        let mut hashes = Vec::new();
+        self.hasher.event_keys(&job.tokens, &job.extras, &mut hashes);
+        let bs = self.hasher.block_size();
+        let total = (job.tokens.len() + job.max_tokens).div_ceil(bs);
+        (hashes.clone(), total - hashes.len())
+    }
+
+    /// Waits for a slot and KV space, then prefills (TTFT). Returns the running request.
+    pub async fn start<'a>(&'a self, ticket: Ticket<'a>, job: &Job) -> Result<Running<'a>, EngineError> {
+        let (hashes, anon) = self.blocks_needed(job);
+        let capacity = self.pool.lock().capacity();
+        if hashes.len() + anon > capacity {
+            return Err(EngineError::TooLarge { need: hashes.len() + anon, capacity });
+        }
+        let permit = self.slots.acquire().await.map_err(|_| EngineError::QueueFull(0))?;
+        let (alloc, hit) = loop {
+            let notified = self.space.notified();
+            {
+                let mut p = self.pool.lock();
+                let hit = p.prefix_hits(&hashes);
+                if let Ok(a) = p.allocate(&hashes, anon) {
+                    self.metrics.kv_usage.set(p.usage());
+                    break (a, hit);
+                }
+            }
+            notified.await;
+        };
+        let arrived = ticket.arrived;
+        drop(ticket);
+        let running = self.running.fetch_add(1, AcqRel) + 1;
+        self.metrics.running.set(running as f64);
+        let queue_real = arrived.elapsed();
+        let bs = self.hasher.block_size();
+        let n = job.tokens.len();
+        // vLLM always recomputes the last prompt token.
+        let cached_tokens = (hit * bs).min(n.saturating_sub(1) / bs * bs);
+        self.metrics.prefix_queries.inc_by(n as u64);
+        self.metrics.prefix_hits.inc_by(cached_tokens as u64);
+        self.metrics.prompt_tokens.inc_by(n as u64);
+        // Evictions happen now; the new blocks are announced once computed.
+        let removed: Vec<KvEvent> = alloc
+            .evicted
+            .iter()
+            .map(|&h| {
+                KvEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: vec![h],
+                    medium: Some("GPU".into()),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        self.publish(removed);
+        let f = self.load_factor(running);
+        let prefill = if job.remote_prefill {
+            self.latency.kv_transfer_per_token * n as u32
+        } else {
+            (self.latency.prefill_overhead + self.latency.prefill_per_token * (n - cached_tokens) as u32).mul_f64(f)
+        };
+        tokio::time::sleep(self.real(prefill)).await;
+        self.publish(stored_events(&hashes, &alloc.created, &job.tokens, bs, job));
+        let queue = queue_real.mul_f64(self.speedup);
+        let timing = Timing { cached_tokens, queue, ttft: queue + prefill };
+        self.metrics.queue_time.observe(queue.as_secs_f64());
+        self.metrics.ttft.observe(timing.ttft.as_secs_f64());
+        Ok(Running { engine: self, _permit: permit, hashes, anon, timing, started: Instant::now(), generated: 0 })
+    }
+
+    fn load_factor(&self, running: usize) -> f64 {
+        let max = self.latency.max_num_seqs;
+        if max <= 1 {
+            return 1.0;
+        }
+        1.0 + (self.latency.load_factor - 1.0) * (running.saturating_sub(1)) as f64 / (max - 1) as f64
+    }
+
+    /// Real-time instant at which output token `k` (0 = the first) is due.
+    pub fn token_due(&self, r: &Running<'_>, k: usize) -> Instant {
+        if k == 0 {
+            return r.started;
+        }
+        let f = self.load_factor(self.running.load(Acquire));
+        r.started + self.real(self.latency.inter_token.mul_f64(f) * k as u32)
+    }
+
+    /// Marks a request done (success metrics); dropping `r` frees its slot and blocks.
+    pub fn finish(&self, mut r: Running<'_>, generated: usize, finish_reason: &str) {
+        r.generated = generated;
+        let e2e = r.timing.ttft + r.started.elapsed().mul_f64(self.speedup);
+        self.metrics.e2e.observe(e2e.as_secs_f64());
+        self.metrics.success.with_label_values(&[finish_reason]).inc();
+    }
+}
+
+/// One BlockStored per contiguous run of newly cached blocks.
+fn stored_events(hashes: &[u64], created: &[usize], tokens: &[u32], bs: usize, job: &Job) -> Vec<KvEvent> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < created.len() {
+        let mut j = i;
+        while j + 1 < created.len() && created[j + 1] == created[j] + 1 {
+            j += 1;
+        }
+        let (a, b) = (created[i], created[j] + 1);
+        out.push(KvEvent::BlockStored(BlockStored {
+            block_hashes: hashes[a..b].to_vec(),
+            parent_block_hash: a.checked_sub(1).map(|p| hashes[p]),
+            token_ids: tokens[a * bs..b * bs].to_vec(),
+            block_size: bs as u32,
+            lora_id: job.lora_id,
+            medium: Some("GPU".into()),
+            lora_name: job.extras.lora.as_ref().map(|l| l.name.clone()),
+            extra_keys: Some(published_extra_keys(job, a, b, bs)),
+            ..Default::default()
+        }));
+        i = j + 1;
+    }
+    out
+}
+
+/// `extra_keys` as vLLM ≥ 0.31 publishes them: per block, tags stripped (bare LoRA name,
+/// bare salt on block 0), `None` for a block without extras.
+fn published_extra_keys(job: &Job, a: usize, b: usize, bs: usize) -> Vec<Option<kvroute_events::Value>> {
+    let mut gen = kvroute_keys::ExtraKeyGen::new(kvroute_keys::ExtraKeyEra::Name, &job.extras);
+    (0..b)
+        .map(|i| gen.block(i * bs, (i + 1) * bs))
+        .skip(a)
+        .map(|keys| {
+            keys.map(|k| {
+                kvroute_events::Value::Array(
+                    k.into_iter()
+                        .map(|v| match v {
+                            kvroute_keys::PyValue::Str(s) => kvroute_events::Value::Str(s),
+                            kvroute_keys::PyValue::Int(i) => kvroute_events::Value::Int(i),
+                            other => kvroute_events::Value::Str(format!("{other:?}")),
+                        })
+                        .collect(),
+                )
+            })
+        })
+        .collect()
+}
+
+pub type SharedEngine = Arc<Engine>;

@@ -1,0 +1,368 @@
+//! The OpenAI-compatible HTTP surface of the simulator.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use kvroute_keys::{LoraRef, RequestExtras};
+use kvroute_tokenize::{BuiltinTokenizer, ChatMessage, Tokenizer};
+use parking_lot::Mutex;
+use prometheus::{Encoder, TextEncoder};
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::engine::{Engine, EngineError, Job};
+
+pub struct Sim {
+    pub engine: Engine,
+    pub model: String,
+    /// LoRA adapters: (name, path, int id).
+    pub loras: Vec<(String, String, i64)>,
+    pub pod: String,
+    pub max_model_len: usize,
+    pub default_max_tokens: usize,
+    pub failure_rate: f64,
+    pub ready_at: Instant,
+    pub tokenizer: Box<dyn Tokenizer>,
+    pub rng: Mutex<rand::rngs::StdRng>,
+    pub created: u64,
+}
+
+pub fn router(sim: Arc<Sim>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(sim)
+}
+
+fn error(status: StatusCode, msg: impl Into<String>, kind: &str) -> Response {
+    let body = json!({"error": {"message": msg.into(), "type": kind, "code": status.as_u16()}});
+    (status, Json(body)).into_response()
+}
+
+fn with_pod(sim: &Sim, mut r: Response) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&sim.pod) {
+        r.headers_mut().insert("x-inference-pod", v);
+    }
+    r
+}
+
+fn not_ready(sim: &Sim) -> Option<Response> {
+    (Instant::now() < sim.ready_at)
+        .then(|| error(StatusCode::SERVICE_UNAVAILABLE, "server is starting", "ServiceUnavailable"))
+}
+
+async fn health(State(sim): State<Arc<Sim>>) -> Response {
+    not_ready(&sim).unwrap_or_else(|| StatusCode::OK.into_response())
+}
+
+async fn metrics(State(sim): State<Arc<Sim>>) -> Response {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&sim.engine.metrics.registry.gather(), &mut buf);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf).into_response()
+}
+
+async fn models(State(sim): State<Arc<Sim>>) -> Response {
+    let mut data = vec![json!({"id": sim.model, "object": "model", "created": sim.created, "owned_by": "vllm",
+        "root": sim.model, "parent": null, "max_model_len": sim.max_model_len, "permission": []})];
+    for (name, path, _) in &sim.loras {
+        data.push(json!({"id": name, "object": "model", "created": sim.created, "owned_by": "vllm",
+            "root": path, "parent": sim.model, "max_model_len": sim.max_model_len, "permission": []}));
+    }
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+fn parse(body: &Bytes) -> Result<Value, Response> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"), "BadRequestError"))?;
+    if !v.is_object() {
+        return Err(error(StatusCode::BAD_REQUEST, "the body must be a JSON object", "BadRequestError"));
+    }
+    Ok(v)
+}
+
+fn messages(v: &Value) -> Result<Vec<ChatMessage>, Response> {
+    let bad = || error(StatusCode::BAD_REQUEST, "`messages` must be an array of {role, content}", "BadRequestError");
+    let arr = v.get("messages").and_then(Value::as_array).ok_or_else(bad)?;
+    arr.iter()
+        .map(|m| {
+            let role = m.get("role").and_then(Value::as_str).ok_or_else(bad)?.to_string();
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("")
+                }
+                None | Some(Value::Null) => String::new(),
+                _ => return Err(bad()),
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+fn prompt_tokens(sim: &Sim, v: &Value) -> Result<Vec<u32>, Response> {
+    let bad =
+        || error(StatusCode::BAD_REQUEST, "`prompt` must be a string or an array of token ids", "BadRequestError");
+    match v.get("prompt") {
+        Some(Value::String(s)) => Ok(sim.tokenizer.encode(s)),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            Ok(sim.tokenizer.encode(a[0].as_str().unwrap_or("")))
+        }
+        Some(Value::Array(a)) => {
+            a.iter().map(|t| t.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(bad)).collect()
+        }
+        _ => Err(bad()),
+    }
+}
+
+async fn tokenize(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let tokens = if v.get("messages").is_some() {
+        match messages(&v) {
+            Ok(m) => {
+                sim.tokenizer.encode_chat(&m, v.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true))
+            }
+            Err(r) => return r,
+        }
+    } else {
+        match prompt_tokens(&sim, &v) {
+            Ok(t) => t,
+            Err(r) => return r,
+        }
+    };
+    Json(json!({"count": tokens.len(), "max_model_len": sim.max_model_len, "tokens": tokens})).into_response()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(sim, Kind::Completion, headers, body).await
+}
+
+async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(sim, Kind::Chat, headers, body).await
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn generate(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Bytes) -> Response {
+    let r = generate_inner(sim.clone(), kind, headers, body).await;
+    with_pod(&sim, r)
+}
+
+async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = not_ready(&sim) {
+        return r;
+    }
+    if let Some(code) =
+        headers.get("x-return-error").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<u16>().ok())
+    {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error(status, format!("error forced by X-Return-Error: {code}"), "InjectedError");
+    }
+    if sim.failure_rate > 0.0 && sim.rng.lock().random_range(0.0..100.0) < sim.failure_rate {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "injected failure (--failure-rate)", "InjectedError");
+    }
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(model) = v.get("model").and_then(Value::as_str).map(str::to_string) else {
+        return error(StatusCode::BAD_REQUEST, "missing `model`", "BadRequestError");
+    };
+    let lora = sim.loras.iter().find(|l| l.0 == model).cloned();
+    if model != sim.model && lora.is_none() {
+        return error(StatusCode::NOT_FOUND, format!("The model `{model}` does not exist."), "NotFoundError");
+    }
+    let tokens = match kind {
+        Kind::Completion => prompt_tokens(&sim, &v),
+        Kind::Chat => messages(&v).map(|m| sim.tokenizer.encode_chat(&m, true)),
+    };
+    let tokens = match tokens {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let max_tokens = v
+        .get("max_completion_tokens")
+        .or_else(|| v.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .map_or(sim.default_max_tokens, |x| x as usize);
+    if tokens.len() + max_tokens > sim.max_model_len {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the messages, {} in the completion).",
+                sim.max_model_len, tokens.len() + max_tokens, tokens.len(), max_tokens
+            ),
+            "BadRequestError",
+        );
+    }
+    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let kvp = v.get("kv_transfer_params").cloned().unwrap_or(Value::Null);
+    let remote_decode = kvp.get("do_remote_decode").and_then(Value::as_bool).unwrap_or(false);
+    let remote_prefill = kvp.get("do_remote_prefill").and_then(Value::as_bool).unwrap_or(false);
+    if remote_decode && stream {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "streaming is not supported with do_remote_decode (prefill side)",
+            "BadRequestError",
+        );
+    }
+    // The prefill side of P/D computes the prompt and one token.
+    let max_tokens = if remote_decode { 1 } else { max_tokens };
+    let extras = RequestExtras {
+        lora: lora.as_ref().map(|l| LoraRef { name: l.0.clone(), path: l.1.clone(), int_id: l.2 }),
+        cache_salt: v.get("cache_salt").and_then(Value::as_str).map(str::to_string),
+        mm: Vec::new(),
+    };
+    let job = Job { tokens, max_tokens, extras, lora_id: lora.as_ref().map(|l| l.2), remote_prefill };
+    // Refuse at once when the queue is full (before a stream starts). The request queues
+    // for real inside `run`, which owns what it borrows.
+    if let Err(e) = sim.engine.enqueue() {
+        return error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError");
+    }
+    let id =
+        format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, sim.rng.lock().random::<u64>());
+    let ctx = Ctx { sim: sim.clone(), kind, id, model, include_usage, remote_decode, job };
+    if stream {
+        let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+        tokio::spawn(async move { ctx.run(Some(tx)).await });
+        let events = ReceiverStream::new(rx).map(|s| Ok::<Event, Infallible>(Event::default().data(s)));
+        return Sse::new(events).into_response();
+    }
+    ctx.run(None).await.unwrap_or_else(|e| e)
+}
+
+struct Ctx {
+    sim: Arc<Sim>,
+    kind: Kind,
+    id: String,
+    model: String,
+    include_usage: bool,
+    remote_decode: bool,
+    job: Job,
+}
+
+impl Ctx {
+    fn usage(&self, generated: usize, cached: usize) -> Value {
+        let p = self.job.tokens.len();
+        json!({"prompt_tokens": p, "completion_tokens": generated, "total_tokens": p + generated,
+               "prompt_tokens_details": {"cached_tokens": cached}})
+    }
+
+    fn chunk(&self, text: Option<&str>, first: bool, finish: Option<&str>) -> Value {
+        let created = self.sim.created;
+        match self.kind {
+            Kind::Completion => {
+                json!({"id": self.id, "object": "text_completion", "created": created, "model": self.model,
+                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
+            }
+            Kind::Chat => {
+                let mut delta = json!({});
+                if first {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = text {
+                    delta["content"] = json!(t);
+                }
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": created, "model": self.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+            }
+        }
+    }
+
+    /// Runs the request; streams chunks to `tx` if given, else returns the response.
+    async fn run(self, tx: Option<tokio::sync::mpsc::Sender<String>>) -> Result<Response, Response> {
+        let engine = &self.sim.engine;
+        let ticket =
+            engine.enqueue().map_err(|e| error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError"))?;
+        let running = match engine.start(ticket, &self.job).await {
+            Ok(r) => r,
+            Err(e @ EngineError::TooLarge { .. }) => {
+                return Err(error(StatusCode::BAD_REQUEST, e.to_string(), "BadRequestError"))
+            }
+            Err(e) => return Err(error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError")),
+        };
+        let cached = running.timing.cached_tokens;
+        let seed: u64 = self.sim.rng.lock().random();
+        let mut text_ids = Vec::with_capacity(self.job.max_tokens);
+        let mut generated = 0;
+        for k in 0..self.job.max_tokens {
+            tokio::time::sleep_until(engine.token_due(&running, k).into()).await;
+            let id = BuiltinTokenizer::output_token(seed.wrapping_add(k as u64));
+            text_ids.push(id);
+            generated += 1;
+            if let Some(tx) = &tx {
+                let piece = self.sim.tokenizer.decode(&[id]);
+                let piece = if k == 0 { piece } else { format!(" {piece}") };
+                let c = self.chunk(Some(&piece), k == 0, None);
+                if tx.send(c.to_string()).await.is_err() {
+                    engine.finish(running, generated, "abort");
+                    return Ok(StatusCode::OK.into_response());
+                }
+            }
+        }
+        let finish = "length";
+        if let Some(tx) = &tx {
+            let _ = tx.send(self.chunk(None, generated == 0, Some(finish)).to_string()).await;
+            if self.include_usage {
+                let mut u = self.chunk(None, false, None);
+                u["choices"] = json!([]);
+                u["usage"] = self.usage(generated, cached);
+                let _ = tx.send(u.to_string()).await;
+            }
+            let _ = tx.send("[DONE]".into()).await;
+            engine.finish(running, generated, finish);
+            return Ok(StatusCode::OK.into_response());
+        }
+        engine.finish(running, generated, finish);
+        let text = self.sim.tokenizer.decode(&text_ids);
+        let mut body = match self.kind {
+            Kind::Completion => {
+                json!({"id": self.id, "object": "text_completion", "created": self.sim.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
+            }
+            Kind::Chat => {
+                json!({"id": self.id, "object": "chat.completion", "created": self.sim.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}]})
+            }
+        };
+        body["usage"] = self.usage(generated, cached);
+        if self.remote_decode {
+            body["kv_transfer_params"] = json!({
+                "do_remote_prefill": true, "do_remote_decode": false,
+                "remote_block_ids": (0..self.job.tokens.len().div_ceil(engine.hasher.block_size())).collect::<Vec<_>>(),
+                "remote_engine_id": self.sim.pod, "remote_request_id": self.id,
+                "remote_host": self.sim.pod.rsplit_once(':').map_or(self.sim.pod.as_str(), |x| x.0),
+                "remote_port": 5600, "tp_size": 1});
+        }
+        Ok(Json(body).into_response())
+    }
+}
+
+pub fn created_now() -> u64 {
+    now_secs()
+}
