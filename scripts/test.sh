@@ -18,6 +18,11 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 
+if ! python3 -c "import openai" >/dev/null 2>&1; then
+    echo "installing the openai Python client (black-box client test of kvroute sim)"
+    python3 -m pip install --quiet --disable-pip-version-check openai
+fi
+
 echo "== format"
 cargo fmt --all --check
 echo "== benchmark smoke run (each benchmark once, no timing)"

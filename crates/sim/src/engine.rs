@@ -212,6 +212,7 @@ impl Engine {
     }
 
     fn publish(&self, ev: Vec<KvEvent>) {
+        tracing::debug!(events = ev.len(), enabled = self.events.is_some(), "publish");
         if let (Some(tx), false) = (&self.events, ev.is_empty()) {
             let _ = tx.lock().send(ev);
         }

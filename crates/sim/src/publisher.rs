@@ -9,7 +9,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kvroute_events::{encode_batch, EventBatch, KvEvent, WireFormat};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::KvEventsConfig;
 
@@ -88,6 +88,7 @@ impl Publisher {
                 if let Err(e) = pub_sock.send_multipart([&topic[..], &seq.to_be_bytes()[..], &payload[..]], 0) {
                     warn!("cannot publish KV events: {e}");
                 }
+                debug!(seq, bytes = payload.len(), "published a KV-event batch");
                 buffer.push_back((seq, payload));
                 if buffer.len() > self.cfg.buffer_steps.max(1) {
                     buffer.pop_front();

@@ -1,0 +1,256 @@
+//! Black-box tests of `kvroute sim`: child processes, a real HTTP client, a real libzmq
+//! SUB socket, and the official `openai` Python client.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvroute_events::{decode_batch, KvEvent};
+use kvroute_keys::{BlockHasher, HashAlgo, HashConfig, RequestExtras};
+use serde_json::{json, Value};
+
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
+struct Sim {
+    child: Child,
+    base: String,
+}
+
+impl Sim {
+    fn start(port: u16, args: &[&str]) -> Sim {
+        let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+            .args(["sim", "--port", &port.to_string(), "--model", "m"])
+            .args(args)
+            .env("PYTHONHASHSEED", "42")
+            .env("RUST_LOG", std::env::var("SIM_LOG").unwrap_or("warn".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let s = Sim { child, base: format!("http://127.0.0.1:{port}") };
+        let t = Instant::now();
+        while ureq::get(&format!("{}/health", s.base)).call().is_err() {
+            assert!(t.elapsed() < Duration::from_secs(15), "kvroute sim did not become healthy");
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        s
+    }
+
+    fn post(&self, path: &str, body: Value) -> Result<Value, (u16, Value)> {
+        match ureq::post(&format!("{}{path}", self.base)).send_json(body) {
+            Ok(r) => Ok(r.into_json().unwrap()),
+            Err(ureq::Error::Status(code, r)) => Err((code, r.into_json().unwrap_or(Value::Null))),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = ureq::get(&format!("{}/metrics", self.base)).call().unwrap().into_string().unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn prompt(words: usize, tag: &str) -> String {
+    (0..words).map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn a_repeated_prompt_is_served_from_the_prefix_cache() {
+    let [p] = free_ports::<1>();
+    let s = Sim::start(p, &["--speedup", "1000"]);
+    let body = json!({"model": "m", "prompt": prompt(100, "w"), "max_tokens": 5});
+    let first = s.post("/v1/completions", body.clone()).unwrap();
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let second = s.post("/v1/completions", body).unwrap();
+    let n = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(n, 100);
+    assert!(second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() >= (n - 1) / 16 * 16);
+    assert_eq!(second["usage"]["completion_tokens"], 5);
+    // Chat requests are cached too, and a different salt does not hit.
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": prompt(60, "c")}], "max_tokens": 2});
+    s.post("/v1/chat/completions", chat.clone()).unwrap();
+    let again = s.post("/v1/chat/completions", chat.clone()).unwrap();
+    assert!(again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() >= 48);
+    let mut salted = chat;
+    salted["cache_salt"] = json!("tenant-b");
+    let r = s.post("/v1/chat/completions", salted).unwrap();
+    assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+}
+
+#[test]
+fn block_stored_hashes_match_vllm_rules_and_eviction_emits_block_removed() {
+    let [p, z] = free_ports::<2>();
+    // A thread keeps calling into the SUB socket: libzmq only sends a SUB's subscription to
+    // a newly connected publisher when the owning thread uses the socket.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sub_thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let ctx = zmq::Context::new();
+            let sub = ctx.socket(zmq::SUB).unwrap();
+            sub.set_subscribe(b"").unwrap();
+            sub.set_rcvtimeo(50).unwrap();
+            sub.bind(&format!("tcp://127.0.0.1:{z}")).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(f) = sub.recv_multipart(0) {
+                    let _ = tx.send(f);
+                }
+            }
+        })
+    };
+    let cfg = format!(
+        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:{z}","topic":"kv@127.0.0.1:{p}@m"}}"#
+    );
+    // 8 blocks of 16 tokens: the second prompt evicts the first one's blocks.
+    let s = Sim::start(
+        p,
+        &[
+            "--block-size",
+            "16",
+            "--hash-algo",
+            "sha256_cbor",
+            "--speedup",
+            "100",
+            "--num-gpu-blocks",
+            "8",
+            "--kv-events-config",
+            &cfg,
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let text = prompt(64, "a");
+    let tokens: Vec<u32> =
+        serde_json::from_value(s.post("/tokenize", json!({"model": "m", "prompt": text})).unwrap()["tokens"].clone())
+            .unwrap();
+    assert_eq!(tokens.len(), 64);
+    s.post("/v1/completions", json!({"model": "m", "prompt": text, "max_tokens": 1})).unwrap();
+    let frames = rx.recv_timeout(Duration::from_secs(5)).expect("a KV-event message");
+    assert_eq!(frames.len(), 3);
+    assert_eq!(frames[0], format!("kv@127.0.0.1:{p}@m").as_bytes());
+    assert_eq!(frames[1], 0u64.to_be_bytes());
+    let batch = decode_batch(&frames[2]).unwrap();
+    let KvEvent::BlockStored(st) = &batch.events[0] else { panic!("{:?}", batch.events) };
+    // Independently: vLLM's sha256_cbor with PYTHONHASHSEED=42 over the /tokenize ids.
+    let h = BlockHasher::new(HashConfig {
+        algo: HashAlgo::Sha256Cbor,
+        seed: Some("42".into()),
+        block_size: 16,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut want = Vec::new();
+    h.event_keys(&tokens, &RequestExtras::default(), &mut want);
+    assert_eq!(st.block_hashes, want);
+    assert_eq!(st.parent_block_hash, None);
+    assert_eq!(st.token_ids, tokens);
+    // A different prompt needing the space evicts: BlockRemoved for the first blocks.
+    s.post("/v1/completions", json!({"model": "m", "prompt": prompt(96, "b"), "max_tokens": 1})).unwrap();
+    let mut removed = Vec::new();
+    while let Ok(f) = rx.recv_timeout(Duration::from_secs(5)) {
+        for e in decode_batch(&f[2]).unwrap().events {
+            if let KvEvent::BlockRemoved(r) = e {
+                removed.extend(r.block_hashes);
+            }
+        }
+        if !removed.is_empty() {
+            break;
+        }
+    }
+    assert!(!removed.is_empty() && removed.iter().all(|r| want.contains(r)), "{removed:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sub_thread.join().unwrap();
+}
+
+#[test]
+fn metrics_add_up() {
+    let [p] = free_ports::<1>();
+    let s = Sim::start(p, &["--speedup", "1000"]);
+    let (mut prompt_total, mut cached_total, mut gen_total) = (0, 0, 0);
+    for i in 0..6 {
+        let r = s
+            .post("/v1/completions", json!({"model": "m", "prompt": prompt(40 + i % 3, "x"), "max_tokens": 3}))
+            .unwrap();
+        prompt_total += r["usage"]["prompt_tokens"].as_u64().unwrap();
+        cached_total += r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        gen_total += r["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert!(cached_total > 0);
+    assert_eq!(s.metric("vllm:prefix_cache_queries_total"), prompt_total as f64);
+    assert_eq!(s.metric("vllm:prefix_cache_hits_total"), cached_total as f64);
+    assert_eq!(s.metric("vllm:prompt_tokens_total"), prompt_total as f64);
+    assert_eq!(s.metric("vllm:generation_tokens_total"), gen_total as f64);
+    assert_eq!(s.metric("vllm:request_success_total"), 6.0);
+    assert_eq!(s.metric("vllm:time_to_first_token_seconds_count"), 6.0);
+    assert_eq!(s.metric("vllm:num_requests_running"), 0.0);
+    assert_eq!(s.metric("vllm:kv_cache_usage_perc"), 0.0);
+    assert_eq!(s.metric("vllm:cache_config_info"), 1.0);
+}
+
+#[test]
+fn a_full_queue_answers_429_and_errors_are_clear() {
+    let [p] = free_ports::<1>();
+    let s = Sim::start(p, &["--max-num-seqs", "1", "--max-waiting", "0", "--inter-token-latency-us", "20000"]);
+    let base = s.base.clone();
+    let long = std::thread::spawn(move || {
+        ureq::post(&format!("{base}/v1/completions"))
+            .send_json(json!({"model": "m", "prompt": "hello", "max_tokens": 60}))
+            .map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, body) = s.post("/v1/completions", json!({"model": "m", "prompt": "hi", "max_tokens": 1})).unwrap_err();
+    assert_eq!(code, 429, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("queue is full"));
+    assert!(long.join().unwrap().is_ok());
+    // Unknown model, bad body, forced error.
+    assert_eq!(s.post("/v1/completions", json!({"model": "nope", "prompt": "x"})).unwrap_err().0, 404);
+    assert_eq!(s.post("/v1/completions", json!({"prompt": "x"})).unwrap_err().0, 400);
+    let r = ureq::post(&format!("{}/v1/completions", s.base))
+        .set("X-Return-Error", "503")
+        .send_json(json!({"model": "m", "prompt": "x"}));
+    assert!(matches!(r, Err(ureq::Error::Status(503, _))));
+}
+
+#[test]
+fn the_official_openai_python_client_streams_from_it() {
+    let [p] = free_ports::<1>();
+    let s = Sim::start(p, &["--speedup", "1000"]);
+    let script = format!(
+        r#"
+import sys
+try:
+    from openai import OpenAI
+except ImportError:
+    sys.exit("the `openai` package is missing: pip install openai (scripts/test.sh does)")
+c = OpenAI(base_url="{}/v1", api_key="unused")
+text, usage = "", None
+for chunk in c.chat.completions.create(model="m", messages=[{{"role": "user", "content": "hello there"}}],
+                                       max_tokens=7, stream=True, stream_options={{"include_usage": True}}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+    if chunk.usage:
+        usage = chunk.usage
+assert len(text.split()) == 7, text
+assert usage.completion_tokens == 7 and usage.prompt_tokens_details.cached_tokens == 0, usage
+r = c.completions.create(model="m", prompt="hello there", max_tokens=2)
+assert r.usage.completion_tokens == 2
+print("ok")
+"#,
+        s.base
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
