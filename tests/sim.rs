@@ -209,6 +209,7 @@ fn a_full_queue_answers_429_and_errors_are_clear() {
         ureq::post(&format!("{base}/v1/completions"))
             .send_json(json!({"model": "m", "prompt": "hello", "max_tokens": 60}))
             .map(|_| ())
+            .map_err(|e| e.to_string())
     });
     std::thread::sleep(Duration::from_millis(300));
     let (code, body) = s.post("/v1/completions", json!({"model": "m", "prompt": "hi", "max_tokens": 1})).unwrap_err();
