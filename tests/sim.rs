@@ -255,3 +255,37 @@ print("ok")
     let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn with_a_real_tokenizer_chats_are_tokenized_like_the_reference_render() {
+    use kvroute_tokenize::Tokenizer;
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var("KVROUTE_TOKENIZERS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target/tokenizers"));
+    let qwen = dir.join("qwen3");
+    assert!(qwen.join("tokenizer.json").exists(), "run scripts/fetch-tokenizers.sh");
+    let vectors = std::env::var("KVROUTE_VECTORS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("../shared/vectors"));
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(vectors.join("tokenizers/reference_renders.json")).unwrap())
+            .unwrap();
+    let [p] = free_ports::<1>();
+    let s = Sim::start(p, &["--speedup", "1000", "--tokenizer", qwen.to_str().unwrap()]);
+    let messages = json!([
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is a KV cache?"},
+        {"role": "assistant", "content": "A cache of attention keys and values."},
+        {"role": "user", "content": "  And prefix caching? "}
+    ]);
+    let got: Vec<u32> = serde_json::from_value(
+        s.post("/tokenize", json!({"model": "m", "messages": messages})).unwrap()["tokens"].clone(),
+    )
+    .unwrap();
+    let hf = kvroute_tokenize::HfTokenizer::from_dir(&qwen).unwrap();
+    assert_eq!(got, hf.encode(reference["chat"]["qwen3"].as_str().unwrap(), false));
+    let r = s.post("/v1/chat/completions", json!({"model": "m", "messages": messages, "max_tokens": 3})).unwrap();
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(got.len() as u64));
+    assert!(!r["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+}

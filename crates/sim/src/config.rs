@@ -106,6 +106,10 @@ pub struct SimArgs {
     /// LoRA adapters served on top of the model: NAME=PATH (repeatable).
     #[arg(long = "lora-modules", value_name = "NAME=PATH")]
     pub lora_modules: Vec<String>,
+    /// Model directory with `tokenizer.json` (+ `tokenizer_config.json` for the chat
+    /// template), as the router uses [default: the built-in deterministic tokenizer].
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
     /// This pod's identity, sent as `x-inference-pod` [default: $POD_NAME, else HOST:PORT].
     #[arg(long)]
     pub pod_name: Option<String>,

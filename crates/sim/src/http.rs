@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use kvroute_keys::{LoraRef, RequestExtras};
-use kvroute_tokenize::{BuiltinTokenizer, ChatMessage, Tokenizer};
+use kvroute_tokenize::{normalize_messages, Tokenizer};
 use parking_lot::Mutex;
 use prometheus::{Encoder, TextEncoder};
 use rand::Rng;
@@ -97,32 +97,27 @@ fn parse(body: &Bytes) -> Result<Value, Response> {
     Ok(v)
 }
 
-fn messages(v: &Value) -> Result<Vec<ChatMessage>, Response> {
-    let bad = || error(StatusCode::BAD_REQUEST, "`messages` must be an array of {role, content}", "BadRequestError");
-    let arr = v.get("messages").and_then(Value::as_array).ok_or_else(bad)?;
-    arr.iter()
-        .map(|m| {
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(bad)?.to_string();
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => {
-                    parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("")
-                }
-                None | Some(Value::Null) => String::new(),
-                _ => return Err(bad()),
-            };
-            Ok(ChatMessage { role, content })
-        })
-        .collect()
+/// Renders and encodes a chat request's `messages` (and `tools`) with the model's template.
+fn chat_tokens(sim: &Sim, v: &Value, add_generation_prompt: bool) -> Result<Vec<u32>, Response> {
+    let Some(messages) = v.get("messages").filter(|m| m.is_array()) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "`messages` must be an array of {role, content}",
+            "BadRequestError",
+        ));
+    };
+    sim.tokenizer
+        .encode_chat(&normalize_messages(messages), v.get("tools").filter(|t| !t.is_null()), add_generation_prompt)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), "BadRequestError"))
 }
 
 fn prompt_tokens(sim: &Sim, v: &Value) -> Result<Vec<u32>, Response> {
     let bad =
         || error(StatusCode::BAD_REQUEST, "`prompt` must be a string or an array of token ids", "BadRequestError");
     match v.get("prompt") {
-        Some(Value::String(s)) => Ok(sim.tokenizer.encode(s)),
+        Some(Value::String(s)) => Ok(sim.tokenizer.encode(s, true)),
         Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-            Ok(sim.tokenizer.encode(a[0].as_str().unwrap_or("")))
+            Ok(sim.tokenizer.encode(a[0].as_str().unwrap_or(""), true))
         }
         Some(Value::Array(a)) => {
             a.iter().map(|t| t.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(bad)).collect()
@@ -137,10 +132,8 @@ async fn tokenize(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         Err(r) => return r,
     };
     let tokens = if v.get("messages").is_some() {
-        match messages(&v) {
-            Ok(m) => {
-                sim.tokenizer.encode_chat(&m, v.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true))
-            }
+        match chat_tokens(&sim, &v, v.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true)) {
+            Ok(t) => t,
             Err(r) => return r,
         }
     } else {
@@ -201,7 +194,7 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
     }
     let tokens = match kind {
         Kind::Completion => prompt_tokens(&sim, &v),
-        Kind::Chat => messages(&v).map(|m| sim.tokenizer.encode_chat(&m, true)),
+        Kind::Chat => chat_tokens(&sim, &v, true),
     };
     let tokens = match tokens {
         Ok(t) => t,
@@ -315,7 +308,7 @@ impl Ctx {
         let mut generated = 0;
         for k in 0..self.job.max_tokens {
             tokio::time::sleep_until(engine.token_due(&running, k).into()).await;
-            let id = BuiltinTokenizer::output_token(seed.wrapping_add(k as u64));
+            let id = self.sim.tokenizer.output_token(seed.wrapping_add(k as u64));
             text_ids.push(id);
             generated += 1;
             if let Some(tx) = &tx {

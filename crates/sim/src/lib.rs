@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use kvroute_events::WireFormat;
 use kvroute_keys::{BlockHasher, HashConfig, KeyError};
-use kvroute_tokenize::BuiltinTokenizer;
 use parking_lot::Mutex;
 use rand::SeedableRng;
 use tracing::{info, warn};
@@ -67,6 +66,7 @@ fn hasher(a: &SimArgs) -> Result<BlockHasher, SimError> {
 /// Runs the simulator until interrupted.
 pub fn run(a: SimArgs) -> Result<(), SimError> {
     let hasher = hasher(&a)?;
+    let tokenizer = kvroute_tokenize::load(a.tokenizer.as_deref()).map_err(|e| SimError::Config(e.to_string()))?;
     let latency = a.latency();
     let metrics = SimMetrics::new(&a.model, a.block_size, a.num_gpu_blocks)?;
     let mut events_tx = None;
@@ -112,7 +112,7 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
         default_max_tokens: a.default_max_tokens,
         failure_rate: a.failure_rate,
         ready_at: Instant::now() + Duration::from_secs_f64(a.startup_delay.max(0.0)),
-        tokenizer: Box::new(BuiltinTokenizer),
+        tokenizer,
         rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(a.seed)),
         created: http::created_now(),
     });

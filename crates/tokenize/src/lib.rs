@@ -3,6 +3,10 @@
 //! One tokenization code path for the router and the simulator, so that both compute the
 //! same token ids (and so the same block keys) for the same request.
 //!
+//! [`HfTokenizer`] loads a model directory (`tokenizer.json`, `tokenizer_config.json`) and
+//! renders chat templates byte-identical to transformers' jinja2 setup (checked against
+//! `../shared/vectors/tokenizers/reference_renders.json`).
+//!
 //! [`BuiltinTokenizer`] is a documented, deterministic tokenizer for when no model files
 //! are given:
 //! * a token is a maximal run of Unicode alphanumerics or `_`, or any other single
@@ -12,7 +16,14 @@
 //!   per message, then `<|im_start|>assistant\n` when a generation prompt is asked for —
 //!   and `<|im_start|>` / `<|im_end|>` are the special ids 1 and 2.
 
+mod hf;
+
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use hf::{py_json_dumps, HfTokenizer};
 
 /// One chat message (OpenAI shape; `content` as plain text).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,13 +33,65 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// Why a tokenizer could not be loaded or a chat rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    #[error("cannot load tokenizer: {0}")]
+    Load(String),
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
 /// Turns prompts and chats into token ids.
 pub trait Tokenizer: Send + Sync {
-    fn encode(&self, text: &str) -> Vec<u32>;
-    /// Renders the chat with the model's template, then encodes it.
-    fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Vec<u32>;
-    /// Text for generated token ids (used to build responses).
+    /// Token ids of `text` (`add_special_tokens`: BOS etc. as the tokenizer defines them;
+    /// vLLM adds them to completion prompts, not to rendered chats).
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32>;
+    /// Renders OpenAI-shaped `messages` (and optional `tools`) with the chat template.
+    fn render_chat(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizeError>;
+    /// Renders, then encodes without adding special tokens (the template has them).
+    fn encode_chat(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, TokenizeError> {
+        Ok(self.encode(&self.render_chat(messages, tools, add_generation_prompt)?, false))
+    }
+    /// Text of token ids (special tokens skipped).
     fn decode(&self, ids: &[u32]) -> String;
+    /// The `n`-th token a simulated model generates.
+    fn output_token(&self, n: u64) -> u32;
+}
+
+/// The tokenizer in `dir` (`tokenizer.json` + `tokenizer_config.json`), or the built-in one.
+pub fn load(dir: Option<&Path>) -> Result<Box<dyn Tokenizer>, TokenizeError> {
+    Ok(match dir {
+        Some(d) => Box::new(HfTokenizer::from_dir(d)?),
+        None => Box::new(BuiltinTokenizer),
+    })
+}
+
+/// OpenAI `content` may be a list of parts; templates get the text parts joined.
+pub fn normalize_messages(messages: &Value) -> Value {
+    let Some(list) = messages.as_array() else { return messages.clone() };
+    Value::Array(
+        list.iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if let Some(Value::Array(parts)) = m.get("content") {
+                    let text: String = parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect();
+                    m["content"] = Value::String(text);
+                }
+                m
+            })
+            .collect(),
+    )
 }
 
 /// The built-in deterministic tokenizer (see the crate docs).
@@ -37,6 +100,7 @@ pub struct BuiltinTokenizer;
 
 pub const IM_START: u32 = 1;
 pub const IM_END: u32 = 2;
+const SPECIAL: [(&str, u32); 2] = [("<|im_start|>", IM_START), ("<|im_end|>", IM_END)];
 const WORDS: [&str; 16] = [
     "the", "cache", "router", "token", "block", "prefix", "engine", "model", "fast", "request", "server", "fleet",
     "latency", "hit", "key", "event",
@@ -51,7 +115,7 @@ fn token_id(t: &str) -> u32 {
 }
 
 impl BuiltinTokenizer {
-    fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
         let mut start: Option<usize> = None;
         for (i, c) in text.char_indices() {
             let word = c.is_alphanumeric() || c == '_';
@@ -70,33 +134,46 @@ impl BuiltinTokenizer {
             out.push(token_id(&text[s..]));
         }
     }
-
-    /// The word the simulator emits for generated id `id` (`decode` maps it back to text).
-    pub fn output_token(n: u64) -> u32 {
-        token_id(WORDS[(n % WORDS.len() as u64) as usize])
-    }
 }
 
 impl Tokenizer for BuiltinTokenizer {
-    fn encode(&self, text: &str) -> Vec<u32> {
+    fn encode(&self, text: &str, _add_special_tokens: bool) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 4 + 1);
-        self.encode_into(text, &mut out);
+        let mut rest = text;
+        while !rest.is_empty() {
+            let next = SPECIAL.iter().filter_map(|(s, id)| rest.find(s).map(|at| (at, *s, *id))).min();
+            match next {
+                Some((at, s, id)) => {
+                    self.encode_plain(&rest[..at], &mut out);
+                    out.push(id);
+                    rest = &rest[at + s.len()..];
+                }
+                None => {
+                    self.encode_plain(rest, &mut out);
+                    break;
+                }
+            }
+        }
         out
     }
 
-    fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Vec<u32> {
-        let mut out = Vec::new();
-        for m in messages {
-            out.push(IM_START);
-            self.encode_into(&m.role, &mut out);
-            self.encode_into(&m.content, &mut out);
-            out.push(IM_END);
+    fn render_chat(
+        &self,
+        messages: &Value,
+        _tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizeError> {
+        let list = messages.as_array().ok_or_else(|| TokenizeError::Template("messages must be an array".into()))?;
+        let mut s = String::new();
+        for m in list {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+            let content = m.get("content").and_then(Value::as_str).unwrap_or("");
+            s.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
         }
         if add_generation_prompt {
-            out.push(IM_START);
-            self.encode_into("assistant", &mut out);
+            s.push_str("<|im_start|>assistant\n");
         }
-        out
+        Ok(s)
     }
 
     fn decode(&self, ids: &[u32]) -> String {
@@ -110,6 +187,10 @@ impl Tokenizer for BuiltinTokenizer {
         }
         s
     }
+
+    fn output_token(&self, n: u64) -> u32 {
+        token_id(WORDS[(n % WORDS.len() as u64) as usize])
+    }
 }
 
 #[cfg(test)]
@@ -119,22 +200,22 @@ mod tests {
     #[test]
     fn splits_words_and_punctuation_deterministically() {
         let t = BuiltinTokenizer;
-        let a = t.encode("Hello, world! hello_world 42");
+        let a = t.encode("Hello, world! hello_world 42", true);
         assert_eq!(a.len(), 6); // Hello , world ! hello_world 42
-        assert_eq!(a, t.encode("Hello ,world!   hello_world\n42"), "whitespace only separates");
-        assert_ne!(a[0], t.encode("hello")[0], "case-sensitive");
-        assert_eq!(t.encode("héllo wörld").len(), 2);
+        assert_eq!(a, t.encode("Hello ,world!   hello_world\n42", true), "whitespace only separates");
+        assert_ne!(a[0], t.encode("hello", true)[0], "case-sensitive");
+        assert_eq!(t.encode("héllo wörld", true).len(), 2);
         assert!(a.iter().all(|&x| (1000..151_000).contains(&x)));
     }
 
     #[test]
     fn chat_uses_chatml_and_generated_words_round_trip() {
         let t = BuiltinTokenizer;
-        let m = vec![ChatMessage { role: "user".into(), content: "hi there".into() }];
-        let ids = t.encode_chat(&m, true);
+        let m = serde_json::json!([{"role": "user", "content": "hi there"}]);
+        let ids = t.encode_chat(&m, None, true).unwrap();
         assert_eq!(ids[0], IM_START);
         assert_eq!(ids[4], IM_END);
         assert_eq!(ids.len(), 7);
-        assert_eq!(t.decode(&[BuiltinTokenizer::output_token(0), BuiltinTokenizer::output_token(1)]), "the cache");
+        assert_eq!(t.decode(&[t.output_token(0), t.output_token(1)]), "the cache");
     }
 }

@@ -1,0 +1,63 @@
+//! Token ids and chat renders of real tokenizer files, against the reference made by
+//! Python `tokenizers` + jinja2 set up like transformers
+//! (`../shared/vectors/tokenizers/reference_renders.json`). The files are fetched by
+//! `scripts/fetch-tokenizers.sh` (the test command runs it) into `target/tokenizers`.
+
+use std::path::PathBuf;
+
+use kvroute_tokenize::{HfTokenizer, Tokenizer};
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn reference() -> Value {
+    let dir = std::env::var("KVROUTE_VECTORS").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared/vectors"));
+    serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizers/reference_renders.json")).unwrap()).unwrap()
+}
+
+fn tokenizer(name: &str) -> HfTokenizer {
+    let dir =
+        std::env::var("KVROUTE_TOKENIZERS").map(PathBuf::from).unwrap_or_else(|_| root().join("target/tokenizers"));
+    let d = dir.join(name);
+    assert!(d.join("tokenizer.json").exists(), "{} missing: run scripts/fetch-tokenizers.sh", d.display());
+    HfTokenizer::from_dir(&d).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn token_ids_match_python_tokenizers_for_every_reference_file() {
+    let r = reference();
+    let sentence = r["sentence"].as_str().unwrap();
+    let mut n = 0;
+    for (name, ids) in r["tok"].as_object().unwrap() {
+        let want: Vec<u32> = serde_json::from_value(ids.clone()).unwrap();
+        assert_eq!(tokenizer(name).encode(sentence, true), want, "{name}");
+        n += 1;
+    }
+    assert_eq!(n, 6);
+}
+
+#[test]
+fn chat_templates_render_byte_identical_to_jinja2() {
+    let r = reference();
+    let messages = json!([
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is a KV cache?"},
+        {"role": "assistant", "content": "A cache of attention keys and values."},
+        {"role": "user", "content": "  And prefix caching? "}
+    ]);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Get weather <b> & 'x' é 你好",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let mut n = 0;
+    for (key, want) in r["chat"].as_object().unwrap() {
+        let (name, with_tools) = match key.strip_suffix("_tools") {
+            Some(base) => (base, true),
+            None => (key.as_str(), false),
+        };
+        let got = tokenizer(name).render_chat(&messages, with_tools.then_some(&tools), true).unwrap();
+        assert_eq!(got, want.as_str().unwrap(), "{key}");
+        n += 1;
+    }
+    assert_eq!(n, 5);
+}
