@@ -289,3 +289,126 @@ fn with_a_real_tokenizer_chats_are_tokenized_like_the_reference_render() {
     assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(got.len() as u64));
     assert!(!r["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
 }
+
+/// A thread that keeps receiving on a bound SUB socket (see above for why a thread).
+fn subscriber(z: u16) -> (std::sync::mpsc::Receiver<Vec<Vec<u8>>>, impl FnOnce()) {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let h = std::thread::spawn(move || {
+        let ctx = zmq::Context::new();
+        let sub = ctx.socket(zmq::SUB).unwrap();
+        sub.set_subscribe(b"").unwrap();
+        sub.set_rcvtimeo(50).unwrap();
+        sub.bind(&format!("tcp://127.0.0.1:{z}")).unwrap();
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(f) = sub.recv_multipart(0) {
+                let _ = tx.send(f);
+            }
+        }
+    });
+    (rx, move || {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        h.join().unwrap();
+    })
+}
+
+#[test]
+fn lora_prefill_decode_and_replay_behave_like_vllm() {
+    let [p, z, r] = free_ports::<3>();
+    let (rx, stop) = subscriber(z);
+    let cfg = format!(
+        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:{z}","replay_endpoint":"tcp://*:{r}","topic":"kv@127.0.0.1:{p}@m"}}"#
+    );
+    let s = Sim::start(
+        p,
+        &[
+            "--speedup",
+            "1000",
+            "--hash-algo",
+            "sha256_cbor",
+            "--lora-modules",
+            "sql-lora=/adapters/sql-lora",
+            "--kv-events-config",
+            &cfg,
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // Models: the base model and the adapter (root = its path, parent = the base).
+    let models: Value = ureq::get(&format!("{}/v1/models", s.base)).call().unwrap().into_json().unwrap();
+    assert_eq!(models["data"][1]["id"], "sql-lora");
+    assert_eq!(models["data"][1]["root"], "/adapters/sql-lora");
+    assert_eq!(models["data"][1]["parent"], "m");
+    // A LoRA request: its blocks are hashed with ("lora", name, path) as vLLM 0.33 does.
+    let text = prompt(32, "q");
+    let tokens: Vec<u32> =
+        serde_json::from_value(s.post("/tokenize", json!({"model": "m", "prompt": text})).unwrap()["tokens"].clone())
+            .unwrap();
+    s.post("/v1/completions", json!({"model": "sql-lora", "prompt": text, "max_tokens": 1})).unwrap();
+    let f = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let KvEvent::BlockStored(st) = &decode_batch(&f[2]).unwrap().events[0] else { panic!() };
+    assert_eq!((st.lora_name.as_deref(), st.lora_id), (Some("sql-lora"), Some(1)));
+    let h = BlockHasher::new(HashConfig {
+        algo: HashAlgo::Sha256Cbor,
+        seed: Some("42".into()),
+        block_size: 16,
+        ..Default::default()
+    })
+    .unwrap();
+    let lora = RequestExtras {
+        lora: Some(kvroute_keys::LoraRef { name: "sql-lora".into(), path: "/adapters/sql-lora".into(), int_id: 1 }),
+        ..Default::default()
+    };
+    let mut want = Vec::new();
+    h.event_keys(&tokens, &lora, &mut want);
+    assert_eq!(st.block_hashes, want);
+    let text = ureq::get(&format!("{}/metrics", s.base)).call().unwrap().into_string().unwrap();
+    assert!(text.contains("vllm:lora_requests_info{max_lora=\"1\""), "{text}");
+    // P/D: the prefill side answers with kv_transfer_params; streaming it is refused.
+    let pre = s
+        .post(
+            "/v1/completions",
+            json!({"model": "m", "prompt": prompt(40, "pd"), "max_tokens": 50,
+        "kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": false}}),
+        )
+        .unwrap();
+    assert_eq!(pre["kv_transfer_params"]["do_remote_prefill"], true);
+    assert_eq!(pre["usage"]["completion_tokens"], 1);
+    let err = s.post(
+        "/v1/completions",
+        json!({"model": "m", "prompt": "x", "stream": true, "kv_transfer_params": {"do_remote_decode": true}}),
+    );
+    assert_eq!(err.unwrap_err().0, 400);
+    let dec = s
+        .post(
+            "/v1/completions",
+            json!({"model": "m", "prompt": prompt(40, "pd"), "max_tokens": 3,
+        "kv_transfer_params": pre["kv_transfer_params"].clone()}),
+        )
+        .unwrap();
+    assert_eq!(dec["usage"]["completion_tokens"], 3);
+    // Replay: a DEALER asking from seq 0 gets every batch so far, then the end marker.
+    let mut published = 1;
+    while rx.recv_timeout(Duration::from_millis(300)).is_ok() {
+        published += 1;
+    }
+    let ctx = zmq::Context::new();
+    let dealer = ctx.socket(zmq::DEALER).unwrap();
+    dealer.set_rcvtimeo(3000).unwrap();
+    dealer.connect(&format!("tcp://127.0.0.1:{r}")).unwrap();
+    dealer.send_multipart([&b""[..], &0u64.to_be_bytes()[..]], 0).unwrap();
+    let mut replies = 0;
+    loop {
+        let fr = dealer.recv_multipart(0).expect("replay reply");
+        assert_eq!(fr.len(), 4, "vLLM >= 0.26 framing: ['', topic, seq, payload]");
+        if fr[2] == u64::MAX.to_be_bytes() {
+            assert!(fr[3].is_empty());
+            break;
+        }
+        assert_eq!(u64::from_be_bytes(fr[2].as_slice().try_into().unwrap()), replies);
+        decode_batch(&fr[3]).unwrap();
+        replies += 1;
+    }
+    assert_eq!(replies, published);
+    stop();
+}

@@ -110,6 +110,9 @@ pub struct SimArgs {
     /// template), as the router uses [default: the built-in deterministic tokenizer].
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
+    /// LoRA adapters resident at once (reported in `vllm:lora_requests_info`).
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
     /// This pod's identity, sent as `x-inference-pod` [default: $POD_NAME, else HOST:PORT].
     #[arg(long)]
     pub pod_name: Option<String>,

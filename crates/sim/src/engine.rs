@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kvroute_events::{BlockRemoved, BlockStored, KvEvent};
 use kvroute_keys::{BlockHasher, RequestExtras};
 use parking_lot::Mutex;
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::config::Latency;
@@ -36,10 +36,18 @@ pub struct SimMetrics {
     pub ttft: Histogram,
     pub e2e: Histogram,
     pub queue_time: Histogram,
+    /// `vllm:lora_requests_info` (only registered when LoRA adapters are served).
+    pub lora_info: Option<GaugeVec>,
+    pub max_lora: usize,
 }
 
 impl SimMetrics {
-    pub fn new(model: &str, block_size: usize, num_gpu_blocks: usize) -> Result<Self, prometheus::Error> {
+    pub fn new(
+        model: &str,
+        block_size: usize,
+        num_gpu_blocks: usize,
+        max_lora: usize,
+    ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let labels = |o: Opts| o.const_label("model_name", model).const_label("engine", "0");
         let gauge = |n: &str, h: &str| -> Result<Gauge, prometheus::Error> {
@@ -72,6 +80,18 @@ impl SimMetrics {
             &["finish_reason"],
         )?;
         registry.register(Box::new(success.clone()))?;
+        let lora_info = if max_lora > 0 {
+            // Like vLLM: no model_name/engine labels; the value is a Unix timestamp.
+            let g = GaugeVec::new(
+                Opts::new("vllm:lora_requests_info", "Running stats on lora requests."),
+                &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )?;
+            registry.register(Box::new(g.clone()))?;
+            g.with_label_values(&[&max_lora.to_string(), "", ""]).set(now_unix());
+            Some(g)
+        } else {
+            None
+        };
         let e2e_buckets = vec![0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0];
         Ok(Self {
             running: gauge("vllm:num_requests_running", "Number of requests in model execution batches")?,
@@ -97,9 +117,22 @@ impl SimMetrics {
                 "Histogram of time spent in WAITING phase",
                 e2e_buckets,
             )?,
+            lora_info,
+            max_lora,
             registry,
         })
     }
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Adapters of running and waiting requests, for `vllm:lora_requests_info`.
+#[derive(Default)]
+pub struct LoraActivity {
+    running: std::collections::BTreeMap<String, usize>,
+    waiting: std::collections::BTreeMap<String, usize>,
 }
 
 /// Why a request is refused.
@@ -123,6 +156,7 @@ pub struct Engine {
     running: AtomicUsize,
     waiting: AtomicUsize,
     events: Option<Mutex<Sender<Vec<KvEvent>>>>,
+    lora: Mutex<LoraActivity>,
 }
 
 /// A request's work, as the HTTP layer hands it over.
@@ -204,6 +238,7 @@ impl Engine {
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             events: events.map(Mutex::new),
+            lora: Mutex::new(LoraActivity::default()),
         }
     }
 
@@ -296,6 +331,26 @@ impl Engine {
         self.metrics.queue_time.observe(queue.as_secs_f64());
         self.metrics.ttft.observe(timing.ttft.as_secs_f64());
         Ok(Running { engine: self, _permit: permit, hashes, anon, timing, started: Instant::now(), generated: 0 })
+    }
+
+    /// Moves a LoRA request between waiting (`+1`/`-1`) and running (`+1`/`-1`) and
+    /// republishes `vllm:lora_requests_info`.
+    pub fn lora_activity(&self, adapter: &str, waiting: i32, running: i32) {
+        let Some(g) = &self.metrics.lora_info else { return };
+        let mut a = self.lora.lock();
+        let bump = |m: &mut std::collections::BTreeMap<String, usize>, d: i32| {
+            let e = m.entry(adapter.to_string()).or_insert(0);
+            *e = (*e as i64 + d as i64).max(0) as usize;
+            if *e == 0 {
+                m.remove(adapter);
+            }
+        };
+        bump(&mut a.waiting, waiting);
+        bump(&mut a.running, running);
+        let join = |m: &std::collections::BTreeMap<String, usize>| m.keys().cloned().collect::<Vec<_>>().join(",");
+        g.reset();
+        g.with_label_values(&[&self.metrics.max_lora.to_string(), &join(&a.running), &join(&a.waiting)])
+            .set(now_unix());
     }
 
     fn load_factor(&self, running: usize) -> f64 {

@@ -252,6 +252,35 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
     ctx.run(None).await.unwrap_or_else(|e| e)
 }
 
+/// Counts a LoRA request as waiting while it queues and as running until it ends.
+struct LoraGuard<'a> {
+    engine: &'a Engine,
+    adapter: String,
+    running: bool,
+}
+
+impl<'a> LoraGuard<'a> {
+    fn new(engine: &'a Engine, adapter: &str) -> Self {
+        engine.lora_activity(adapter, 1, 0);
+        Self { engine, adapter: adapter.to_string(), running: false }
+    }
+
+    fn running(&mut self) {
+        self.engine.lora_activity(&self.adapter, -1, 1);
+        self.running = true;
+    }
+}
+
+impl Drop for LoraGuard<'_> {
+    fn drop(&mut self) {
+        if self.running {
+            self.engine.lora_activity(&self.adapter, 0, -1);
+        } else {
+            self.engine.lora_activity(&self.adapter, -1, 0);
+        }
+    }
+}
+
 struct Ctx {
     sim: Arc<Sim>,
     kind: Kind,
@@ -295,7 +324,13 @@ impl Ctx {
         let engine = &self.sim.engine;
         let ticket =
             engine.enqueue().map_err(|e| error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError"))?;
-        let running = match engine.start(ticket, &self.job).await {
+        let adapter = self.job.extras.lora.as_ref().map(|l| l.name.clone());
+        let mut lora = adapter.as_deref().map(|a| LoraGuard::new(engine, a));
+        let started = engine.start(ticket, &self.job).await;
+        if let (Some(g), Ok(_)) = (lora.as_mut(), &started) {
+            g.running();
+        }
+        let running = match started {
             Ok(r) => r,
             Err(e @ EngineError::TooLarge { .. }) => {
                 return Err(error(StatusCode::BAD_REQUEST, e.to_string(), "BadRequestError"))

@@ -68,7 +68,12 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
     let hasher = hasher(&a)?;
     let tokenizer = kvroute_tokenize::load(a.tokenizer.as_deref()).map_err(|e| SimError::Config(e.to_string()))?;
     let latency = a.latency();
-    let metrics = SimMetrics::new(&a.model, a.block_size, a.num_gpu_blocks)?;
+    let metrics = SimMetrics::new(
+        &a.model,
+        a.block_size,
+        a.num_gpu_blocks,
+        if a.lora_modules.is_empty() { 0 } else { a.max_loras },
+    )?;
     let mut events_tx = None;
     let mut publisher_thread = None;
     if let Some(kv) = a.kv_events_config.clone().filter(|k| k.enable_kv_cache_events) {
