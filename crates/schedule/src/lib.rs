@@ -1,0 +1,466 @@
+//! # kvroute-schedule — scores → pick
+//!
+//! A scheduling profile is filters → weighted scorers → a picker, each a plugin behind one
+//! trait ([`Filter`], [`Scorer`], [`Picker`]) and registered by name ([`build_plugin`]).
+//! Scores are normalised to `0..=1` per plugin, multiplied by the plugin's weight and
+//! summed. Profiles come from [`SchedulerConfig::default_profile`] or from a YAML file in
+//! llm-d's `EndpointPickerConfig` format ([`SchedulerConfig::from_yaml`]), with llm-d's
+//! plugin names where they mean the same thing.
+//!
+//! Plugins: scorers `precise-prefix-cache-scorer` (alias `prefix-cache-scorer`: the
+//! KV-event index), `active-request-scorer` (aliases `load-aware-scorer`, `queue-scorer`:
+//! in-flight requests counted by the router itself, no scrape lag),
+//! `kv-cache-utilization-scorer` (scraped `vllm:kv_cache_usage_perc`),
+//! `predicted-ttft-scorer` (ours: queueing + uncached prefill in one cost), `no-hit-lru-scorer`;
+//! pickers `max-score-picker` (random tie-break), `weighted-random-picker`, `random-picker`,
+//! `round-robin-picker`.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// What scorers know about a candidate pod for one request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodView {
+    pub name: String,
+    /// Requests the router has in flight to this pod.
+    pub in_flight: u32,
+    /// Consecutive prompt blocks from block 0 the pod holds (index).
+    pub matched_blocks: usize,
+    /// Tier-weighted match in `0..=1` (index).
+    pub prefix_score: f64,
+    /// Scraped `vllm:kv_cache_usage_perc`, if known.
+    pub kv_usage: Option<f64>,
+}
+
+/// The request being scheduled.
+#[derive(Clone, Debug, Default)]
+pub struct RequestView {
+    pub prompt_tokens: usize,
+    pub block_size: usize,
+    pub total_blocks: usize,
+}
+
+pub trait Scorer: Send + Sync {
+    fn name(&self) -> &str;
+    /// One score per pod, in `0..=1` (higher is better).
+    fn score(&self, req: &RequestView, pods: &[PodView]) -> Vec<f64>;
+}
+
+pub trait Filter: Send + Sync {
+    fn name(&self) -> &str;
+    /// Indices of the pods that stay candidates.
+    fn filter(&self, req: &RequestView, pods: &[PodView]) -> Vec<usize>;
+}
+
+pub trait Picker: Send + Sync {
+    fn name(&self) -> &str;
+    /// Index of the chosen pod (`scores` are the weighted totals).
+    fn pick(&self, scores: &[f64]) -> Option<usize>;
+}
+
+/// Any plugin.
+pub enum Plugin {
+    Scorer(Box<dyn Scorer>),
+    Filter(Box<dyn Filter>),
+    Picker(Box<dyn Picker>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown plugin type {0:?} (known: {KNOWN})")]
+    UnknownPlugin(String),
+    #[error("profile {profile:?} refers to undefined plugin {name:?}")]
+    UndefinedRef { profile: String, name: String },
+    #[error("invalid scheduler configuration: {0}")]
+    Yaml(String),
+    #[error("profile {0:?} has no picker")]
+    NoPicker(String),
+}
+
+const KNOWN: &str = "precise-prefix-cache-scorer, prefix-cache-scorer, active-request-scorer, load-aware-scorer, \
+queue-scorer, kv-cache-utilization-scorer, predicted-ttft-scorer, no-hit-lru-scorer, saturation-filter, \
+max-score-picker, weighted-random-picker, random-picker, round-robin-picker";
+
+// ---------------------------------------------------------------------------------
+// Scorers
+// ---------------------------------------------------------------------------------
+
+struct PrefixScorer;
+impl Scorer for PrefixScorer {
+    fn name(&self) -> &str {
+        "precise-prefix-cache-scorer"
+    }
+    fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        pods.iter().map(|p| p.prefix_score.clamp(0.0, 1.0)).collect()
+    }
+}
+
+/// Fewer in-flight requests is better: `1 − n / (max n + 1)`.
+struct ActiveRequestScorer;
+impl Scorer for ActiveRequestScorer {
+    fn name(&self) -> &str {
+        "active-request-scorer"
+    }
+    fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        let max = pods.iter().map(|p| p.in_flight).max().unwrap_or(0) as f64;
+        pods.iter().map(|p| 1.0 - p.in_flight as f64 / (max + 1.0)).collect()
+    }
+}
+
+struct KvUtilScorer;
+impl Scorer for KvUtilScorer {
+    fn name(&self) -> &str {
+        "kv-cache-utilization-scorer"
+    }
+    fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        pods.iter().map(|p| 1.0 - p.kv_usage.unwrap_or(0.0).clamp(0.0, 1.0)).collect()
+    }
+}
+
+/// Predicted time to first token, in token-equivalents: the pod's uncached prompt tokens
+/// plus `queue_tokens` per request it already has in flight (their prefill and batch
+/// share delay this one). Lowest cost scores 1; the others `min / cost`. One number for
+/// "cache hit" and "balanced load": a cached prefix wins until its pod is busier by more
+/// than the prefill it saves.
+pub struct PredictedTtftScorer {
+    pub queue_tokens: f64,
+}
+impl Scorer for PredictedTtftScorer {
+    fn name(&self) -> &str {
+        "predicted-ttft-scorer"
+    }
+    fn score(&self, r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        let costs: Vec<f64> = pods
+            .iter()
+            .map(|p| {
+                let cached = (p.matched_blocks * r.block_size).min(r.prompt_tokens) as f64;
+                1.0 + (r.prompt_tokens as f64 - cached) + self.queue_tokens * p.in_flight as f64
+            })
+            .collect();
+        let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
+        costs.iter().map(|c| min / c).collect()
+    }
+}
+
+/// For requests no pod has cached: prefer the pod that least recently got such a request,
+/// so cold prefixes spread instead of piling up. Neutral (all 1) when some pod has a hit.
+#[derive(Default)]
+pub struct NoHitLruScorer {
+    last: Mutex<std::collections::HashMap<String, u64>>,
+    tick: AtomicUsize,
+}
+impl Scorer for NoHitLruScorer {
+    fn name(&self) -> &str {
+        "no-hit-lru-scorer"
+    }
+    fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        if pods.iter().any(|p| p.matched_blocks > 0) {
+            return vec![1.0; pods.len()];
+        }
+        let last = self.last.lock();
+        let ages: Vec<u64> = pods.iter().map(|p| last.get(&p.name).copied().unwrap_or(0)).collect();
+        let (lo, hi) = (ages.iter().min().copied().unwrap_or(0), ages.iter().max().copied().unwrap_or(0));
+        let out = ages.iter().map(|&a| if hi == lo { 1.0 } else { 1.0 - (a - lo) as f64 / (hi - lo) as f64 }).collect();
+        drop(last);
+        out
+    }
+}
+impl NoHitLruScorer {
+    /// Records that `pod` got a request no pod had cached.
+    pub fn served(&self, pod: &str) {
+        let t = self.tick.fetch_add(1, Relaxed) as u64 + 1;
+        self.last.lock().insert(pod.to_string(), t);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Filters and pickers
+// ---------------------------------------------------------------------------------
+
+/// Drops pods whose KV cache is fuller than `threshold` (unless that drops every pod).
+struct SaturationFilter {
+    threshold: f64,
+}
+impl Filter for SaturationFilter {
+    fn name(&self) -> &str {
+        "saturation-filter"
+    }
+    fn filter(&self, _r: &RequestView, pods: &[PodView]) -> Vec<usize> {
+        let keep: Vec<usize> =
+            (0..pods.len()).filter(|&i| pods[i].kv_usage.is_none_or(|u| u <= self.threshold)).collect();
+        if keep.is_empty() {
+            (0..pods.len()).collect()
+        } else {
+            keep
+        }
+    }
+}
+
+struct MaxScorePicker {
+    rng: Mutex<rand::rngs::StdRng>,
+}
+impl Picker for MaxScorePicker {
+    fn name(&self) -> &str {
+        "max-score-picker"
+    }
+    fn pick(&self, scores: &[f64]) -> Option<usize> {
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let best: Vec<usize> = (0..scores.len()).filter(|&i| scores[i] >= max - 1e-9).collect();
+        (!best.is_empty()).then(|| best[self.rng.lock().random_range(0..best.len())])
+    }
+}
+
+struct RandomPicker {
+    rng: Mutex<rand::rngs::StdRng>,
+    weighted: bool,
+}
+impl Picker for RandomPicker {
+    fn name(&self) -> &str {
+        if self.weighted {
+            "weighted-random-picker"
+        } else {
+            "random-picker"
+        }
+    }
+    fn pick(&self, scores: &[f64]) -> Option<usize> {
+        if scores.is_empty() {
+            return None;
+        }
+        let mut rng = self.rng.lock();
+        let total: f64 = scores.iter().map(|s| s.max(0.0)).sum();
+        if !self.weighted || total <= 0.0 {
+            return Some(rng.random_range(0..scores.len()));
+        }
+        let mut x = rng.random_range(0.0..total);
+        for (i, s) in scores.iter().enumerate() {
+            x -= s.max(0.0);
+            if x <= 0.0 {
+                return Some(i);
+            }
+        }
+        Some(scores.len() - 1)
+    }
+}
+
+#[derive(Default)]
+struct RoundRobinPicker {
+    next: AtomicUsize,
+}
+impl Picker for RoundRobinPicker {
+    fn name(&self) -> &str {
+        "round-robin-picker"
+    }
+    fn pick(&self, scores: &[f64]) -> Option<usize> {
+        (!scores.is_empty()).then(|| self.next.fetch_add(1, Relaxed) % scores.len())
+    }
+}
+
+fn seeded() -> Mutex<rand::rngs::StdRng> {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
+    Mutex::new(rand::rngs::StdRng::seed_from_u64(seed))
+}
+
+/// Builds a plugin from its llm-d type name and parameters.
+pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
+    let f = |k: &str, d: f64| params.get(k).and_then(Value::as_f64).unwrap_or(d);
+    Ok(match kind {
+        "precise-prefix-cache-scorer" | "prefix-cache-scorer" => Plugin::Scorer(Box::new(PrefixScorer)),
+        "active-request-scorer" | "load-aware-scorer" | "queue-scorer" => Plugin::Scorer(Box::new(ActiveRequestScorer)),
+        "kv-cache-utilization-scorer" => Plugin::Scorer(Box::new(KvUtilScorer)),
+        "predicted-ttft-scorer" => Plugin::Scorer(Box::new(PredictedTtftScorer { queue_tokens: f("queueTokens", 512.0) })),
+        "no-hit-lru-scorer" => Plugin::Scorer(Box::new(NoHitLruScorer::default())),
+        "saturation-filter" => Plugin::Filter(Box::new(SaturationFilter { threshold: f("kvCacheThreshold", 0.95) })),
+        "max-score-picker" => Plugin::Picker(Box::new(MaxScorePicker { rng: seeded() })),
+        "random-picker" => Plugin::Picker(Box::new(RandomPicker { rng: seeded(), weighted: false })),
+        "weighted-random-picker" => Plugin::Picker(Box::new(RandomPicker { rng: seeded(), weighted: true })),
+        "round-robin-picker" => Plugin::Picker(Box::new(RoundRobinPicker::default())),
+        other => return Err(ConfigError::UnknownPlugin(other.to_string())),
+    })
+}
+
+/// One scheduling profile, ready to run.
+pub struct Profile {
+    pub name: String,
+    pub filters: Vec<Box<dyn Filter>>,
+    pub scorers: Vec<(Box<dyn Scorer>, f64)>,
+    pub picker: Box<dyn Picker>,
+}
+
+/// Per-plugin scores and the pick, for `/v1/route/explain`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Decision {
+    /// Index into the pods given, `None` when no pod is left.
+    pub pick: Option<usize>,
+    /// Candidate indices after the filters.
+    pub candidates: Vec<usize>,
+    /// (plugin, weight, score per candidate).
+    pub scores: Vec<(String, f64, Vec<f64>)>,
+    pub totals: Vec<f64>,
+}
+
+impl Profile {
+    pub fn schedule(&self, req: &RequestView, pods: &[PodView]) -> Decision {
+        let mut idx: Vec<usize> = (0..pods.len()).collect();
+        for f in &self.filters {
+            let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
+            idx = f.filter(req, &view).into_iter().map(|j| idx[j]).collect();
+        }
+        let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
+        let mut totals = vec![0.0; view.len()];
+        let mut scores = Vec::new();
+        for (s, w) in &self.scorers {
+            let v = s.score(req, &view);
+            for (t, x) in totals.iter_mut().zip(&v) {
+                *t += w * x;
+            }
+            scores.push((s.name().to_string(), *w, v));
+        }
+        let pick = self.picker.pick(&totals).map(|j| idx[j]);
+        Decision { pick, candidates: idx, scores, totals }
+    }
+}
+
+/// llm-d's `EndpointPickerConfig` (the subset that means something here).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EppConfig {
+    #[serde(default)]
+    plugins: Vec<PluginSpec>,
+    #[serde(default)]
+    scheduling_profiles: Vec<ProfileSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PluginSpec {
+    #[serde(rename = "type")]
+    kind: String,
+    name: Option<String>,
+    #[serde(default)]
+    parameters: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProfileSpec {
+    name: String,
+    plugins: Vec<PluginRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PluginRef {
+    plugin_ref: String,
+    weight: Option<f64>,
+}
+
+pub struct SchedulerConfig;
+
+impl SchedulerConfig {
+    /// kvroute's default: predicted TTFT (cache hits vs queueing in one cost, weight 3),
+    /// plus in-flight balance (weight 1) and spreading of cold prefixes (weight 1), max-score.
+    pub fn default_profile() -> Profile {
+        Profile {
+            name: "default".into(),
+            filters: vec![],
+            scorers: vec![
+                (Box::new(PredictedTtftScorer { queue_tokens: 512.0 }), 3.0),
+                (Box::new(ActiveRequestScorer), 1.0),
+                (Box::new(NoHitLruScorer::default()), 1.0),
+            ],
+            picker: Box::new(MaxScorePicker { rng: seeded() }),
+        }
+    }
+
+    /// Round-robin over all pods (a baseline).
+    pub fn round_robin() -> Profile {
+        Profile { name: "round-robin".into(), filters: vec![], scorers: vec![], picker: Box::new(RoundRobinPicker::default()) }
+    }
+
+    /// The first profile of an llm-d `EndpointPickerConfig` YAML.
+    pub fn from_yaml(text: &str) -> Result<Profile, ConfigError> {
+        let cfg: EppConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        let mut defined = std::collections::HashMap::new();
+        for p in &cfg.plugins {
+            defined.insert(p.name.clone().unwrap_or_else(|| p.kind.clone()), p);
+        }
+        let spec = cfg.scheduling_profiles.first().ok_or_else(|| ConfigError::Yaml("no schedulingProfiles".into()))?;
+        let mut profile = Profile { name: spec.name.clone(), filters: vec![], scorers: vec![], picker: Box::new(MaxScorePicker { rng: seeded() }) };
+        let mut has_picker = false;
+        for r in &spec.plugins {
+            let p = defined
+                .get(&r.plugin_ref)
+                .ok_or_else(|| ConfigError::UndefinedRef { profile: spec.name.clone(), name: r.plugin_ref.clone() })?;
+            match build_plugin(&p.kind, &p.parameters)? {
+                Plugin::Scorer(s) => profile.scorers.push((s, r.weight.unwrap_or(1.0))),
+                Plugin::Filter(f) => profile.filters.push(f),
+                Plugin::Picker(k) => {
+                    profile.picker = k;
+                    has_picker = true;
+                }
+            }
+        }
+        // llm-d defaults to max-score when a profile names no picker.
+        let _ = has_picker;
+        Ok(profile)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, in_flight: u32, matched: usize) -> PodView {
+        PodView { name: name.into(), in_flight, matched_blocks: matched, prefix_score: matched as f64 / 10.0, kv_usage: None }
+    }
+
+    #[test]
+    fn default_profile_prefers_the_cached_pod_until_it_is_much_busier() {
+        let p = SchedulerConfig::default_profile();
+        let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+        let pods = vec![pod("a", 0, 0), pod("b", 1, 120), pod("c", 0, 0)];
+        assert_eq!(p.schedule(&req, &pods).pick, Some(1), "a hit outweighs one request in flight");
+        let pods = vec![pod("a", 0, 0), pod("b", 8, 120), pod("c", 0, 0)];
+        let pick = p.schedule(&req, &pods).pick.unwrap();
+        assert_ne!(pick, 1, "a hot prefix does not pile onto one pod");
+    }
+
+    #[test]
+    fn llm_d_endpoint_picker_config_loads() {
+        let yaml = r#"
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+  parameters: {hashBlockSize: 64, maxPrefixBlocksToMatch: 256}
+- type: kv-cache-utilization-scorer
+- type: queue-scorer
+- type: no-hit-lru-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: no-hit-lru-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+"#;
+        let p = SchedulerConfig::from_yaml(yaml).unwrap();
+        assert_eq!(p.scorers.iter().map(|s| s.1).collect::<Vec<_>>(), vec![3.0, 2.0, 2.0, 2.0]);
+        let req = RequestView { prompt_tokens: 160, block_size: 16, total_blocks: 10 };
+        let d = p.schedule(&req, &[pod("a", 0, 10), pod("b", 0, 0)]);
+        assert_eq!(d.pick, Some(0));
+        assert_eq!(d.scores.len(), 4);
+        assert!(matches!(SchedulerConfig::from_yaml("plugins: [{type: nope}]\nschedulingProfiles: [{name: x, plugins: [{pluginRef: nope}]}]"), Err(ConfigError::UnknownPlugin(_))));
+        assert!(matches!(SchedulerConfig::from_yaml("schedulingProfiles: [{name: x, plugins: [{pluginRef: ghost}]}]"), Err(ConfigError::UndefinedRef { .. })));
+    }
+}
