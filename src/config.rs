@@ -2,7 +2,11 @@
 //! (`--config`) may carry any of it; command-line flags override the file.
 //!
 //! ```yaml
-//! listen: 0.0.0.0:8080          # HTTP: /health, /v1/kv/score, /v1/kv/pods, /metrics
+//! listen: 0.0.0.0:8080          # HTTP: OpenAI gateway, /v1/kv/*, /v1/route/explain, /metrics
+//! backends: ["http://10.0.0.1:8000"]   # pods to route to (pod = host:port)
+//! models: {my-model: /models/my-model}  # tokenizer.json dir per model (default: built-in)
+//! scheduler_config: null        # llm-d EndpointPickerConfig YAML (default profile if null)
+//! health_interval_ms: 1000
 //! key_mode: request             # request | vllm (see docs/architecture.md)
 //! hash:                         # how the vLLM servers hash (used by key_mode: vllm)
 //!   algo: sha256                # vLLM's --prefix-caching-hash-algo
@@ -77,6 +81,14 @@ impl Default for IndexSection {
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// vLLM servers to route to (`http://host:port`); each is the pod `host:port`.
+    pub backends: Vec<String>,
+    /// Tokenizer directory per served model name (others: the built-in tokenizer).
+    pub models: std::collections::BTreeMap<String, std::path::PathBuf>,
+    /// An llm-d `EndpointPickerConfig` YAML file; default: kvroute's default profile.
+    pub scheduler_config: Option<std::path::PathBuf>,
+    /// Interval of health probes and metric scrapes, ms.
+    pub health_interval_ms: u64,
     pub key_mode: KeyModeName,
     pub hash: HashSection,
     pub index: IndexSection,
@@ -87,6 +99,10 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            backends: Vec::new(),
+            models: Default::default(),
+            scheduler_config: None,
+            health_interval_ms: 1000,
             key_mode: KeyModeName::default(),
             hash: HashSection::default(),
             index: IndexSection::default(),

@@ -26,6 +26,19 @@ pub struct ServeArgs {
     /// [default: tcp://*:5557].
     #[arg(long = "zmq-bind", value_name = "ENDPOINT")]
     zmq_bind: Vec<String>,
+    /// A vLLM server to route to, `http://HOST:PORT` (repeatable); it is the pod `HOST:PORT`.
+    #[arg(long = "backend", value_name = "URL")]
+    backends: Vec<String>,
+    /// Tokenizer of a served model: NAME=DIR with tokenizer.json (+ tokenizer_config.json)
+    /// (repeatable) [default: the built-in tokenizer, as `kvroute sim` uses].
+    #[arg(long = "model", value_name = "NAME=DIR")]
+    models: Vec<String>,
+    /// Scheduling profile from an llm-d EndpointPickerConfig YAML [default: kvroute's].
+    #[arg(long)]
+    scheduler_config: Option<PathBuf>,
+    /// Health-probe and metric-scrape interval, ms [default: 1000].
+    #[arg(long)]
+    health_interval_ms: Option<u64>,
     /// Do not bind any SUB socket (dial mode only).
     #[arg(long, conflicts_with = "zmq_bind")]
     no_zmq_bind: bool,
@@ -117,6 +130,17 @@ impl ServeArgs {
         set!(self.data_parallel_size, c.ingest.data_parallel_size);
         set!(self.workers, c.ingest.workers);
         set!(self.queue_capacity, c.ingest.queue_capacity);
+        if !self.backends.is_empty() {
+            c.backends = self.backends.clone();
+        }
+        for m in &self.models {
+            let (name, dir) = m.split_once('=').with_context(|| format!("--model expects NAME=DIR, got {m:?}"))?;
+            c.models.insert(name.to_string(), dir.into());
+        }
+        if self.scheduler_config.is_some() {
+            c.scheduler_config = self.scheduler_config.clone();
+        }
+        set!(self.health_interval_ms, c.health_interval_ms);
         if self.hash_seed.is_some() {
             c.hash.seed = self.hash_seed.clone();
         }
@@ -169,6 +193,27 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new(&registry)?;
     let ingestor = Ingestor::start(&cfg.ingest, applier.clone(), pods.clone(), metrics)
         .context("cannot start KV-event ingestion")?;
+    let keys = Arc::new(keys);
+    let profile = match &cfg.scheduler_config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+            kvroute_schedule::SchedulerConfig::from_yaml(&text).with_context(|| format!("in {}", p.display()))?
+        }
+        None => kvroute_schedule::SchedulerConfig::default_profile(),
+    };
+    let mut tokenizers: std::collections::HashMap<String, Box<dyn kvroute_tokenize::Tokenizer>> = Default::default();
+    for (name, dir) in &cfg.models {
+        let t = kvroute_tokenize::load(Some(dir)).with_context(|| format!("tokenizer of model {name}"))?;
+        tokenizers.insert(name.clone(), t);
+    }
+    let mut backends = Vec::new();
+    for url in &cfg.backends {
+        anyhow::ensure!(url.starts_with("http://"), "--backend must be http://HOST:PORT, got {url:?}");
+        let name = url.trim_end_matches('/').trim_start_matches("http://");
+        backends.push(Arc::new(kvroute_gateway::Backend::new(url, pods.intern(name)?)));
+    }
+    let pool = Arc::new(kvroute_gateway::Pool { backends, lora_names: Default::default() });
+    let gateway = Arc::new(kvroute_gateway::Gateway::new(pool.clone(), profile, applier.clone(), keys.clone(), tokenizers, &registry)?);
     let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -182,7 +227,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             key_mode = ?cfg.key_mode,
             "kvroute serving"
         );
-        axum::serve(listener, kvroute_api::router(state))
+        pool.spawn_probes(gateway.client.clone(), Duration::from_millis(cfg.health_interval_ms.max(50)));
+        let app = kvroute_api::router(state).merge(kvroute_gateway::router(gateway));
+        axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })

@@ -61,7 +61,7 @@ impl RequestKeys {
 pub struct AppState {
     pub applier: Arc<EventApplier<SharedIndex>>,
     pub pods: Arc<Pods>,
-    pub keys: RequestKeys,
+    pub keys: Arc<RequestKeys>,
     pub scorer: LongestPrefixScorer,
     pub ingestor: Option<Ingestor>,
     pub registry: Registry,
@@ -76,7 +76,7 @@ impl AppState {
     pub fn new(
         applier: Arc<EventApplier<SharedIndex>>,
         pods: Arc<Pods>,
-        keys: RequestKeys,
+        keys: Arc<RequestKeys>,
         ingestor: Option<Ingestor>,
         registry: Registry,
     ) -> Result<Self, prometheus::Error> {

@@ -48,6 +48,8 @@ pub trait Scorer: Send + Sync {
     fn name(&self) -> &str;
     /// One score per pod, in `0..=1` (higher is better).
     fn score(&self, req: &RequestView, pods: &[PodView]) -> Vec<f64>;
+    /// Told which pod was picked (for scorers with memory).
+    fn observe_pick(&self, _req: &RequestView, _pods: &[PodView], _pick: usize) {}
 }
 
 pub trait Filter: Send + Sync {
@@ -167,6 +169,11 @@ impl Scorer for NoHitLruScorer {
         let out = ages.iter().map(|&a| if hi == lo { 1.0 } else { 1.0 - (a - lo) as f64 / (hi - lo) as f64 }).collect();
         drop(last);
         out
+    }
+    fn observe_pick(&self, _req: &RequestView, pods: &[PodView], pick: usize) {
+        if pods.iter().all(|p| p.matched_blocks == 0) {
+            self.served(&pods[pick].name);
+        }
     }
 }
 impl NoHitLruScorer {
@@ -319,8 +326,13 @@ impl Profile {
             }
             scores.push((s.name().to_string(), *w, v));
         }
-        let pick = self.picker.pick(&totals).map(|j| idx[j]);
-        Decision { pick, candidates: idx, scores, totals }
+        let pick = self.picker.pick(&totals);
+        if let Some(j) = pick {
+            for (s, _) in &self.scorers {
+                s.observe_pick(req, &view, j);
+            }
+        }
+        Decision { pick: pick.map(|j| idx[j]), candidates: idx, scores, totals }
     }
 }
 
@@ -460,6 +472,12 @@ schedulingProfiles:
         let d = p.schedule(&req, &[pod("a", 0, 10), pod("b", 0, 0)]);
         assert_eq!(d.pick, Some(0));
         assert_eq!(d.scores.len(), 4);
+        // no-hit-lru spreads cold requests: after a miss went to `a`, the next goes elsewhere.
+        let p = SchedulerConfig::default_profile();
+        let cold = [pod("a", 0, 0), pod("b", 0, 0), pod("c", 0, 0)];
+        let first = p.schedule(&req, &cold).pick.unwrap();
+        let second = p.schedule(&req, &cold).pick.unwrap();
+        assert_ne!(first, second);
         assert!(matches!(SchedulerConfig::from_yaml("plugins: [{type: nope}]\nschedulingProfiles: [{name: x, plugins: [{pluginRef: nope}]}]"), Err(ConfigError::UnknownPlugin(_))));
         assert!(matches!(SchedulerConfig::from_yaml("schedulingProfiles: [{name: x, plugins: [{pluginRef: ghost}]}]"), Err(ConfigError::UndefinedRef { .. })));
     }
