@@ -1,302 +1,336 @@
-//! `kvroute demo`: an in-process simulated fleet, to see the pipeline work end to end
-//! without GPUs or network: each pod is a vLLM-like prefix cache (LRU over full blocks)
-//! that publishes real msgpack KV-event payloads (half the fleet in vLLM 0.23's array
-//! layout, half in 0.33's map layout); kvroute decodes them, indexes them, and routes a
-//! shared-prefix workload by longest cached prefix. Events reach the router a few requests
-//! late (`--event-lag`), as over a real network; kvroute covers the gap with speculative
-//! entries for the pod it picked. Round-robin and random routing run on the same
-//! workload for comparison.
+//! `kvroute demo`: a local fleet of simulated vLLM servers (`kvroute sim` child
+//! processes publishing real KV events over ZMQ) behind a `kvroute serve` router, driven by
+//! (a) llm-d's seed test — one warm-up, then 30 identical ~160-token completions of one
+//! session, one after another — and (b) a shared-prefix workload of many concurrent
+//! sessions; once with round-robin routing and once with kvroute's default profile. Hit
+//! rates come from the servers' own `vllm:prefix_cache_*` counters; TTFT is measured by the
+//! client at the first streamed chunk.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
 use clap::Args;
-use kvroute_events::{decode_batch, encode_batch, BlockRemoved, BlockStored, EventBatch, KvEvent, WireFormat};
-use kvroute_index::{BlockIndex, EventApplier, InMemoryIndex, IndexConfig, KeyMode, PodId, Tiers};
-use kvroute_keys::{BlockHasher, HashAlgo, HashConfig, RequestExtras};
-use kvroute_score::{LongestPrefixScorer, Scratch};
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::json;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Number of simulated vLLM pods.
-    #[arg(long, default_value_t = 8)]
-    pods: usize,
-    /// Shared-prefix groups (e.g. distinct system prompts).
-    #[arg(long, default_value_t = 32)]
-    groups: usize,
-    /// Requests per group.
-    #[arg(long, default_value_t = 16)]
-    prompts_per_group: usize,
-    /// Tokens of each group's shared prefix.
-    #[arg(long, default_value_t = 2048)]
-    system_tokens: usize,
-    /// Tokens unique to each request.
-    #[arg(long, default_value_t = 256)]
-    question_tokens: usize,
-    /// KV blocks per pod (vLLM's num_gpu_blocks).
-    #[arg(long, default_value_t = 2048)]
-    gpu_blocks: usize,
-    /// Requests routed before a pod's events reach the router.
+    /// Simulated vLLM servers.
     #[arg(long, default_value_t = 4)]
-    event_lag: usize,
-    /// Seed of the workload generator.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
+    pods: usize,
+    /// Speed-up of the simulators' latency model (8b-h100 profile).
+    #[arg(long, default_value_t = 20.0)]
+    speedup: f64,
+    /// Shared-prefix workload: prefix groups (e.g. system prompts / documents).
+    #[arg(long, default_value_t = 16)]
+    groups: usize,
+    /// Shared-prefix workload: requests per group (each its own session).
+    #[arg(long, default_value_t = 12)]
+    prompts_per_group: usize,
+    /// Shared-prefix workload: words in each group's shared prefix.
+    #[arg(long, default_value_t = 1000)]
+    prefix_words: usize,
+    /// Shared-prefix workload: words unique to each request.
+    #[arg(long, default_value_t = 40)]
+    question_words: usize,
+    /// Shared-prefix workload: requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 8)]
+    max_tokens: usize,
+    /// Also print the results as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
-const BLOCK: usize = 16;
-/// Prefill speed used to turn uncached tokens into an estimated time to first token.
-const PREFILL_TOKENS_PER_S: f64 = 20_000.0;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    Ok(held.iter().filter_map(|l| l.local_addr().ok().map(|a| a.port())).collect())
 }
 
-/// One simulated vLLM engine's prefix cache.
-struct SimPod {
-    capacity: usize,
-    lru: HashMap<u64, u64>,
-    order: VecDeque<(u64, u64)>,
-    tick: u64,
-    format: WireFormat,
+/// Child processes, killed on drop.
+struct Fleet {
+    children: Vec<Child>,
+    router: String,
+    sims: Vec<String>,
 }
 
-impl SimPod {
-    /// Serves a prompt: returns cached prompt tokens and the event payload it publishes.
-    fn serve(&mut self, tokens: &[u32], keys: &[u64]) -> (usize, Option<Vec<u8>>) {
-        let hit = keys.iter().take_while(|k| self.lru.contains_key(k)).count();
-        // vLLM always recomputes the last prompt token.
-        let cached = (hit * BLOCK).min(tokens.len().saturating_sub(1));
-        let mut events = Vec::new();
-        let first_new = keys.iter().position(|k| !self.lru.contains_key(k));
-        for k in keys {
-            self.tick += 1;
-            self.lru.insert(*k, self.tick);
-            self.order.push_back((*k, self.tick));
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
-        if let Some(f) = first_new {
-            let new: Vec<u64> = keys[f..].to_vec();
-            events.push(KvEvent::BlockStored(BlockStored {
-                block_hashes: new,
-                parent_block_hash: f.checked_sub(1).map(|p| keys[p]),
-                token_ids: tokens[f * BLOCK..keys.len() * BLOCK].to_vec(),
-                block_size: BLOCK as u32,
-                medium: Some("GPU".into()),
-                ..Default::default()
-            }));
-        }
-        while self.lru.len() > self.capacity {
-            let Some((k, t)) = self.order.pop_front() else { break };
-            if self.lru.get(&k) == Some(&t) {
-                self.lru.remove(&k);
-                events.push(KvEvent::BlockRemoved(BlockRemoved {
-                    block_hashes: vec![k],
-                    medium: Some("GPU".into()),
-                    ..Default::default()
-                }));
-            }
-        }
-        let payload = (!events.is_empty()).then(|| {
-            encode_batch(
-                &EventBatch { ts: self.tick as f64, events, data_parallel_rank: Some(0), unknown_events: 0 },
-                self.format,
-            )
-        });
-        (cached, payload)
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Policy {
-    Kvroute,
-    RoundRobin,
-    Random,
+async fn wait_healthy(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    loop {
+        if client.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!("{base} did not become healthy");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
+impl Fleet {
+    async fn start(
+        exe: &Path,
+        a: &DemoArgs,
+        scheduler: Option<&Path>,
+        client: &reqwest::Client,
+    ) -> anyhow::Result<Fleet> {
+        let ports = free_ports(a.pods + 2)?;
+        let (router_port, zmq_port) = (ports[0], ports[1]);
+        let mut f = Fleet { children: Vec::new(), router: format!("http://127.0.0.1:{router_port}"), sims: Vec::new() };
+        let mut serve = Command::new(exe);
+        serve.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{router_port}"),
+            "--zmq-bind",
+            &format!("tcp://127.0.0.1:{zmq_port}"),
+        ]);
+        serve.args(["--health-interval-ms", "200"]);
+        if let Some(s) = scheduler {
+            serve.arg("--scheduler-config").arg(s);
+        }
+        for &p in &ports[2..] {
+            serve.args(["--backend", &format!("http://127.0.0.1:{p}")]);
+        }
+        f.children
+            .push(serve.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().context("cannot start kvroute serve")?);
+        wait_healthy(client, &f.router).await?;
+        for &p in &ports[2..] {
+            let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
+                "endpoint": format!("tcp://127.0.0.1:{zmq_port}"), "topic": format!("kv@127.0.0.1:{p}@demo-model")});
+            let child = Command::new(exe)
+                .args(["sim", "--port", &p.to_string(), "--model", "demo-model", "--speedup", &a.speedup.to_string()])
+                .args(["--max-num-seqs", "32", "--kv-events-config", &kv.to_string()])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .context("cannot start kvroute sim")?;
+            f.children.push(child);
+            f.sims.push(format!("http://127.0.0.1:{p}"));
+        }
+        for s in &f.sims {
+            wait_healthy(client, s).await?;
+        }
+        // Let the publishers' connections and the router's health probes settle.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        Ok(f)
+    }
+
+    /// Per pod: (prefix-cache queries, hits, finished requests), from its own /metrics.
+    async fn counters(&self, client: &reqwest::Client) -> anyhow::Result<Vec<(f64, f64, f64)>> {
+        let mut out = Vec::new();
+        for s in &self.sims {
+            let text = client.get(format!("{s}/metrics")).send().await?.text().await?;
+            let sum = |name: &str| -> f64 {
+                text.lines()
+                    .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            };
+            out.push((
+                sum("vllm:prefix_cache_queries_total"),
+                sum("vllm:prefix_cache_hits_total"),
+                sum("vllm:request_success_total"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Serialize, Clone, Debug)]
 struct Outcome {
-    name: &'static str,
-    prompt_tokens: usize,
-    cached_tokens: usize,
-    per_pod: Vec<usize>,
-    ttft_ms: Vec<f64>,
-    route_us: Vec<f64>,
-    decode_errors: u64,
-    batches: u64,
-    index_blocks: u64,
+    policy: String,
+    workload: String,
+    requests: usize,
+    errors: usize,
+    /// Prompt tokens served from the prefix cache ÷ prompt tokens (servers' counters).
+    hit_rate: f64,
+    /// Busiest pod's share of the requests.
+    stickiness: f64,
+    /// Busiest pod's requests ÷ mean per pod.
+    busiest_over_mean: f64,
+    ttft_ms_p50: f64,
+    ttft_ms_p90: f64,
+    ttft_ms_p99: f64,
+    requests_per_s: f64,
 }
 
-fn workload(a: &DemoArgs) -> Vec<Vec<u32>> {
-    let mut rng = Rng(a.seed);
-    let systems: Vec<Vec<u32>> =
-        (0..a.groups).map(|_| (0..a.system_tokens).map(|_| rng.below(150_000) as u32).collect()).collect();
-    let mut reqs = Vec::new();
-    for system in &systems {
-        for _ in 0..a.prompts_per_group {
-            let mut t = system.clone();
-            t.extend((0..a.question_tokens).map(|_| rng.below(150_000) as u32));
-            reqs.push(t);
-        }
-    }
-    // Interleave groups randomly (Fisher–Yates).
-    for i in (1..reqs.len()).rev() {
-        let j = rng.below(i + 1);
-        reqs.swap(i, j);
-    }
-    reqs
+fn words(tag: &str, n: usize) -> String {
+    (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
 }
 
-fn simulate(a: &DemoArgs, policy: Policy, reqs: &[Vec<u32>], hasher: &BlockHasher) -> Outcome {
-    let n = a.pods;
-    let mut pods: Vec<SimPod> = (0..n)
-        .map(|i| SimPod {
-            capacity: a.gpu_blocks,
-            lru: HashMap::new(),
-            order: VecDeque::new(),
-            tick: 0,
-            format: if i % 2 == 0 { WireFormat::Map } else { WireFormat::Array },
-        })
-        .collect();
-    let applier = EventApplier::new(InMemoryIndex::new(IndexConfig::default()), KeyMode::Engine);
-    let scorer = LongestPrefixScorer::default();
-    let mut scratch = Scratch::default();
-    let candidates: Vec<PodId> = (0..n as PodId).collect();
-    let mut in_flight: VecDeque<PodId> = VecDeque::new();
-    let mut bus: VecDeque<(usize, PodId, Vec<u8>)> = VecDeque::new();
-    let mut rng = Rng(a.seed ^ 0xABCD);
-    let mut out = Outcome {
-        name: match policy {
-            Policy::Kvroute => "kvroute (precise prefix + load)",
-            Policy::RoundRobin => "round-robin",
-            Policy::Random => "random",
-        },
-        prompt_tokens: 0,
-        cached_tokens: 0,
-        per_pod: vec![0; n],
-        ttft_ms: Vec::new(),
-        route_us: Vec::new(),
-        decode_errors: 0,
-        batches: 0,
-        index_blocks: 0,
-    };
-    let window = n * 4;
-    let mut keys = Vec::new();
-    for (i, toks) in reqs.iter().enumerate() {
-        // Deliver events that have had time to arrive.
-        while bus.front().is_some_and(|(at, ..)| *at <= i) {
-            let Some((_, pod, payload)) = bus.pop_front() else { break };
-            match decode_batch(&payload) {
-                Ok(b) => applier.apply(pod, "demo-model", &b),
-                Err(_) => out.decode_errors += 1,
-            }
-        }
-        let t0 = Instant::now();
-        hasher.event_keys(toks, &RequestExtras::default(), &mut keys);
-        let pick = match policy {
-            Policy::RoundRobin => (i % n) as PodId,
-            Policy::Random => rng.below(n) as PodId,
-            Policy::Kvroute => {
-                let scores = scorer.score(applier.index(), &keys, Some(&candidates), &mut scratch);
-                let mut load = vec![0usize; n];
-                in_flight.iter().for_each(|&p| load[p as usize] += 1);
-                let max_load = *load.iter().max().unwrap_or(&0) as f64 + 1.0;
-                let best = scores
-                    .iter()
-                    .map(|s| (s.pod, 2.0 * s.score + (1.0 - load[s.pod as usize] as f64 / max_load)))
-                    .max_by(|x, y| x.1.total_cmp(&y.1).then(y.0.cmp(&x.0)));
-                let pod = best.map_or(0, |b| b.0);
-                applier.index().store_speculative(pod, Tiers::GPU, &keys);
-                pod
-            }
-        };
-        out.route_us.push(t0.elapsed().as_secs_f64() * 1e6);
-        in_flight.push_back(pick);
-        if in_flight.len() > window {
-            in_flight.pop_front();
-        }
-        let (cached, payload) = pods[pick as usize].serve(toks, &keys);
-        if let Some(p) = payload {
-            bus.push_back((i + a.event_lag, pick, p));
-        }
-        out.prompt_tokens += toks.len();
-        out.cached_tokens += cached;
-        out.per_pod[pick as usize] += 1;
-        out.ttft_ms.push((toks.len() - cached) as f64 / PREFILL_TOKENS_PER_S * 1e3);
+/// Streams one completion through the router; returns the time to its first chunk.
+async fn one(
+    client: &reqwest::Client,
+    router: &str,
+    prompt: String,
+    session: &str,
+    max_tokens: usize,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let resp = client
+        .post(format!("{router}/v1/completions"))
+        .header("x-session-id", session)
+        .json(&json!({"model": "demo-model", "prompt": prompt, "max_tokens": max_tokens, "stream": true}))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("status {}", resp.status());
     }
-    out.batches = applier.counters().batches;
-    out.index_blocks = applier.index().stats().blocks;
-    out
+    let mut stream = resp.bytes_stream();
+    let mut ttft = None;
+    while let Some(chunk) = stream.next().await {
+        chunk?;
+        ttft.get_or_insert(t.elapsed());
+    }
+    ttft.context("empty response")
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
+    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0.0)
+}
+
+async fn measure(
+    fleet: &Fleet,
+    client: &reqwest::Client,
+    policy: &str,
+    workload: &str,
+    jobs: Vec<(String, String)>,
+    concurrency: usize,
+    max_tokens: usize,
+) -> anyhow::Result<Outcome> {
+    let before = fleet.counters(client).await?;
+    let t = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = Vec::new();
+    for (prompt, session) in jobs.iter().cloned() {
+        let permit = sem.clone().acquire_owned().await?;
+        let (c, r) = (client.clone(), fleet.router.clone());
+        tasks.push(tokio::spawn(async move {
+            let out = one(&c, &r, prompt, &session, max_tokens).await;
+            drop(permit);
+            out
+        }));
+    }
+    let mut ttft = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        match t.await? {
+            Ok(d) => ttft.push(d.as_secs_f64() * 1e3),
+            Err(_) => errors += 1,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = fleet.counters(client).await?;
+    let (mut q, mut h) = (0.0, 0.0);
+    let mut per_pod = Vec::new();
+    for (b, a) in before.iter().zip(&after) {
+        q += a.0 - b.0;
+        h += a.1 - b.1;
+        per_pod.push(a.2 - b.2);
+    }
+    let total: f64 = per_pod.iter().sum();
+    let max = per_pod.iter().copied().fold(0.0, f64::max);
+    Ok(Outcome {
+        policy: policy.into(),
+        workload: workload.into(),
+        requests: jobs.len(),
+        errors,
+        hit_rate: if q > 0.0 { h / q } else { 0.0 },
+        stickiness: if total > 0.0 { max / total } else { 0.0 },
+        busiest_over_mean: if total > 0.0 { max / (total / per_pod.len() as f64) } else { 0.0 },
+        ttft_ms_p50: pct(&mut ttft, 0.5),
+        ttft_ms_p90: pct(&mut ttft, 0.9),
+        ttft_ms_p99: pct(&mut ttft, 0.99),
+        requests_per_s: jobs.len() as f64 / secs,
+    })
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.pods >= 1 && a.pods <= 1024, "--pods must be in 1..=1024");
-    anyhow::ensure!(a.groups >= 1 && a.prompts_per_group >= 1, "--groups and --prompts-per-group must be ≥ 1");
-    let hasher = BlockHasher::new(HashConfig {
-        algo: HashAlgo::Sha256Cbor,
-        seed: Some("0".into()),
-        block_size: BLOCK,
-        ..Default::default()
-    })?;
-    let reqs = workload(&a);
-    println!(
-        "kvroute demo: {} simulated vLLM pods ({} GPU blocks of {BLOCK} tokens each), {} requests = {} groups × {} \
-         (shared prefix {} + unique {} tokens), events delivered {} requests late",
-        a.pods,
-        a.gpu_blocks,
-        reqs.len(),
-        a.groups,
-        a.prompts_per_group,
-        a.system_tokens,
-        a.question_tokens,
-        a.event_lag
-    );
-    println!("hashing: sha256_cbor, PYTHONHASHSEED=0, vLLM {}; even pods publish 0.33 map events, odd pods 0.23 array events\n", kvroute_keys::VllmVersion::LATEST);
-    // Bound: every distinct block computed once, no eviction ("global cache").
-    let total: usize = reqs.iter().map(Vec::len).sum();
-    let distinct = a.groups * a.system_tokens + reqs.len() * a.question_tokens;
-    println!(
-        "upper bound (global cache, infinite capacity): {:.1} % of prompt tokens cached\n",
-        100.0 * (total - distinct) as f64 / total as f64
-    );
-    println!("| policy | prompt tokens cached | est. TTFT p50 / p90 (ms) | requests per pod max / mean | route time p50 / p99 (µs) |");
-    println!("|---|---|---|---|---|");
-    let mut note = String::new();
-    for policy in [Policy::Kvroute, Policy::RoundRobin, Policy::Random] {
-        let mut o = simulate(&a, policy, &reqs, &hasher);
-        let mean = reqs.len() as f64 / a.pods as f64;
-        println!(
-            "| {} | {:.1} % | {:.1} / {:.1} | {} / {:.1} | {:.1} / {:.1} |",
-            o.name,
-            100.0 * o.cached_tokens as f64 / o.prompt_tokens as f64,
-            pct(&mut o.ttft_ms, 0.5),
-            pct(&mut o.ttft_ms, 0.9),
-            o.per_pod.iter().max().unwrap_or(&0),
-            mean,
-            pct(&mut o.route_us, 0.5),
-            pct(&mut o.route_us, 0.99),
-        );
-        if policy == Policy::Kvroute {
-            note = format!(
-                "kvroute decoded and indexed {} event batches ({} decode errors); {} blocks in its index at the end.",
-                o.batches, o.decode_errors, o.index_blocks
+    anyhow::ensure!((1..=32).contains(&a.pods), "--pods must be in 1..=32");
+    let exe = std::env::current_exe().context("cannot find the kvroute binary")?;
+    let dir = std::env::temp_dir().join(format!("kvroute-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let rr: PathBuf = dir.join("round-robin.yaml");
+    std::fs::write(&rr, "plugins:\n- type: round-robin-picker\nschedulingProfiles:\n- name: round-robin\n  plugins:\n  - pluginRef: round-robin-picker\n")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let started = Instant::now();
+    let results = rt.block_on(async {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+        let mut results = Vec::new();
+        for (policy, sched) in [("round-robin", Some(rr.as_path())), ("kvroute", None)] {
+            let fleet = Fleet::start(&exe, &a, sched, &client).await?;
+            // (a) Seed test: warm-up, then 30 identical requests of one session, in sequence.
+            let seed_prompt = words("seed", 160);
+            one(&client, &fleet.router, seed_prompt.clone(), "seed-session", a.max_tokens).await?;
+            let jobs = vec![(seed_prompt, "seed-session".to_string()); 30];
+            results.push(
+                measure(&fleet, &client, policy, "seed test (30 × 160 tokens, 1 session)", jobs, 1, a.max_tokens)
+                    .await?,
             );
+            // (b) Shared prefixes across many concurrent sessions, groups interleaved.
+            let mut jobs = Vec::new();
+            for i in 0..a.prompts_per_group {
+                for g in 0..a.groups {
+                    let prompt = format!(
+                        "{} {}",
+                        words(&format!("doc{g}w"), a.prefix_words),
+                        words(&format!("q{g}x{i}w"), a.question_words)
+                    );
+                    jobs.push((prompt, format!("session-{g}-{i}")));
+                }
+            }
+            let name =
+                format!("shared prefix ({} groups × {}, {} in flight)", a.groups, a.prompts_per_group, a.concurrency);
+            results.push(measure(&fleet, &client, policy, &name, jobs, a.concurrency, a.max_tokens).await?);
         }
+        anyhow::Ok(results)
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "kvroute demo: {} simulated vLLM servers (kvroute sim, 8b-h100 latency ÷ {}) behind kvroute serve; \
+         hit rates from the servers' own vllm:prefix_cache_* counters\n",
+        a.pods, a.speedup
+    );
+    println!("| workload | policy | requests | errors | prefix-cache hit rate | busiest pod share | busiest / mean | TTFT p50 / p90 / p99 (ms) | req/s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for o in &results {
+        println!(
+            "| {} | {} | {} | {} | {:.1} % | {:.1} % | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} |",
+            o.workload,
+            o.policy,
+            o.requests,
+            o.errors,
+            100.0 * o.hit_rate,
+            100.0 * o.stickiness,
+            o.busiest_over_mean,
+            o.ttft_ms_p50,
+            o.ttft_ms_p90,
+            o.ttft_ms_p99,
+            o.requests_per_s
+        );
     }
-    println!("\n{note}");
-    println!("est. TTFT = uncached prompt tokens / {PREFILL_TOKENS_PER_S} tokens/s (prefill only, no queueing).");
+    println!("\n(finished in {:.1} s)", started.elapsed().as_secs_f64());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"results": results}))?);
+    }
     Ok(())
 }

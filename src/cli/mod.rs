@@ -24,9 +24,8 @@ pub enum Command {
         #[command(subcommand)]
         command: events::EventsCommand,
     },
-    /// Run a simulated fleet in-process: vLLM-like prefix caches publish real KV-event
-    /// payloads, kvroute indexes them and routes a shared-prefix workload, compared with
-    /// round-robin and random routing.
+    /// Start a local fleet of simulated vLLM servers behind a kvroute router and compare
+    /// round-robin with kvroute on llm-d's seed test and a shared-prefix workload.
     Demo(demo::DemoArgs),
     /// Run the router: follow the fleet's KV events over ZMQ and serve the scoring API
     /// (`/v1/kv/score`, `/v1/kv/pods`, `/metrics`, `/health`).

@@ -213,7 +213,14 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         backends.push(Arc::new(kvroute_gateway::Backend::new(url, pods.intern(name)?)));
     }
     let pool = Arc::new(kvroute_gateway::Pool { backends, lora_names: Default::default() });
-    let gateway = Arc::new(kvroute_gateway::Gateway::new(pool.clone(), profile, applier.clone(), keys.clone(), tokenizers, &registry)?);
+    let gateway = Arc::new(kvroute_gateway::Gateway::new(
+        pool.clone(),
+        profile,
+        applier.clone(),
+        keys.clone(),
+        tokenizers,
+        &registry,
+    )?);
     let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -229,6 +236,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         );
         pool.spawn_probes(gateway.client.clone(), Duration::from_millis(cfg.health_interval_ms.max(50)));
         let app = kvroute_api::router(state).merge(kvroute_gateway::router(gateway));
+        // TCP_NODELAY: small streamed chunks (SSE) go out at once instead of waiting ~40 ms
+        // for Nagle + delayed ACK.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -68,7 +68,10 @@ impl Gateway {
         tokenizers: HashMap<String, Box<dyn Tokenizer>>,
         registry: &Registry,
     ) -> Result<Self, prometheus::Error> {
-        let decisions = IntCounterVec::new(Opts::new("kvroute_router_decisions_total", "Routing decisions by chosen pod"), &["pod"])?;
+        let decisions = IntCounterVec::new(
+            Opts::new("kvroute_router_decisions_total", "Routing decisions by chosen pod"),
+            &["pod"],
+        )?;
         registry.register(Box::new(decisions.clone()))?;
         let decision_seconds = Histogram::with_opts(
             HistogramOpts::new("kvroute_router_decision_seconds", "Tokenize + keys + score + pick, per request")
@@ -111,10 +114,16 @@ impl Gateway {
         }
         match v.get("prompt") {
             Some(Value::String(s)) => Ok(t.encode(s, true)),
-            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(t.encode(a[0].as_str().unwrap_or(""), true)),
+            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+                Ok(t.encode(a[0].as_str().unwrap_or(""), true))
+            }
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad("`prompt` token ids must be non-negative integers")))
+                .map(|x| {
+                    x.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| bad("`prompt` token ids must be non-negative integers"))
+                })
                 .collect(),
             _ => Err(bad("`prompt` must be a string or an array of token ids")),
         }
@@ -148,7 +157,8 @@ impl Gateway {
                 }
             })
             .collect();
-        let req = RequestView { prompt_tokens: tokens.len(), block_size: self.keys.block_size(), total_blocks: keys.len() };
+        let req =
+            RequestView { prompt_tokens: tokens.len(), block_size: self.keys.block_size(), total_blocks: keys.len() };
         let d = self.profile.schedule(&req, &views);
         let Some(pick) = d.pick else {
             return Err(error(StatusCode::SERVICE_UNAVAILABLE, "no pod left after filtering"));
@@ -205,7 +215,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 
 fn parse(body: &Bytes) -> Result<(Value, String), Response> {
     let v: Value = serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))?;
-    let model = v.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).ok_or_else(|| bad("missing `model`"))?;
+    let model =
+        v.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).ok_or_else(|| bad("missing `model`"))?;
     Ok((v.clone(), model.to_string()))
 }
 
@@ -255,7 +266,8 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
     for b in routed.order.iter().take(gw.max_retries + 1) {
         b.in_flight.fetch_add(1, AcqRel);
         let guard = InFlight(b.clone());
-        let mut req = gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json").body(body.clone());
+        let mut req =
+            gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json").body(body.clone());
         for h in ["authorization", "x-request-id", "x-session-id"] {
             if let Some(val) = headers.get(h) {
                 req = req.header(h, val);

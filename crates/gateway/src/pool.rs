@@ -101,7 +101,9 @@ impl Pool {
                         continue;
                     }
                     b.succeeded();
-                    if let Ok(r) = client.get(format!("{}/v1/models", b.url)).timeout(Duration::from_secs(1)).send().await {
+                    if let Ok(r) =
+                        client.get(format!("{}/v1/models", b.url)).timeout(Duration::from_secs(1)).send().await
+                    {
                         if let Ok(v) = r.json::<Value>().await {
                             let data = v["data"].as_array().cloned().unwrap_or_default();
                             let mut loras = pool.lora_names.write();
@@ -115,7 +117,8 @@ impl Pool {
                             *b.models.write() = data;
                         }
                     }
-                    if let Ok(r) = client.get(format!("{}/metrics", b.url)).timeout(Duration::from_secs(1)).send().await {
+                    if let Ok(r) = client.get(format!("{}/metrics", b.url)).timeout(Duration::from_secs(1)).send().await
+                    {
                         if let Ok(text) = r.text().await {
                             if let Some(u) = metric(&text, "vllm:kv_cache_usage_perc") {
                                 b.kv_usage.store(u.to_bits(), Relaxed);

@@ -267,7 +267,8 @@ impl Picker for RoundRobinPicker {
 }
 
 fn seeded() -> Mutex<rand::rngs::StdRng> {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
     Mutex::new(rand::rngs::StdRng::seed_from_u64(seed))
 }
 
@@ -278,7 +279,9 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
         "precise-prefix-cache-scorer" | "prefix-cache-scorer" => Plugin::Scorer(Box::new(PrefixScorer)),
         "active-request-scorer" | "load-aware-scorer" | "queue-scorer" => Plugin::Scorer(Box::new(ActiveRequestScorer)),
         "kv-cache-utilization-scorer" => Plugin::Scorer(Box::new(KvUtilScorer)),
-        "predicted-ttft-scorer" => Plugin::Scorer(Box::new(PredictedTtftScorer { queue_tokens: f("queueTokens", 512.0) })),
+        "predicted-ttft-scorer" => {
+            Plugin::Scorer(Box::new(PredictedTtftScorer { queue_tokens: f("queueTokens", 128.0) }))
+        }
         "no-hit-lru-scorer" => Plugin::Scorer(Box::new(NoHitLruScorer::default())),
         "saturation-filter" => Plugin::Filter(Box::new(SaturationFilter { threshold: f("kvCacheThreshold", 0.95) })),
         "max-score-picker" => Plugin::Picker(Box::new(MaxScorePicker { rng: seeded() })),
@@ -380,7 +383,7 @@ impl SchedulerConfig {
             name: "default".into(),
             filters: vec![],
             scorers: vec![
-                (Box::new(PredictedTtftScorer { queue_tokens: 512.0 }), 3.0),
+                (Box::new(PredictedTtftScorer { queue_tokens: 128.0 }), 3.0),
                 (Box::new(ActiveRequestScorer), 1.0),
                 (Box::new(NoHitLruScorer::default()), 1.0),
             ],
@@ -390,7 +393,12 @@ impl SchedulerConfig {
 
     /// Round-robin over all pods (a baseline).
     pub fn round_robin() -> Profile {
-        Profile { name: "round-robin".into(), filters: vec![], scorers: vec![], picker: Box::new(RoundRobinPicker::default()) }
+        Profile {
+            name: "round-robin".into(),
+            filters: vec![],
+            scorers: vec![],
+            picker: Box::new(RoundRobinPicker::default()),
+        }
     }
 
     /// The first profile of an llm-d `EndpointPickerConfig` YAML.
@@ -401,7 +409,12 @@ impl SchedulerConfig {
             defined.insert(p.name.clone().unwrap_or_else(|| p.kind.clone()), p);
         }
         let spec = cfg.scheduling_profiles.first().ok_or_else(|| ConfigError::Yaml("no schedulingProfiles".into()))?;
-        let mut profile = Profile { name: spec.name.clone(), filters: vec![], scorers: vec![], picker: Box::new(MaxScorePicker { rng: seeded() }) };
+        let mut profile = Profile {
+            name: spec.name.clone(),
+            filters: vec![],
+            scorers: vec![],
+            picker: Box::new(MaxScorePicker { rng: seeded() }),
+        };
         let mut has_picker = false;
         for r in &spec.plugins {
             let p = defined
@@ -427,7 +440,13 @@ mod tests {
     use super::*;
 
     fn pod(name: &str, in_flight: u32, matched: usize) -> PodView {
-        PodView { name: name.into(), in_flight, matched_blocks: matched, prefix_score: matched as f64 / 10.0, kv_usage: None }
+        PodView {
+            name: name.into(),
+            in_flight,
+            matched_blocks: matched,
+            prefix_score: matched as f64 / 10.0,
+            kv_usage: None,
+        }
     }
 
     #[test]
@@ -436,7 +455,7 @@ mod tests {
         let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
         let pods = vec![pod("a", 0, 0), pod("b", 1, 120), pod("c", 0, 0)];
         assert_eq!(p.schedule(&req, &pods).pick, Some(1), "a hit outweighs one request in flight");
-        let pods = vec![pod("a", 0, 0), pod("b", 8, 120), pod("c", 0, 0)];
+        let pods = vec![pod("a", 0, 0), pod("b", 30, 120), pod("c", 0, 0)];
         let pick = p.schedule(&req, &pods).pick.unwrap();
         assert_ne!(pick, 1, "a hot prefix does not pile onto one pod");
     }
@@ -478,7 +497,15 @@ schedulingProfiles:
         let first = p.schedule(&req, &cold).pick.unwrap();
         let second = p.schedule(&req, &cold).pick.unwrap();
         assert_ne!(first, second);
-        assert!(matches!(SchedulerConfig::from_yaml("plugins: [{type: nope}]\nschedulingProfiles: [{name: x, plugins: [{pluginRef: nope}]}]"), Err(ConfigError::UnknownPlugin(_))));
-        assert!(matches!(SchedulerConfig::from_yaml("schedulingProfiles: [{name: x, plugins: [{pluginRef: ghost}]}]"), Err(ConfigError::UndefinedRef { .. })));
+        assert!(matches!(
+            SchedulerConfig::from_yaml(
+                "plugins: [{type: nope}]\nschedulingProfiles: [{name: x, plugins: [{pluginRef: nope}]}]"
+            ),
+            Err(ConfigError::UnknownPlugin(_))
+        ));
+        assert!(matches!(
+            SchedulerConfig::from_yaml("schedulingProfiles: [{name: x, plugins: [{pluginRef: ghost}]}]"),
+            Err(ConfigError::UndefinedRef { .. })
+        ));
     }
 }

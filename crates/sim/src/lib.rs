@@ -126,6 +126,12 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&addr).await?;
         info!(%addr, model = %a.model, pod = %sim.pod, "kvroute sim serving");
+        // TCP_NODELAY: small streamed chunks (SSE) go out at once instead of waiting ~40 ms
+        // for Nagle + delayed ACK.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, http::router(sim))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
