@@ -1,0 +1,237 @@
+//! Black-box tests of the gateway: `kvroute serve` routing to `kvroute sim` child
+//! processes that publish real KV events over ZMQ; real HTTP; the official `openai` client.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+fn wait_healthy(base: &str) {
+    let t = Instant::now();
+    while ureq::get(&format!("{base}/health")).call().is_err() {
+        assert!(t.elapsed() < Duration::from_secs(15), "{base} not healthy");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+struct Fleet {
+    router: String,
+    sims: Vec<(u16, Option<Child>)>,
+    serve: Child,
+}
+
+impl Fleet {
+    fn start(n: usize, extra: &[&str]) -> Fleet {
+        let ports = free_ports(n + 2);
+        let (rp, zp) = (ports[0], ports[1]);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{rp}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zp}")]);
+        cmd.args([
+            "--block-size",
+            "16",
+            "--hash-algo",
+            "sha256_cbor",
+            "--hash-seed",
+            "42",
+            "--health-interval-ms",
+            "100",
+        ]);
+        for p in &ports[2..] {
+            cmd.args(["--backend", &format!("http://127.0.0.1:{p}")]);
+        }
+        let serve = cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap();
+        let router = format!("http://127.0.0.1:{rp}");
+        wait_healthy(&router);
+        let sims = ports[2..]
+            .iter()
+            .map(|&p| {
+                let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
+                    "endpoint": format!("tcp://127.0.0.1:{zp}"), "topic": format!("kv@127.0.0.1:{p}@m")});
+                let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+                    .args([
+                        "sim",
+                        "--port",
+                        &p.to_string(),
+                        "--model",
+                        "m",
+                        "--block-size",
+                        "16",
+                        "--hash-algo",
+                        "sha256_cbor",
+                    ])
+                    .args(["--speedup", "100", "--kv-events-config", &kv.to_string()])
+                    .env("PYTHONHASHSEED", "42")
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                wait_healthy(&format!("http://127.0.0.1:{p}"));
+                (p, Some(c))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        Fleet { router, sims, serve }
+    }
+
+    fn complete(&self, prompt: &str) -> Result<(String, Value), (u16, String)> {
+        match ureq::post(&format!("{}/v1/completions", self.router))
+            .send_json(json!({"model": "m", "prompt": prompt, "max_tokens": 2}))
+        {
+            Ok(r) => {
+                let pod = r.header("x-kvroute-pod").unwrap_or_default().to_string();
+                Ok((pod, r.into_json().unwrap()))
+            }
+            Err(ureq::Error::Status(c, r)) => Err((c, r.into_string().unwrap_or_default())),
+            Err(e) => Err((0, e.to_string())),
+        }
+    }
+
+    fn hits(&self) -> (f64, f64) {
+        let mut q = 0.0;
+        let mut h = 0.0;
+        for (p, c) in &self.sims {
+            if c.is_none() {
+                continue;
+            }
+            let text = ureq::get(&format!("http://127.0.0.1:{p}/metrics")).call().unwrap().into_string().unwrap();
+            let get = |n: &str| {
+                text.lines()
+                    .find(|l| l.starts_with(n))
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            q += get("vllm:prefix_cache_queries_total");
+            h += get("vllm:prefix_cache_hits_total");
+        }
+        (q, h)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.sims {
+            if let Some(c) = c {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = self.serve.kill();
+        let _ = self.serve.wait();
+    }
+}
+
+fn words(tag: &str, n: usize) -> String {
+    (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn seed_test_sticks_to_one_pod_and_hits_the_cache() {
+    let f = Fleet::start(3, &[]);
+    let prompt = words("seed", 160);
+    let (first, _) = f.complete(&prompt).unwrap();
+    let mut pods = Vec::new();
+    for _ in 0..30 {
+        let (pod, body) = f.complete(&prompt).unwrap();
+        assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 144);
+        pods.push(pod);
+    }
+    assert!(pods.iter().all(|p| *p == first), "{first} {pods:?}");
+    let (q, h) = f.hits();
+    assert!(h / q >= 0.87, "hit rate {}", h / q);
+    // The explain endpoint shows the index's view of that pod.
+    let ex: Value = ureq::post(&format!("{}/v1/route/explain", f.router))
+        .send_json(json!({"model": "m", "prompt": prompt}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(ex["pick"], first.as_str());
+    assert_eq!(ex["blocks"], 10);
+    let holder = ex["pods"].as_array().unwrap().iter().find(|p| p["pod"] == first.as_str()).unwrap();
+    assert_eq!(holder["matched_blocks"], 10);
+}
+
+#[test]
+fn a_killed_pod_costs_no_request_and_errors_are_clear() {
+    let mut f = Fleet::start(3, &[]);
+    let prompt = words("k", 100);
+    let (victim, _) = f.complete(&prompt).unwrap();
+    let i = f.sims.iter().position(|(p, _)| victim.ends_with(&format!(":{p}"))).unwrap();
+    if let Some(mut c) = f.sims[i].1.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    for n in 0..20 {
+        let (pod, _) = f.complete(&prompt).unwrap_or_else(|e| panic!("request {n} after the kill failed: {e:?}"));
+        assert_ne!(pod, victim);
+    }
+    for (body, code) in [
+        (json!({"prompt": "x"}), 400),
+        (json!({"model": "m", "prompt": 5}), 400),
+        (json!({"model": "other", "prompt": "x"}), 503),
+    ] {
+        let e = ureq::post(&format!("{}/v1/completions", f.router)).send_json(body.clone()).unwrap_err();
+        let ureq::Error::Status(c, r) = e else { panic!() };
+        assert_eq!(c, code, "{body}");
+        assert!(r.into_string().unwrap().contains("message"));
+    }
+}
+
+#[test]
+fn an_llm_d_endpoint_picker_config_loads_and_routes() {
+    let dir = std::env::temp_dir().join(format!("kvroute-epp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("epp.yaml");
+    std::fs::write(
+        &cfg,
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+         - type: prefix-cache-scorer\n- type: kv-cache-utilization-scorer\n- type: queue-scorer\n- type: no-hit-lru-scorer\n\
+         - type: max-score-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n    weight: 3\n\
+         \x20 - pluginRef: kv-cache-utilization-scorer\n    weight: 2\n  - pluginRef: queue-scorer\n    weight: 2\n\
+         \x20 - pluginRef: no-hit-lru-scorer\n    weight: 2\n  - pluginRef: max-score-picker\n",
+    )
+    .unwrap();
+    let f = Fleet::start(2, &["--scheduler-config", cfg.to_str().unwrap()]);
+    let prompt = words("epp", 64);
+    let (first, _) = f.complete(&prompt).unwrap();
+    for _ in 0..5 {
+        assert_eq!(f.complete(&prompt).unwrap().0, first);
+    }
+    let ex: Value = ureq::post(&format!("{}/v1/route/explain", f.router))
+        .send_json(json!({"model": "m", "prompt": prompt}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let plugins: Vec<&str> =
+        ex["pods"][0]["scores"].as_array().unwrap().iter().map(|s| s["plugin"].as_str().unwrap()).collect();
+    assert_eq!(
+        plugins,
+        ["precise-prefix-cache-scorer", "kv-cache-utilization-scorer", "active-request-scorer", "no-hit-lru-scorer"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_openai_client_streams_through_the_gateway() {
+    let f = Fleet::start(2, &[]);
+    let script = format!(
+        r#"
+from openai import OpenAI
+c = OpenAI(base_url="{}/v1", api_key="unused")
+text = ""
+for chunk in c.chat.completions.create(model="m", messages=[{{"role": "user", "content": "route me"}}], max_tokens=5, stream=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+assert len(text.split()) == 5, text
+print("ok")
+"#,
+        f.router
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
