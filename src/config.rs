@@ -7,6 +7,7 @@
 //! models: {my-model: /models/my-model}  # tokenizer.json dir per model (default: built-in)
 //! scheduler_config: null        # llm-d EndpointPickerConfig YAML (default profile if null)
 //! health_interval_ms: 1000
+//! tokenize_deadline_ms: 50       # past it, route on the approximate (text) prefix
 //! key_mode: request             # request | vllm (see docs/architecture.md)
 //! hash:                         # how the vLLM servers hash (used by key_mode: vllm)
 //!   algo: sha256                # vLLM's --prefix-caching-hash-algo
@@ -89,6 +90,9 @@ pub struct ServeConfig {
     pub scheduler_config: Option<std::path::PathBuf>,
     /// Interval of health probes and metric scrapes, ms.
     pub health_interval_ms: u64,
+    /// Longest wait for tokenizing a prompt, ms; past it, the request is routed on the
+    /// approximate (text) prefix.
+    pub tokenize_deadline_ms: u64,
     pub key_mode: KeyModeName,
     pub hash: HashSection,
     pub index: IndexSection,
@@ -103,6 +107,7 @@ impl Default for ServeConfig {
             models: Default::default(),
             scheduler_config: None,
             health_interval_ms: 1000,
+            tokenize_deadline_ms: 50,
             key_mode: KeyModeName::default(),
             hash: HashSection::default(),
             index: IndexSection::default(),

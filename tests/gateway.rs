@@ -211,7 +211,7 @@ fn an_llm_d_endpoint_picker_config_loads_and_routes() {
         ex["pods"][0]["scores"].as_array().unwrap().iter().map(|s| s["plugin"].as_str().unwrap()).collect();
     assert_eq!(
         plugins,
-        ["precise-prefix-cache-scorer", "kv-cache-utilization-scorer", "active-request-scorer", "no-hit-lru-scorer"]
+        ["prefix-cache-scorer", "kv-cache-utilization-scorer", "active-request-scorer", "no-hit-lru-scorer"]
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -234,4 +234,33 @@ print("ok")
     );
     let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn past_the_tokenize_deadline_requests_route_on_the_approximate_prefix() {
+    // Deadline 0: no request is tokenized in time; routing must still follow the prefix.
+    let f = Fleet::start(3, &["--tokenize-deadline-ms", "0"]);
+    let prompt = words("late", 400);
+    let (first, _) = f.complete(&prompt).unwrap();
+    for _ in 0..10 {
+        assert_eq!(f.complete(&prompt).unwrap().0, first);
+    }
+    let ex: Value = ureq::post(&format!("{}/v1/route/explain", f.router))
+        .send_json(json!({"model": "m", "prompt": prompt}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(ex["tokenized"], false);
+    assert_eq!(ex["pick"], first.as_str());
+    let text = ureq::get(&format!("{}/metrics", f.router)).call().unwrap().into_string().unwrap();
+    let n: f64 = text
+        .lines()
+        .find(|l| l.starts_with("kvroute_router_tokenize_fallbacks_total "))
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n >= 11.0, "{n}");
 }

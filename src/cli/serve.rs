@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// Health-probe and metric-scrape interval, ms [default: 1000].
     #[arg(long)]
     health_interval_ms: Option<u64>,
+    /// Longest wait for tokenizing a prompt, ms; past it the request is routed on the
+    /// approximate (text) prefix; 0 = never tokenize [default: 50].
+    #[arg(long)]
+    tokenize_deadline_ms: Option<u64>,
     /// Do not bind any SUB socket (dial mode only).
     #[arg(long, conflicts_with = "zmq_bind")]
     no_zmq_bind: bool,
@@ -141,6 +145,7 @@ impl ServeArgs {
             c.scheduler_config = self.scheduler_config.clone();
         }
         set!(self.health_interval_ms, c.health_interval_ms);
+        set!(self.tokenize_deadline_ms, c.tokenize_deadline_ms);
         if self.hash_seed.is_some() {
             c.hash.seed = self.hash_seed.clone();
         }
@@ -213,14 +218,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         backends.push(Arc::new(kvroute_gateway::Backend::new(url, pods.intern(name)?)));
     }
     let pool = Arc::new(kvroute_gateway::Pool { backends, lora_names: Default::default() });
-    let gateway = Arc::new(kvroute_gateway::Gateway::new(
-        pool.clone(),
-        profile,
-        applier.clone(),
-        keys.clone(),
-        tokenizers,
-        &registry,
-    )?);
+    let mut gateway =
+        kvroute_gateway::Gateway::new(pool.clone(), profile, applier.clone(), keys.clone(), tokenizers, &registry)?;
+    gateway.tokenize_deadline = Duration::from_millis(cfg.tokenize_deadline_ms);
+    let gateway = Arc::new(gateway);
     let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

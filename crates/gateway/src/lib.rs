@@ -13,6 +13,7 @@
 // Handlers return `Result<_, Response>` to bail out with an HTTP error early.
 #![allow(clippy::result_large_err)]
 
+pub mod approx;
 pub mod pool;
 
 use std::collections::HashMap;
@@ -45,7 +46,15 @@ pub struct Gateway {
     pub applier: Arc<EventApplier<SharedIndex>>,
     pub keys: Arc<RequestKeys>,
     /// Tokenizer per served model name; others use the built-in tokenizer.
-    pub tokenizers: HashMap<String, Box<dyn Tokenizer>>,
+    pub tokenizers: HashMap<String, Arc<dyn Tokenizer>>,
+    /// Bounded tokenization pool (blocking threads) and the deadline per prompt; past it,
+    /// the request is routed on the approximate (text) prefix instead.
+    tokenize_permits: Arc<tokio::sync::Semaphore>,
+    pub tokenize_deadline: Duration,
+    /// Exact prompt → tokens cache (repeated prompts are not re-tokenized).
+    prompt_cache: parking_lot::Mutex<(HashMap<u64, Arc<Vec<u32>>>, std::collections::VecDeque<u64>)>,
+    approx: approx::ApproxPrefix,
+    tokenize_fallbacks: prometheus::IntCounter,
     pub max_retries: usize,
     pub scrape_max_age: Duration,
     scorer: LongestPrefixScorer,
@@ -59,6 +68,7 @@ struct Routed {
     /// Backends in the order to try them (the pick first).
     order: Vec<Arc<Backend>>,
     keys: Vec<u64>,
+    text_keys: Vec<u64>,
     explain: Value,
 }
 
@@ -71,6 +81,11 @@ impl Gateway {
         tokenizers: HashMap<String, Box<dyn Tokenizer>>,
         registry: &Registry,
     ) -> Result<Self, prometheus::Error> {
+        let tokenize_fallbacks = prometheus::IntCounter::new(
+            "kvroute_router_tokenize_fallbacks_total",
+            "Requests routed on the approximate prefix because tokenization missed its deadline or the pool was full",
+        )?;
+        registry.register(Box::new(tokenize_fallbacks.clone()))?;
         let decisions = IntCounterVec::new(
             Opts::new("kvroute_router_decisions_total", "Routing decisions by chosen pod"),
             &["pod"],
@@ -92,7 +107,12 @@ impl Gateway {
             profile,
             applier,
             keys,
-            tokenizers,
+            tokenizers: tokenizers.into_iter().map(|(k, v)| (k, Arc::from(v))).collect(),
+            tokenize_permits: Arc::new(tokio::sync::Semaphore::new(2)),
+            tokenize_deadline: Duration::from_millis(50),
+            prompt_cache: parking_lot::Mutex::new((HashMap::new(), std::collections::VecDeque::new())),
+            approx: approx::ApproxPrefix::default(),
+            tokenize_fallbacks,
             max_retries: 2,
             scrape_max_age: Duration::from_secs(10),
             scorer: LongestPrefixScorer::default(),
@@ -102,44 +122,93 @@ impl Gateway {
         })
     }
 
-    fn tokenizer(&self, model: &str) -> &dyn Tokenizer {
-        static BUILTIN: BuiltinTokenizer = BuiltinTokenizer;
-        self.tokenizers.get(model).map(|t| t.as_ref()).unwrap_or(&BUILTIN)
+    fn tokenizer(&self, model: &str) -> Arc<dyn Tokenizer> {
+        self.tokenizers.get(model).cloned().unwrap_or_else(|| Arc::new(BuiltinTokenizer))
     }
 
-    fn tokens(&self, chat: bool, model: &str, v: &Value) -> Result<Vec<u32>, Response> {
-        let t = self.tokenizer(model);
+    /// The prompt as text (rendered with the chat template for chats) and, when the body
+    /// gives token ids, those ids.
+    fn prompt(&self, chat: bool, model: &str, v: &Value) -> Result<(String, Option<Vec<u32>>), Response> {
         if chat {
             let m = v.get("messages").filter(|m| m.is_array()).ok_or_else(|| bad("`messages` must be an array"))?;
-            return t
-                .encode_chat(&normalize_messages(m), v.get("tools").filter(|x| !x.is_null()), true)
-                .map_err(|e| bad(&e.to_string()));
+            let text = self
+                .tokenizer(model)
+                .render_chat(&normalize_messages(m), v.get("tools").filter(|x| !x.is_null()), true)
+                .map_err(|e| bad(&e.to_string()))?;
+            return Ok((text, None));
         }
         match v.get("prompt") {
-            Some(Value::String(s)) => Ok(t.encode(s, true)),
+            Some(Value::String(s)) => Ok((s.clone(), None)),
             Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-                Ok(t.encode(a[0].as_str().unwrap_or(""), true))
+                Ok((a[0].as_str().unwrap_or("").to_string(), None))
             }
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| {
-                    x.as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| bad("`prompt` token ids must be non-negative integers"))
-                })
-                .collect(),
+            Some(Value::Array(a)) => {
+                let ids = a
+                    .iter()
+                    .map(|x| {
+                        x.as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .ok_or_else(|| bad("`prompt` token ids must be non-negative integers"))
+                    })
+                    .collect::<Result<Vec<u32>, Response>>()?;
+                let text = ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
+                Ok((text, Some(ids)))
+            }
             _ => Err(bad("`prompt` must be a string or an array of token ids")),
         }
     }
 
+    /// Token ids of `text`: from the prompt cache, or the bounded pool within the deadline;
+    /// `None` when the deadline passes or the pool is full (the caller falls back).
+    async fn tokenize(&self, chat: bool, model: &str, text: &str) -> Option<Arc<Vec<u32>>> {
+        let h = xxhash_rust::xxh3::xxh3_64_with_seed(
+            text.as_bytes(),
+            xxhash_rust::xxh3::xxh3_64(model.as_bytes()) ^ chat as u64,
+        );
+        if self.tokenize_deadline.is_zero() {
+            return None; // configured to route on the approximate prefix only
+        }
+        if let Some(t) = self.prompt_cache.lock().0.get(&h) {
+            return Some(t.clone());
+        }
+        let permit = self.tokenize_permits.clone().try_acquire_owned().ok()?;
+        let (tok, text_owned) = (self.tokenizer(model), text.to_string());
+        // Completion prompts get the tokenizer's special tokens (as vLLM adds them);
+        // rendered chats already contain theirs.
+        let job = tokio::task::spawn_blocking(move || {
+            let _p = permit;
+            tok.encode(&text_owned, !chat)
+        });
+        let tokens = Arc::new(tokio::time::timeout(self.tokenize_deadline, job).await.ok()?.ok()?);
+        let mut c = self.prompt_cache.lock();
+        if c.0.len() >= 4096 {
+            if let Some(old) = c.1.pop_front() {
+                c.0.remove(&old);
+            }
+        }
+        c.0.insert(h, tokens.clone());
+        c.1.push_back(h);
+        Some(tokens)
+    }
+
     /// Tokenize → keys → index scores → profile → candidates in order.
-    fn route(&self, chat: bool, model: &str, v: &Value) -> Result<Routed, Response> {
+    async fn route(&self, chat: bool, model: &str, v: &Value) -> Result<Routed, Response> {
         let t0 = Instant::now();
-        let tokens = self.tokens(chat, model, v)?;
+        let (text, given) = self.prompt(chat, model, v)?;
+        let tokens = match given {
+            Some(ids) => Some(Arc::new(ids)),
+            None => self.tokenize(chat, model, &text).await,
+        };
+        if tokens.is_none() {
+            self.tokenize_fallbacks.inc();
+        }
         let lora = self.pool.lora_names.read().contains(model).then_some(model);
         let salt = v.get("cache_salt").and_then(Value::as_str);
         let mut keys = Vec::new();
-        self.keys.keys(&tokens, lora, salt, &mut keys);
+        if let Some(t) = &tokens {
+            self.keys.keys(t, lora, salt, &mut keys);
+        }
+        let text_keys = approx::chunk_keys(&format!("{model}\0{}", salt.unwrap_or("")), &text);
         let backends: Vec<Arc<Backend>> =
             self.pool.backends.iter().filter(|b| b.is_healthy() && b.serves(model)).cloned().collect();
         if backends.is_empty() {
@@ -147,21 +216,31 @@ impl Gateway {
         }
         let ids: Vec<_> = backends.iter().map(|b| b.pod).collect();
         let scores = thread_local_scratch(|s| self.scorer.score(self.applier.index(), &keys, Some(&ids), s));
+        let approx_scores = thread_local_scratch(|s| self.approx.score(&text_keys, &ids, s));
+        // Without token ids, estimate them (≈ 4 bytes a token) and the cached share from the
+        // approximate index, so cost-based scorers still see a prefix.
+        let est_tokens = tokens.as_ref().map_or(text.len().div_ceil(4), |t| t.len());
+        let bs = self.keys.block_size();
         let views: Vec<PodView> = backends
             .iter()
             .map(|b| {
                 let s = scores.iter().find(|s| s.pod == b.pod);
+                let approx = approx_scores.iter().find(|s| s.pod == b.pod).map_or(0.0, |s| s.score);
+                let matched = match &tokens {
+                    Some(_) => s.map_or(0, |s| s.matched_blocks),
+                    None => (approx * est_tokens as f64) as usize / bs.max(1),
+                };
                 PodView {
                     name: b.name.clone(),
                     in_flight: b.in_flight.load(Relaxed),
-                    matched_blocks: s.map_or(0, |s| s.matched_blocks),
+                    matched_blocks: matched,
                     prefix_score: s.map_or(0.0, |s| s.score),
+                    approx_prefix_score: approx,
                     kv_usage: b.kv_usage(self.scrape_max_age),
                 }
             })
             .collect();
-        let req =
-            RequestView { prompt_tokens: tokens.len(), block_size: self.keys.block_size(), total_blocks: keys.len() };
+        let req = RequestView { prompt_tokens: est_tokens, block_size: bs, total_blocks: est_tokens / bs.max(1) };
         let d = self.profile.schedule(&req, &views);
         let Some(pick) = d.pick else {
             return Err(error(StatusCode::SERVICE_UNAVAILABLE, "no pod left after filtering"));
@@ -175,12 +254,13 @@ impl Gateway {
         self.matched_blocks.observe(views[pick].matched_blocks as f64);
         let explain = json!({
             "model": model,
-            "prompt_tokens": tokens.len(),
+            "prompt_tokens": est_tokens,
+            "tokenized": tokens.is_some(),
             "block_size": req.block_size,
             "blocks": keys.len(),
             "pods": views.iter().enumerate().map(|(i, p)| {
                 let pos = d.candidates.iter().position(|c| *c == i);
-                json!({"pod": p.name, "matched_blocks": p.matched_blocks, "in_flight": p.in_flight, "kv_cache_usage": p.kv_usage,
+                json!({"pod": p.name, "matched_blocks": p.matched_blocks, "approx_prefix": p.approx_prefix_score, "in_flight": p.in_flight, "kv_cache_usage": p.kv_usage,
                        "candidate": pos.is_some(),
                        "scores": d.scores.iter().map(|(n, w, v)| json!({"plugin": n, "weight": w, "score": pos.map(|j| v[j])})).collect::<Vec<_>>(),
                        "total": pos.map(|j| d.totals[j])})
@@ -189,7 +269,7 @@ impl Gateway {
             "pick": views[pick].name,
             "decision_us": t0.elapsed().as_secs_f64() * 1e6,
         });
-        Ok(Routed { order, keys, explain })
+        Ok(Routed { order, keys, text_keys, explain })
     }
 }
 
@@ -229,7 +309,7 @@ async fn explain(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
         Err(r) => return r,
     };
     let chat = v.get("messages").is_some();
-    match gw.route(chat, &model, &v) {
+    match gw.route(chat, &model, &v).await {
         Ok(r) => Json(r.explain).into_response(),
         Err(r) => r,
     }
@@ -260,7 +340,7 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
         Ok(x) => x,
         Err(r) => return r,
     };
-    let routed = match gw.route(chat, &model, &v) {
+    let routed = match gw.route(chat, &model, &v).await {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -285,6 +365,7 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
             }
             Ok(resp) => {
                 gw.applier.index().store_speculative(b.pod, Tiers::GPU, &routed.keys);
+                gw.approx.record(b.pod, &routed.text_keys);
                 gw.decisions.with_label_values(&[&b.name]).inc();
                 let status = resp.status();
                 let ctype = resp.headers().get("content-type").cloned();

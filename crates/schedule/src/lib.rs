@@ -7,8 +7,9 @@
 //! llm-d's `EndpointPickerConfig` format ([`SchedulerConfig::from_yaml`]), with llm-d's
 //! plugin names where they mean the same thing.
 //!
-//! Plugins: scorers `precise-prefix-cache-scorer` (alias `prefix-cache-scorer`: the
-//! KV-event index), `active-request-scorer` (aliases `load-aware-scorer`, `queue-scorer`:
+//! Plugins: scorers `precise-prefix-cache-scorer` (the KV-event index),
+//! `prefix-cache-scorer` (approximate: router-side tracking of the prompt text it routed,
+//! no events needed), `active-request-scorer` (aliases `load-aware-scorer`, `queue-scorer`:
 //! in-flight requests counted by the router itself, no scrape lag),
 //! `kv-cache-utilization-scorer` (scraped `vllm:kv_cache_usage_perc`),
 //! `predicted-ttft-scorer` (ours: queueing + uncached prefill in one cost), `no-hit-lru-scorer`;
@@ -32,6 +33,8 @@ pub struct PodView {
     pub matched_blocks: usize,
     /// Tier-weighted match in `0..=1` (index).
     pub prefix_score: f64,
+    /// Share of the prompt text the router last sent to this pod (approximate tracking).
+    pub approx_prefix_score: f64,
     /// Scraped `vllm:kv_cache_usage_perc`, if known.
     pub kv_usage: Option<f64>,
 }
@@ -90,6 +93,17 @@ max-score-picker, weighted-random-picker, random-picker, round-robin-picker";
 // ---------------------------------------------------------------------------------
 // Scorers
 // ---------------------------------------------------------------------------------
+
+/// llm-d's approximate `prefix-cache-scorer`: what the router itself sent where.
+struct ApproxPrefixScorer;
+impl Scorer for ApproxPrefixScorer {
+    fn name(&self) -> &str {
+        "prefix-cache-scorer"
+    }
+    fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        pods.iter().map(|p| p.approx_prefix_score.clamp(0.0, 1.0)).collect()
+    }
+}
 
 struct PrefixScorer;
 impl Scorer for PrefixScorer {
@@ -276,7 +290,8 @@ fn seeded() -> Mutex<rand::rngs::StdRng> {
 pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
     let f = |k: &str, d: f64| params.get(k).and_then(Value::as_f64).unwrap_or(d);
     Ok(match kind {
-        "precise-prefix-cache-scorer" | "prefix-cache-scorer" => Plugin::Scorer(Box::new(PrefixScorer)),
+        "precise-prefix-cache-scorer" => Plugin::Scorer(Box::new(PrefixScorer)),
+        "prefix-cache-scorer" => Plugin::Scorer(Box::new(ApproxPrefixScorer)),
         "active-request-scorer" | "load-aware-scorer" | "queue-scorer" => Plugin::Scorer(Box::new(ActiveRequestScorer)),
         "kv-cache-utilization-scorer" => Plugin::Scorer(Box::new(KvUtilScorer)),
         "predicted-ttft-scorer" => {
@@ -445,6 +460,7 @@ mod tests {
             in_flight,
             matched_blocks: matched,
             prefix_score: matched as f64 / 10.0,
+            approx_prefix_score: matched as f64 / 10.0,
             kv_usage: None,
         }
     }
