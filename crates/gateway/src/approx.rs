@@ -34,7 +34,7 @@ pub fn chunk_keys(model: &str, text: &str) -> Vec<u64> {
         while !text.is_char_boundary(end) {
             end += 1;
         }
-        parent = xxh3_64_with_seed(text[start..end].as_bytes(), parent);
+        parent = xxh3_64_with_seed(&text.as_bytes()[start..end], parent);
         keys.push(parent);
         start = end;
     }

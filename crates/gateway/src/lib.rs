@@ -39,6 +39,9 @@ use tracing::warn;
 
 pub use pool::{Backend, Pool};
 
+/// Exact prompt → tokens entries, and their insertion order (FIFO eviction at 4,096).
+type PromptCache = (HashMap<u64, Arc<Vec<u32>>>, std::collections::VecDeque<u64>);
+
 pub struct Gateway {
     pub pool: Arc<Pool>,
     pub client: reqwest::Client,
@@ -52,7 +55,7 @@ pub struct Gateway {
     tokenize_permits: Arc<tokio::sync::Semaphore>,
     pub tokenize_deadline: Duration,
     /// Exact prompt → tokens cache (repeated prompts are not re-tokenized).
-    prompt_cache: parking_lot::Mutex<(HashMap<u64, Arc<Vec<u32>>>, std::collections::VecDeque<u64>)>,
+    prompt_cache: parking_lot::Mutex<PromptCache>,
     approx: approx::ApproxPrefix,
     tokenize_fallbacks: prometheus::IntCounter,
     pub max_retries: usize,
