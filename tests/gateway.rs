@@ -144,6 +144,13 @@ fn seed_test_sticks_to_one_pod_and_hits_the_cache() {
     assert!(pods.iter().all(|p| *p == first), "{first} {pods:?}");
     let (q, h) = f.hits();
     assert!(h / q >= 0.87, "hit rate {}", h / q);
+    // The gateway observed TTFT for each request, split by whether the pick had the prefix.
+    let text = ureq::get(&format!("{}/metrics", f.router)).call().unwrap().into_string().unwrap();
+    let count = |cache: &str| -> f64 {
+        let key = format!("kvroute_router_ttft_seconds_count{{cache=\"{cache}\"}}");
+        text.lines().find(|l| l.starts_with(&key)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+    };
+    assert_eq!((count("hit"), count("miss")), (30.0, 1.0));
     // The explain endpoint shows the index's view of that pod.
     let ex: Value = ureq::post(&format!("{}/v1/route/explain", f.router))
         .send_json(json!({"model": "m", "prompt": prompt}))

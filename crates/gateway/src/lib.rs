@@ -58,6 +58,10 @@ pub struct Gateway {
     prompt_cache: parking_lot::Mutex<PromptCache>,
     approx: approx::ApproxPrefix,
     tokenize_fallbacks: prometheus::IntCounter,
+    /// Session → the pod it last went to (bounded: cleared when it reaches 100 k).
+    sessions: parking_lot::Mutex<HashMap<String, String>>,
+    /// Time to first byte through the gateway, by whether the pick had the prefix cached.
+    ttft: prometheus::HistogramVec,
     pub max_retries: usize,
     pub scrape_max_age: Duration,
     scorer: LongestPrefixScorer,
@@ -73,6 +77,8 @@ struct Routed {
     keys: Vec<u64>,
     text_keys: Vec<u64>,
     explain: Value,
+    /// The pick had some of the prefix cached.
+    hit: bool,
 }
 
 impl Gateway {
@@ -89,6 +95,12 @@ impl Gateway {
             "Requests routed on the approximate prefix because tokenization missed its deadline or the pool was full",
         )?;
         registry.register(Box::new(tokenize_fallbacks.clone()))?;
+        let ttft = prometheus::HistogramVec::new(
+            HistogramOpts::new("kvroute_router_ttft_seconds", "Time to the first response byte through the gateway")
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["cache"],
+        )?;
+        registry.register(Box::new(ttft.clone()))?;
         let decisions = IntCounterVec::new(
             Opts::new("kvroute_router_decisions_total", "Routing decisions by chosen pod"),
             &["pod"],
@@ -116,6 +128,8 @@ impl Gateway {
             prompt_cache: parking_lot::Mutex::new((HashMap::new(), std::collections::VecDeque::new())),
             approx: approx::ApproxPrefix::default(),
             tokenize_fallbacks,
+            sessions: parking_lot::Mutex::new(HashMap::new()),
+            ttft,
             max_retries: 2,
             scrape_max_age: Duration::from_secs(10),
             scorer: LongestPrefixScorer::default(),
@@ -195,7 +209,7 @@ impl Gateway {
     }
 
     /// Tokenize → keys → index scores → profile → candidates in order.
-    async fn route(&self, chat: bool, model: &str, v: &Value) -> Result<Routed, Response> {
+    async fn route(&self, chat: bool, model: &str, v: &Value, session: Option<&str>) -> Result<Routed, Response> {
         let t0 = Instant::now();
         let (text, given) = self.prompt(chat, model, v)?;
         let tokens = match given {
@@ -224,6 +238,7 @@ impl Gateway {
         // approximate index, so cost-based scorers still see a prefix.
         let est_tokens = tokens.as_ref().map_or(text.len().div_ceil(4), |t| t.len());
         let bs = self.keys.block_size();
+        let session_pod = session.and_then(|s| self.sessions.lock().get(s).cloned());
         let views: Vec<PodView> = backends
             .iter()
             .map(|b| {
@@ -240,6 +255,7 @@ impl Gateway {
                     prefix_score: s.map_or(0.0, |s| s.score),
                     approx_prefix_score: approx,
                     kv_usage: b.kv_usage(self.scrape_max_age),
+                    session_pod: session_pod.as_deref() == Some(b.name.as_str()),
                 }
             })
             .collect();
@@ -272,7 +288,15 @@ impl Gateway {
             "pick": views[pick].name,
             "decision_us": t0.elapsed().as_secs_f64() * 1e6,
         });
-        Ok(Routed { order, keys, text_keys, explain })
+        if let Some(s) = session {
+            let mut m = self.sessions.lock();
+            if m.len() >= 100_000 {
+                m.clear();
+            }
+            m.insert(s.to_string(), views[pick].name.clone());
+        }
+        let hit = views[pick].matched_blocks > 0;
+        Ok(Routed { order, keys, text_keys, explain, hit })
     }
 }
 
@@ -312,7 +336,7 @@ async fn explain(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
         Err(r) => return r,
     };
     let chat = v.get("messages").is_some();
-    match gw.route(chat, &model, &v).await {
+    match gw.route(chat, &model, &v, None).await {
         Ok(r) => Json(r.explain).into_response(),
         Err(r) => r,
     }
@@ -343,7 +367,9 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
         Ok(x) => x,
         Err(r) => return r,
     };
-    let routed = match gw.route(chat, &model, &v).await {
+    let t0 = Instant::now();
+    let session = ["x-session-id", "x-session-token"].iter().find_map(|h| headers.get(*h)?.to_str().ok());
+    let routed = match gw.route(chat, &model, &v, session).await {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -372,8 +398,14 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
                 gw.decisions.with_label_values(&[&b.name]).inc();
                 let status = resp.status();
                 let ctype = resp.headers().get("content-type").cloned();
+                let ttft = gw.ttft.with_label_values(&[if routed.hit { "hit" } else { "miss" }]);
+                let mut first = true;
                 let stream = resp.bytes_stream().map(move |chunk| {
                     let _hold = &guard;
+                    if first {
+                        first = false;
+                        ttft.observe(t0.elapsed().as_secs_f64());
+                    }
                     chunk
                 });
                 let mut out = Response::new(Body::from_stream(stream));

@@ -12,6 +12,7 @@
 //! no events needed), `active-request-scorer` (aliases `load-aware-scorer`, `queue-scorer`:
 //! in-flight requests counted by the router itself, no scrape lag),
 //! `kv-cache-utilization-scorer` (scraped `vllm:kv_cache_usage_perc`),
+//! `session-affinity-scorer` (the pod a session last went to),
 //! `predicted-ttft-scorer` (ours: queueing + uncached prefill in one cost), `no-hit-lru-scorer`;
 //! pickers `max-score-picker` (random tie-break), `weighted-random-picker`, `random-picker`,
 //! `round-robin-picker`.
@@ -37,6 +38,8 @@ pub struct PodView {
     pub approx_prefix_score: f64,
     /// Scraped `vllm:kv_cache_usage_perc`, if known.
     pub kv_usage: Option<f64>,
+    /// The request's session was last routed to this pod.
+    pub session_pod: bool,
 }
 
 /// The request being scheduled.
@@ -87,7 +90,7 @@ pub enum ConfigError {
 }
 
 const KNOWN: &str = "precise-prefix-cache-scorer, prefix-cache-scorer, active-request-scorer, load-aware-scorer, \
-queue-scorer, kv-cache-utilization-scorer, predicted-ttft-scorer, no-hit-lru-scorer, saturation-filter, \
+queue-scorer, kv-cache-utilization-scorer, session-affinity-scorer, predicted-ttft-scorer, no-hit-lru-scorer, saturation-filter, \
 max-score-picker, weighted-random-picker, random-picker, round-robin-picker";
 
 // ---------------------------------------------------------------------------------
@@ -102,6 +105,17 @@ impl Scorer for ApproxPrefixScorer {
     }
     fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
         pods.iter().map(|p| p.approx_prefix_score.clamp(0.0, 1.0)).collect()
+    }
+}
+
+/// 1 for the pod the request's session (`x-session-id` / `x-session-token`) last went to.
+struct SessionAffinityScorer;
+impl Scorer for SessionAffinityScorer {
+    fn name(&self) -> &str {
+        "session-affinity-scorer"
+    }
+    fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        pods.iter().map(|p| if p.session_pod { 1.0 } else { 0.0 }).collect()
     }
 }
 
@@ -294,6 +308,7 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
         "prefix-cache-scorer" => Plugin::Scorer(Box::new(ApproxPrefixScorer)),
         "active-request-scorer" | "load-aware-scorer" | "queue-scorer" => Plugin::Scorer(Box::new(ActiveRequestScorer)),
         "kv-cache-utilization-scorer" => Plugin::Scorer(Box::new(KvUtilScorer)),
+        "session-affinity-scorer" => Plugin::Scorer(Box::new(SessionAffinityScorer)),
         "predicted-ttft-scorer" => {
             Plugin::Scorer(Box::new(PredictedTtftScorer { queue_tokens: f("queueTokens", 128.0) }))
         }
@@ -462,6 +477,7 @@ mod tests {
             prefix_score: matched as f64 / 10.0,
             approx_prefix_score: matched as f64 / 10.0,
             kv_usage: None,
+            session_pod: false,
         }
     }
 
