@@ -62,6 +62,8 @@ pub struct Gateway {
     sessions: parking_lot::Mutex<HashMap<String, String>>,
     /// Time to first byte through the gateway, by whether the pick had the prefix cached.
     ttft: prometheus::HistogramVec,
+    /// Time each scorer plugin takes per decision.
+    plugin_seconds: prometheus::HistogramVec,
     pub max_retries: usize,
     pub scrape_max_age: Duration,
     scorer: LongestPrefixScorer,
@@ -101,6 +103,12 @@ impl Gateway {
             &["cache"],
         )?;
         registry.register(Box::new(ttft.clone()))?;
+        let plugin_seconds = prometheus::HistogramVec::new(
+            HistogramOpts::new("kvroute_router_plugin_seconds", "Time one scorer plugin takes per decision")
+                .buckets(vec![1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2]),
+            &["plugin"],
+        )?;
+        registry.register(Box::new(plugin_seconds.clone()))?;
         let decisions = IntCounterVec::new(
             Opts::new("kvroute_router_decisions_total", "Routing decisions by chosen pod"),
             &["pod"],
@@ -130,6 +138,7 @@ impl Gateway {
             tokenize_fallbacks,
             sessions: parking_lot::Mutex::new(HashMap::new()),
             ttft,
+            plugin_seconds,
             max_retries: 2,
             scrape_max_age: Duration::from_secs(10),
             scorer: LongestPrefixScorer::default(),
@@ -256,11 +265,16 @@ impl Gateway {
                     approx_prefix_score: approx,
                     kv_usage: b.kv_usage(self.scrape_max_age),
                     session_pod: session_pod.as_deref() == Some(b.name.as_str()),
+                    waiting: b.waiting(self.scrape_max_age),
+                    lora_active: lora.map(|l| b.running_loras.read().iter().any(|x| x == l)),
                 }
             })
             .collect();
         let req = RequestView { prompt_tokens: est_tokens, block_size: bs, total_blocks: est_tokens / bs.max(1) };
         let d = self.profile.schedule(&req, &views);
+        for (name, secs) in &d.scorer_seconds {
+            self.plugin_seconds.with_label_values(&[name]).observe(*secs);
+        }
         let Some(pick) = d.pick else {
             return Err(error(StatusCode::SERVICE_UNAVAILABLE, "no pod left after filtering"));
         };

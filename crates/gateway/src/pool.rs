@@ -21,8 +21,11 @@ pub struct Backend {
     pub in_flight: AtomicU32,
     /// Models (and LoRA adapters) the pod serves, from `/v1/models`.
     pub models: RwLock<Vec<Value>>,
-    /// Scraped `vllm:kv_cache_usage_perc` (f64 bits) and when.
+    /// Scraped `vllm:kv_cache_usage_perc` and `vllm:num_requests_waiting` (f64 bits),
+    /// running LoRA adapters, and when.
     kv_usage: AtomicU64,
+    waiting: AtomicU64,
+    pub running_loras: RwLock<Vec<String>>,
     scraped: RwLock<Option<Instant>>,
 }
 
@@ -39,6 +42,8 @@ impl Backend {
             in_flight: AtomicU32::new(0),
             models: RwLock::new(Vec::new()),
             kv_usage: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            running_loras: RwLock::new(Vec::new()),
             scraped: RwLock::new(None),
         }
     }
@@ -65,6 +70,12 @@ impl Backend {
         fresh.then(|| f64::from_bits(self.kv_usage.load(Relaxed)))
     }
 
+    /// Waiting requests, if scraped within `max_age`.
+    pub fn waiting(&self, max_age: Duration) -> Option<f64> {
+        let fresh = self.scraped.read().is_some_and(|t| t.elapsed() <= max_age);
+        fresh.then(|| f64::from_bits(self.waiting.load(Relaxed)))
+    }
+
     pub fn serves(&self, model: &str) -> bool {
         let m = self.models.read();
         m.is_empty() || m.iter().any(|x| x.get("id").and_then(Value::as_str) == Some(model))
@@ -77,10 +88,34 @@ pub struct Pool {
     pub lora_names: RwLock<HashSet<String>>,
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scrape_parsing() {
+        let t = "vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3\n\
+                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"\"} 1700000000.5\n\
+                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"old\",waiting_lora_adapters=\"\"} 1600000000\n";
+        assert_eq!(super::metric(t, "vllm:num_requests_waiting"), Some(3.0));
+        assert_eq!(super::running_loras(t), vec!["a".to_string(), "b".to_string()]);
+    }
+}
+
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// `running_lora_adapters` of the freshest `vllm:lora_requests_info` series.
+fn running_loras(text: &str) -> Vec<String> {
+    let best = text.lines().filter(|l| l.starts_with("vllm:lora_requests_info{")).max_by(|a, b| {
+        let v = |l: &str| l.rsplit(' ').next().and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        v(a).total_cmp(&v(b))
+    });
+    let Some(line) = best else { return Vec::new() };
+    let Some(start) = line.find("running_lora_adapters=\"") else { return Vec::new() };
+    let rest = &line[start + "running_lora_adapters=\"".len()..];
+    rest.split('"').next().unwrap_or("").split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
 impl Pool {
@@ -122,6 +157,11 @@ impl Pool {
                         if let Ok(text) = r.text().await {
                             if let Some(u) = metric(&text, "vllm:kv_cache_usage_perc") {
                                 b.kv_usage.store(u.to_bits(), Relaxed);
+                                b.waiting.store(
+                                    metric(&text, "vllm:num_requests_waiting").unwrap_or(0.0).to_bits(),
+                                    Relaxed,
+                                );
+                                *b.running_loras.write() = running_loras(&text);
                                 *b.scraped.write() = Some(Instant::now());
                             }
                         }

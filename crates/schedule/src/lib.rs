@@ -9,8 +9,9 @@
 //!
 //! Plugins: scorers `precise-prefix-cache-scorer` (the KV-event index),
 //! `prefix-cache-scorer` (approximate: router-side tracking of the prompt text it routed,
-//! no events needed), `active-request-scorer` (aliases `load-aware-scorer`, `queue-scorer`:
-//! in-flight requests counted by the router itself, no scrape lag),
+//! no events needed), `active-request-scorer` (alias `load-aware-scorer`: in-flight
+//! requests counted by the router itself, no scrape lag), `queue-scorer` (scraped
+//! `vllm:num_requests_waiting`), `lora-affinity-scorer` (adapter already active),
 //! `kv-cache-utilization-scorer` (scraped `vllm:kv_cache_usage_perc`),
 //! `session-affinity-scorer` (the pod a session last went to),
 //! `predicted-ttft-scorer` (ours: queueing + uncached prefill in one cost), `no-hit-lru-scorer`;
@@ -40,6 +41,10 @@ pub struct PodView {
     pub kv_usage: Option<f64>,
     /// The request's session was last routed to this pod.
     pub session_pod: bool,
+    /// Scraped `vllm:num_requests_waiting`, if fresh.
+    pub waiting: Option<f64>,
+    /// The request's LoRA adapter is active on the pod (`None`: not a LoRA request).
+    pub lora_active: Option<bool>,
 }
 
 /// The request being scheduled.
@@ -90,7 +95,7 @@ pub enum ConfigError {
 }
 
 const KNOWN: &str = "precise-prefix-cache-scorer, prefix-cache-scorer, active-request-scorer, load-aware-scorer, \
-queue-scorer, kv-cache-utilization-scorer, session-affinity-scorer, predicted-ttft-scorer, no-hit-lru-scorer, saturation-filter, \
+queue-scorer, lora-affinity-scorer, kv-cache-utilization-scorer, session-affinity-scorer, predicted-ttft-scorer, no-hit-lru-scorer, saturation-filter, \
 max-score-picker, weighted-random-picker, random-picker, round-robin-picker";
 
 // ---------------------------------------------------------------------------------
@@ -126,6 +131,32 @@ impl Scorer for PrefixScorer {
     }
     fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
         pods.iter().map(|p| p.prefix_score.clamp(0.0, 1.0)).collect()
+    }
+}
+
+/// llm-d's `queue-scorer`: the scraped waiting queue, min-max normalised (shortest = 1);
+/// the router's in-flight counts stand in while no fresh scrape exists.
+struct QueueScorer;
+impl Scorer for QueueScorer {
+    fn name(&self) -> &str {
+        "queue-scorer"
+    }
+    fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        let q: Vec<f64> = pods.iter().map(|p| p.waiting.unwrap_or(p.in_flight as f64)).collect();
+        let (lo, hi) = q.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        q.iter().map(|&x| if hi > lo { (hi - x) / (hi - lo) } else { 1.0 }).collect()
+    }
+}
+
+/// For LoRA requests: 1 where the adapter is already active, 0 elsewhere (neutral for
+/// base-model requests).
+struct LoraAffinityScorer;
+impl Scorer for LoraAffinityScorer {
+    fn name(&self) -> &str {
+        "lora-affinity-scorer"
+    }
+    fn score(&self, _r: &RequestView, pods: &[PodView]) -> Vec<f64> {
+        pods.iter().map(|p| if p.lora_active.unwrap_or(true) { 1.0 } else { 0.0 }).collect()
     }
 }
 
@@ -306,7 +337,9 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
     Ok(match kind {
         "precise-prefix-cache-scorer" => Plugin::Scorer(Box::new(PrefixScorer)),
         "prefix-cache-scorer" => Plugin::Scorer(Box::new(ApproxPrefixScorer)),
-        "active-request-scorer" | "load-aware-scorer" | "queue-scorer" => Plugin::Scorer(Box::new(ActiveRequestScorer)),
+        "active-request-scorer" | "load-aware-scorer" => Plugin::Scorer(Box::new(ActiveRequestScorer)),
+        "queue-scorer" => Plugin::Scorer(Box::new(QueueScorer)),
+        "lora-affinity-scorer" => Plugin::Scorer(Box::new(LoraAffinityScorer)),
         "kv-cache-utilization-scorer" => Plugin::Scorer(Box::new(KvUtilScorer)),
         "session-affinity-scorer" => Plugin::Scorer(Box::new(SessionAffinityScorer)),
         "predicted-ttft-scorer" => {
@@ -340,6 +373,8 @@ pub struct Decision {
     /// (plugin, weight, score per candidate).
     pub scores: Vec<(String, f64, Vec<f64>)>,
     pub totals: Vec<f64>,
+    /// Time each scorer took, seconds.
+    pub scorer_seconds: Vec<(String, f64)>,
 }
 
 impl Profile {
@@ -352,8 +387,11 @@ impl Profile {
         let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
         let mut totals = vec![0.0; view.len()];
         let mut scores = Vec::new();
+        let mut scorer_seconds = Vec::new();
         for (s, w) in &self.scorers {
+            let t = std::time::Instant::now();
             let v = s.score(req, &view);
+            scorer_seconds.push((s.name().to_string(), t.elapsed().as_secs_f64()));
             for (t, x) in totals.iter_mut().zip(&v) {
                 *t += w * x;
             }
@@ -365,7 +403,7 @@ impl Profile {
                 s.observe_pick(req, &view, j);
             }
         }
-        Decision { pick: pick.map(|j| idx[j]), candidates: idx, scores, totals }
+        Decision { pick: pick.map(|j| idx[j]), candidates: idx, scores, totals, scorer_seconds }
     }
 }
 
@@ -478,6 +516,8 @@ mod tests {
             approx_prefix_score: matched as f64 / 10.0,
             kv_usage: None,
             session_pod: false,
+            waiting: None,
+            lora_active: None,
         }
     }
 
