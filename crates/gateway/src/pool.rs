@@ -88,18 +88,6 @@ pub struct Pool {
     pub lora_names: RwLock<HashSet<String>>,
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn scrape_parsing() {
-        let t = "vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3\n\
-                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"\"} 1700000000.5\n\
-                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"old\",waiting_lora_adapters=\"\"} 1600000000\n";
-        assert_eq!(super::metric(t, "vllm:num_requests_waiting"), Some(3.0));
-        assert_eq!(super::running_loras(t), vec!["a".to_string(), "b".to_string()]);
-    }
-}
-
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
@@ -170,5 +158,17 @@ impl Pool {
                 tokio::time::sleep(interval).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scrape_parsing() {
+        let t = "vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3\n\
+                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"\"} 1700000000.5\n\
+                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"old\",waiting_lora_adapters=\"\"} 1600000000\n";
+        assert_eq!(super::metric(t, "vllm:num_requests_waiting"), Some(3.0));
+        assert_eq!(super::running_loras(t), vec!["a".to_string(), "b".to_string()]);
     }
 }
