@@ -216,10 +216,7 @@ fn an_llm_d_endpoint_picker_config_loads_and_routes() {
         .unwrap();
     let plugins: Vec<&str> =
         ex["pods"][0]["scores"].as_array().unwrap().iter().map(|s| s["plugin"].as_str().unwrap()).collect();
-    assert_eq!(
-        plugins,
-        ["prefix-cache-scorer", "kv-cache-utilization-scorer", "queue-scorer", "no-hit-lru-scorer"]
-    );
+    assert_eq!(plugins, ["prefix-cache-scorer", "kv-cache-utilization-scorer", "queue-scorer", "no-hit-lru-scorer"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -14,6 +14,9 @@ use crate::{TokenizeError, Tokenizer};
 
 pub struct HfTokenizer {
     tok: tokenizers::Tokenizer,
+    /// Reuses the tokens of seen prompt prefixes (None when the tokenizer appends
+    /// special tokens at the end, e.g. BERT's [SEP], which would break reuse).
+    store: Option<crate::prefix::PrefixStore>,
     env: Environment<'static>,
     has_template: bool,
     bos: String,
@@ -206,8 +209,13 @@ impl HfTokenizer {
             env.add_template_owned("chat", t).map_err(|e| TokenizeError::Template(e.to_string()))?;
         }
         let vocab = tok.get_vocab_size(true) as u32;
+        // Reuse is safe when special tokens are only ever added in front.
+        let ids = |special| tok.encode("kv cache router", special).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+        let (with, without) = (ids(true), ids(false));
+        let store = with.ends_with(&without).then(crate::prefix::PrefixStore::default);
         Ok(Self {
             tok,
+            store,
             env,
             has_template,
             bos: token_str(cfg.get("bos_token")),
@@ -217,9 +225,37 @@ impl HfTokenizer {
     }
 }
 
+impl HfTokenizer {
+    /// Prompts tokenized by reusing a stored prefix (see [`crate::prefix`]).
+    pub fn prefix_reuses(&self) -> u64 {
+        self.store.as_ref().map_or(0, |s| s.reused())
+    }
+
+    /// Plain tokenization, bypassing the prefix store (tests compare against it).
+    pub fn tokenizer_only(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+        self.tok.encode(text, add_special_tokens).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+    }
+}
+
 impl Tokenizer for HfTokenizer {
     fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
-        self.tok.encode(text, add_special_tokens).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+        let run = |t: &str, special: bool| -> crate::prefix::Tokenized {
+            match self.tok.encode(t, special) {
+                Ok(e) => crate::prefix::Tokenized {
+                    ids: e.get_ids().to_vec(),
+                    starts: e.get_offsets().iter().map(|o| o.0).collect(),
+                },
+                Err(_) => crate::prefix::Tokenized { ids: Vec::new(), starts: Vec::new() },
+            }
+        };
+        match &self.store {
+            Some(store) if text.len() >= 2 * crate::prefix::CHUNK => {
+                let out =
+                    store.encode(add_special_tokens as u64, text, |t| run(t, add_special_tokens), |t| run(t, false));
+                out.ids.clone()
+            }
+            _ => run(text, add_special_tokens).ids,
+        }
     }
 
     fn render_chat(

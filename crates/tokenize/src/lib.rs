@@ -17,6 +17,7 @@
 //!   and `<|im_start|>` / `<|im_end|>` are the special ids 1 and 2.
 
 mod hf;
+pub mod prefix;
 
 use std::path::Path;
 

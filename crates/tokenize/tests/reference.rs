@@ -61,3 +61,50 @@ fn chat_templates_render_byte_identical_to_jinja2() {
     }
     assert_eq!(n, 5);
 }
+
+/// The prefix store gives exactly what a fresh tokenization gives, for texts sharing long
+/// prefixes with earlier ones (and it does reuse them).
+#[test]
+fn prefix_store_reuse_is_exact() {
+    let base: String = (0..400).map(|i| format!("word{} , über-cache {} 你好\n", i % 37, i * 7)).collect();
+    for name in ["qwen3", "llama3", "deepseek_v3", "gpt4o"] {
+        let warm = tokenizer(name);
+        let fresh = tokenizer(name);
+        let mut checked = 0;
+        for i in 0..40 {
+            let cut = base.char_indices().nth(1500 + i * 97).map_or(base.len(), |c| c.0);
+            let text = format!("{}  suffix {i} ending  ", &base[..cut]);
+            for special in [true, false] {
+                let want = fresh.tokenizer_only(&text, special);
+                assert_eq!(warm.encode(&text, special), want, "{name} case {i} special={special}");
+                checked += 1;
+            }
+        }
+        assert!(warm.prefix_reuses() > 40, "{name}: only {} reuses of {checked}", warm.prefix_reuses());
+    }
+}
+
+/// Long pre-tokens (runs without spaces) spanning the store's boundaries, continued
+/// differently: naive reuse at the stored split would be wrong; verification must catch it.
+#[test]
+fn prefix_store_is_exact_across_long_pretokens() {
+    let runs = ["abcdefghij", "0123456789", "ab1cd2ef3g", "éàü", "!?.,"];
+    for name in ["qwen3", "llama3", "gpt4o"] {
+        let warm = tokenizer(name);
+        let fresh = tokenizer(name);
+        for (r, run) in runs.iter().enumerate() {
+            let head = format!("intro {} ", r) + &run.repeat(400);
+            for tail in ["zzzz tail", "9999 tail", " tail", "\n\ntail", "_x_y"] {
+                for len in [1030usize, 1100, 1600, 2100] {
+                    let cut = head.char_indices().nth(len).map_or(head.len(), |c| c.0);
+                    let text = format!("{}{tail}", &head[..cut]);
+                    assert_eq!(
+                        warm.encode(&text, false),
+                        fresh.tokenizer_only(&text, false),
+                        "{name} run {r} tail {tail:?} len {len}"
+                    );
+                }
+            }
+        }
+    }
+}
