@@ -37,9 +37,12 @@ struct Split {
     p: usize,
 }
 
+/// Split points by prefix hash, and each stored text's keys in insertion order.
+type Splits = (HashMap<u64, Split>, VecDeque<Vec<u64>>);
+
 #[derive(Default)]
 pub struct PrefixStore {
-    inner: Mutex<(HashMap<u64, Split>, VecDeque<Vec<u64>>)>,
+    inner: Mutex<Splits>,
     reused: std::sync::atomic::AtomicU64,
 }
 
