@@ -3,7 +3,10 @@
 //!
 //! ```yaml
 //! listen: 0.0.0.0:8080          # HTTP: OpenAI gateway, /v1/kv/*, /v1/route/explain, /metrics
-//! backends: ["http://10.0.0.1:8000"]   # pods to route to (pod = host:port)
+//! backends:                     # pods to route to (pod = host:port of the URL)
+//!   - http://10.0.0.1:8000
+//!   - {url: "http://10.0.0.2:8000", labels: {llm-d.ai/role: decode},
+//!      zmq: "tcp://10.0.0.2:5557", replay: "tcp://10.0.0.2:5558"}   # dialled for KV events
 //! models: {my-model: /models/my-model}  # tokenizer.json dir per model (default: built-in)
 //! scheduler_config: null        # llm-d EndpointPickerConfig YAML (default profile if null)
 //! health_interval_ms: 1000
@@ -78,12 +81,38 @@ impl Default for IndexSection {
     }
 }
 
+/// A backend: its URL, or the URL with labels and its own KV-event endpoints (dialled).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BackendSpec {
+    Url(String),
+    Full {
+        url: String,
+        #[serde(default)]
+        labels: std::collections::BTreeMap<String, String>,
+        /// The pod's KV-event PUB endpoint, dialled by kvroute (e.g. `tcp://10.0.0.1:5557`).
+        #[serde(default)]
+        zmq: Option<String>,
+        /// Its replay endpoint (e.g. `tcp://10.0.0.1:5558`).
+        #[serde(default)]
+        replay: Option<String>,
+    },
+}
+
+impl BackendSpec {
+    pub fn url(&self) -> &str {
+        match self {
+            BackendSpec::Url(u) | BackendSpec::Full { url: u, .. } => u,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
-    /// vLLM servers to route to (`http://host:port`); each is the pod `host:port`.
-    pub backends: Vec<String>,
+    /// vLLM servers to route to; each is the pod `host:port` of its URL.
+    pub backends: Vec<BackendSpec>,
     /// Tokenizer directory per served model name (others: the built-in tokenizer).
     pub models: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// An llm-d `EndpointPickerConfig` YAML file; default: kvroute's default profile.
@@ -154,6 +183,14 @@ mod tests {
         assert!(c.ingest.bind.is_empty());
         assert_eq!(c.ingest.connect[0].replay, None);
         assert_eq!(c.index, IndexSection::default());
+        let b: ServeConfig = serde_yaml::from_str(
+            "backends: [http://a:1, {url: 'http://b:2', labels: {llm-d.ai/role: decode}, zmq: 'tcp://b:5557'}]",
+        )
+        .unwrap();
+        assert_eq!(b.backends[0], BackendSpec::Url("http://a:1".into()));
+        assert!(
+            matches!(&b.backends[1], BackendSpec::Full { labels, zmq: Some(_), .. } if labels["llm-d.ai/role"] == "decode")
+        );
         assert!(serde_yaml::from_str::<ServeConfig>("listne: x").is_err());
         assert!(serde_yaml::from_str::<ServeConfig>("hash: {algo: md5}").is_err());
     }

@@ -268,3 +268,90 @@ fn past_the_tokenize_deadline_requests_route_on_the_approximate_prefix() {
         .unwrap();
     assert!(n >= 11.0, "{n}");
 }
+
+#[test]
+fn a_yaml_pool_with_roles_and_dialled_event_endpoints() {
+    let ports = free_ports(7);
+    let (rp, sims, zmqs) = (ports[0], &ports[1..4], &ports[4..7]);
+    let roles = ["prefill", "decode", "decode"];
+    let mut children = Vec::new();
+    for i in 0..3 {
+        // Each sim binds its own PUB socket (vLLM's rule for `*`); the router dials it.
+        let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
+            "endpoint": format!("tcp://*:{}", zmqs[i]), "topic": format!("kv@127.0.0.1:{}@m", sims[i])});
+        children.push(
+            Command::new(env!("CARGO_BIN_EXE_kvroute"))
+                .args([
+                    "sim",
+                    "--port",
+                    &sims[i].to_string(),
+                    "--model",
+                    "m",
+                    "--speedup",
+                    "100",
+                    "--kv-events-config",
+                    &kv.to_string(),
+                ])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("kvroute-pool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let backends: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({"url": format!("http://127.0.0.1:{}", sims[i]), "labels": {"llm-d.ai/role": roles[i]},
+                        "zmq": format!("tcp://127.0.0.1:{}", zmqs[i])})
+        })
+        .collect();
+    let cfg = json!({"listen": format!("127.0.0.1:{rp}"), "backends": backends,
+        "scheduler_config": dir.join("epp.yaml"), "health_interval_ms": 100, "ingest": {"bind": []}});
+    std::fs::write(dir.join("serve.yaml"), serde_json::to_string(&cfg).unwrap()).unwrap(); // JSON is YAML
+    std::fs::write(
+        dir.join("epp.yaml"),
+        "plugins:\n- type: decode-filter\n- type: precise-prefix-cache-scorer\n- type: max-score-picker\n\
+         schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: decode-filter\n  - pluginRef: precise-prefix-cache-scorer\n  - pluginRef: max-score-picker\n",
+    )
+    .unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["serve", "--config", dir.join("serve.yaml").to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let router = format!("http://127.0.0.1:{rp}");
+    wait_healthy(&router);
+    for p in sims {
+        wait_healthy(&format!("http://127.0.0.1:{p}"));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let prompt = words("role", 120);
+    let mut picks = Vec::new();
+    for _ in 0..8 {
+        let r = ureq::post(&format!("{router}/v1/completions"))
+            .send_json(json!({"model": "m", "prompt": prompt, "max_tokens": 1}))
+            .unwrap();
+        picks.push(r.header("x-kvroute-pod").unwrap().to_string());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(picks.iter().all(|p| p != &format!("127.0.0.1:{}", sims[0])), "a prefill pod got traffic: {picks:?}");
+    assert!(picks.windows(2).skip(1).all(|w| w[0] == w[1]), "decode traffic follows the prefix: {picks:?}");
+    // The dialled publishers' events reached the index under the backends' identities.
+    let pods: Value = ureq::get(&format!("{router}/v1/kv/pods")).call().unwrap().into_json().unwrap();
+    let chosen = pods["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pod"] == picks[0].as_str())
+        .expect("events from the chosen pod");
+    assert!(chosen["blocks"].as_u64().unwrap() >= 7, "{chosen}");
+    let _ = serve.kill();
+    let _ = serve.wait();
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

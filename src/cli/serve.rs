@@ -135,7 +135,7 @@ impl ServeArgs {
         set!(self.workers, c.ingest.workers);
         set!(self.queue_capacity, c.ingest.queue_capacity);
         if !self.backends.is_empty() {
-            c.backends = self.backends.clone();
+            c.backends = self.backends.iter().cloned().map(crate::config::BackendSpec::Url).collect();
         }
         for m in &self.models {
             let (name, dir) = m.split_once('=').with_context(|| format!("--model expects NAME=DIR, got {m:?}"))?;
@@ -165,7 +165,14 @@ impl ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
-    let cfg = a.config()?;
+    let mut cfg = a.config()?;
+    // Backends with their own KV-event endpoints are dialled under their pod identity.
+    for b in &cfg.backends {
+        if let crate::config::BackendSpec::Full { url, zmq: Some(ep), replay, .. } = b {
+            let pod = url.trim_end_matches('/').trim_start_matches("http://").to_string();
+            cfg.ingest.connect.push(DialTarget { pod, endpoint: ep.clone(), replay: replay.clone() });
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -212,10 +219,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         tokenizers.insert(name.clone(), t);
     }
     let mut backends = Vec::new();
-    for url in &cfg.backends {
-        anyhow::ensure!(url.starts_with("http://"), "--backend must be http://HOST:PORT, got {url:?}");
+    for spec in &cfg.backends {
+        let url = spec.url();
+        anyhow::ensure!(url.starts_with("http://"), "a backend must be http://HOST:PORT, got {url:?}");
         let name = url.trim_end_matches('/').trim_start_matches("http://");
-        backends.push(Arc::new(kvroute_gateway::Backend::new(url, pods.intern(name)?)));
+        let mut b = kvroute_gateway::Backend::new(url, pods.intern(name)?);
+        if let crate::config::BackendSpec::Full { labels, .. } = spec {
+            b.labels = labels.clone();
+        }
+        backends.push(Arc::new(b));
     }
     let pool = Arc::new(kvroute_gateway::Pool { backends, lora_names: Default::default() });
     let mut gateway =

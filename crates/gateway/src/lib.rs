@@ -267,6 +267,7 @@ impl Gateway {
                     session_pod: session_pod.as_deref() == Some(b.name.as_str()),
                     waiting: b.waiting(self.scrape_max_age),
                     lora_active: lora.map(|l| b.running_loras.read().iter().any(|x| x == l)),
+                    labels: b.labels.clone(),
                 }
             })
             .collect();

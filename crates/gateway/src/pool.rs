@@ -15,6 +15,8 @@ pub struct Backend {
     pub name: String,
     pub url: String,
     pub pod: PodId,
+    /// Labels from the pool configuration (e.g. `llm-d.ai/role: decode`).
+    pub labels: std::collections::BTreeMap<String, String>,
     pub healthy: AtomicBool,
     pub failures: AtomicU32,
     /// Requests the router has in flight to this pod.
@@ -37,6 +39,7 @@ impl Backend {
             name,
             url,
             pod,
+            labels: Default::default(),
             healthy: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),

@@ -15,7 +15,8 @@
 //! `kv-cache-utilization-scorer` (scraped `vllm:kv_cache_usage_perc`),
 //! `session-affinity-scorer` (the pod a session last went to),
 //! `predicted-ttft-scorer` (ours: queueing + uncached prefill in one cost), `no-hit-lru-scorer`;
-//! pickers `max-score-picker` (random tie-break), `weighted-random-picker`, `random-picker`,
+//! filters `saturation-filter`, `label-selector-filter` (`matchLabels`), `decode-filter` and
+//! `prefill-filter` (llm-d's `llm-d.ai/role` label); pickers `max-score-picker` (random tie-break), `weighted-random-picker`, `random-picker`,
 //! `round-robin-picker`.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -45,6 +46,8 @@ pub struct PodView {
     pub waiting: Option<f64>,
     /// The request's LoRA adapter is active on the pod (`None`: not a LoRA request).
     pub lora_active: Option<bool>,
+    /// The pod's labels (from the pool configuration).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The request being scheduled.
@@ -96,7 +99,7 @@ pub enum ConfigError {
 
 const KNOWN: &str = "precise-prefix-cache-scorer, prefix-cache-scorer, active-request-scorer, load-aware-scorer, \
 queue-scorer, lora-affinity-scorer, kv-cache-utilization-scorer, session-affinity-scorer, predicted-ttft-scorer, no-hit-lru-scorer, saturation-filter, \
-max-score-picker, weighted-random-picker, random-picker, round-robin-picker";
+label-selector-filter, decode-filter, prefill-filter, max-score-picker, weighted-random-picker, random-picker, round-robin-picker";
 
 // ---------------------------------------------------------------------------------
 // Scorers
@@ -266,6 +269,27 @@ impl Filter for SaturationFilter {
     }
 }
 
+/// Keeps pods whose labels include every `key: value` of `matchLabels`.
+struct LabelSelectorFilter {
+    name: &'static str,
+    match_labels: Vec<(String, Vec<String>)>,
+}
+impl Filter for LabelSelectorFilter {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn filter(&self, _r: &RequestView, pods: &[PodView]) -> Vec<usize> {
+        (0..pods.len())
+            .filter(|&i| {
+                self.match_labels.iter().all(|(k, allowed)| pods[i].labels.get(k).is_some_and(|v| allowed.contains(v)))
+            })
+            .collect()
+    }
+}
+
+/// llm-d's role label.
+const ROLE: &str = "llm-d.ai/role";
+
 struct MaxScorePicker {
     rng: Mutex<rand::rngs::StdRng>,
 }
@@ -347,6 +371,20 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
         }
         "no-hit-lru-scorer" => Plugin::Scorer(Box::new(NoHitLruScorer::default())),
         "saturation-filter" => Plugin::Filter(Box::new(SaturationFilter { threshold: f("kvCacheThreshold", 0.95) })),
+        "label-selector-filter" => {
+            let m = params.get("matchLabels").and_then(Value::as_object).cloned().unwrap_or_default();
+            let match_labels =
+                m.into_iter().map(|(k, v)| (k, vec![v.as_str().unwrap_or_default().to_string()])).collect();
+            Plugin::Filter(Box::new(LabelSelectorFilter { name: "label-selector-filter", match_labels }))
+        }
+        "decode-filter" => Plugin::Filter(Box::new(LabelSelectorFilter {
+            name: "decode-filter",
+            match_labels: vec![(ROLE.into(), vec!["decode".into(), "both".into()])],
+        })),
+        "prefill-filter" => Plugin::Filter(Box::new(LabelSelectorFilter {
+            name: "prefill-filter",
+            match_labels: vec![(ROLE.into(), vec!["prefill".into(), "both".into()])],
+        })),
         "max-score-picker" => Plugin::Picker(Box::new(MaxScorePicker { rng: seeded() })),
         "random-picker" => Plugin::Picker(Box::new(RandomPicker { rng: seeded(), weighted: false })),
         "weighted-random-picker" => Plugin::Picker(Box::new(RandomPicker { rng: seeded(), weighted: true })),
@@ -518,6 +556,7 @@ mod tests {
             session_pod: false,
             waiting: None,
             lora_active: None,
+            labels: Default::default(),
         }
     }
 
