@@ -335,6 +335,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(|s, h, b| proxy(s, h, b, true)))
         .route("/v1/models", get(models))
         .route("/v1/route/explain", post(explain))
+        .layer(axum::extract::DefaultBodyLimit::max(32 << 20))
         .with_state(gw)
 }
 
