@@ -184,3 +184,97 @@ fn demo_runs_a_real_fleet_and_kvroute_beats_round_robin() {
     assert!(shared["busiest_over_mean"].as_f64().unwrap() <= 1.3, "{shared}");
     assert!(shared["hit_rate"].as_f64().unwrap() > rr["hit_rate"].as_f64().unwrap() + 0.05, "{shared} vs {rr}");
 }
+
+#[test]
+fn simulate_is_deterministic_and_prefix_routing_beats_round_robin() {
+    let trace =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/traces/mooncake_synthetic_trace.jsonl");
+    let dir = std::env::temp_dir().join(format!("kvroute-simulate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |out: &str| -> Value {
+        let path = dir.join(out);
+        let o = kvroute(
+            &[
+                "simulate",
+                "--workload",
+                "shared-prefix",
+                "--preset",
+                "sglang-gsp",
+                "--qps",
+                "5",
+                "--servers",
+                "4",
+                "--gpu-blocks-per-server",
+                "16384",
+                "--block-size",
+                "16",
+                "--policies",
+                "round-robin,default",
+                "--seed",
+                "1",
+                "--output-json",
+                path.to_str().unwrap(),
+            ],
+            "",
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let (a, b) = (run("a.json"), run("b.json"));
+    let strip = |v: &Value| {
+        v["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].clone(), p["hit_rate_tokens"].clone(), p["ttft_p90_s"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&a), strip(&b), "same seed, same numbers");
+    let get = |name: &str| a["policies"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone();
+    let (rr, def) = (get("round-robin"), get("default"));
+    let bound = a["bounds"]["infinite_cache_hit_rate_tokens"].as_f64().unwrap();
+    assert!(def["hit_rate_tokens"].as_f64().unwrap() > rr["hit_rate_tokens"].as_f64().unwrap() + 0.1, "{def} vs {rr}");
+    assert!(def["hit_rate_tokens"].as_f64().unwrap() <= bound + 1e-9);
+    assert!(def["busiest_over_mean_requests"].as_f64().unwrap() <= 1.3, "{def}");
+    assert!(def["ttft_p90_s"].as_f64().unwrap() < rr["ttft_p90_s"].as_f64().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn simulate_replays_the_mooncake_trace_with_its_published_bound() {
+    let trace =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/traces/mooncake_synthetic_trace.jsonl");
+    let out = std::env::temp_dir().join(format!("kvroute-mooncake-{}.json", std::process::id()));
+    let o = kvroute(
+        &[
+            "simulate",
+            "--workload",
+            "trace",
+            "--trace",
+            trace.to_str().unwrap(),
+            "--max-requests",
+            "400",
+            "--servers",
+            "2",
+            "--policies",
+            "round-robin",
+            "--output-json",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["policies"][0]["requests"], 400);
+    let b = v["bounds"]["infinite_cache_hit_rate_tokens"].as_f64().unwrap();
+    assert!(b > 0.0 && b < 1.0);
+    assert!(v["bounds"]["global_cache_hit_rate_tokens"].as_f64().unwrap() <= b + 1e-9);
+    let _ = std::fs::remove_file(out);
+    // A malformed trace line is a clear error.
+    let bad = std::env::temp_dir().join(format!("kvroute-bad-{}.jsonl", std::process::id()));
+    std::fs::write(&bad, "{\"timestamp\": 0}\n").unwrap();
+    let o = kvroute(&["simulate", "--trace", bad.to_str().unwrap()], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("line 1"));
+    let _ = std::fs::remove_file(bad);
+}

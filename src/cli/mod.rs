@@ -4,6 +4,7 @@ mod demo;
 mod events;
 mod hash;
 mod serve;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,9 @@ pub enum Command {
     /// Run a vLLM-compatible model-server simulator (OpenAI API, prefix cache with
     /// vLLM-exact block hashes, KV events over ZMQ, vLLM metrics, latency model).
     Sim(Box<kvroute_sim::SimArgs>),
+    /// Simulate a fleet offline on virtual time with the real scheduler, comparing
+    /// routing policies on a trace or a shared-prefix workload.
+    Simulate(Box<simulate::SimulateArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events { command } => events::run(command),
         Command::Demo(a) => demo::run(a),
         Command::Serve(a) => serve::run(*a),
+        Command::Simulate(a) => simulate::run(*a),
         Command::Sim(a) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

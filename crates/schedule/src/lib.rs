@@ -74,6 +74,8 @@ pub trait Filter: Send + Sync {
 
 pub trait Picker: Send + Sync {
     fn name(&self) -> &str;
+    /// Restarts the picker's random tie-breaking from `seed` (deterministic simulations).
+    fn reseed(&self, _seed: u64) {}
     /// Index of the chosen pod (`scores` are the weighted totals).
     fn pick(&self, scores: &[f64]) -> Option<usize>;
 }
@@ -297,6 +299,9 @@ impl Picker for MaxScorePicker {
     fn name(&self) -> &str {
         "max-score-picker"
     }
+    fn reseed(&self, seed: u64) {
+        *self.rng.lock() = rand::rngs::StdRng::seed_from_u64(seed);
+    }
     fn pick(&self, scores: &[f64]) -> Option<usize> {
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let best: Vec<usize> = (0..scores.len()).filter(|&i| scores[i] >= max - 1e-9).collect();
@@ -315,6 +320,9 @@ impl Picker for RandomPicker {
         } else {
             "random-picker"
         }
+    }
+    fn reseed(&self, seed: u64) {
+        *self.rng.lock() = rand::rngs::StdRng::seed_from_u64(seed);
     }
     fn pick(&self, scores: &[f64]) -> Option<usize> {
         if scores.is_empty() {
@@ -416,6 +424,11 @@ pub struct Decision {
 }
 
 impl Profile {
+    /// Makes random tie-breaks reproducible.
+    pub fn reseed(&self, seed: u64) {
+        self.picker.reseed(seed);
+    }
+
     pub fn schedule(&self, req: &RequestView, pods: &[PodView]) -> Decision {
         let mut idx: Vec<usize> = (0..pods.len()).collect();
         for f in &self.filters {
