@@ -187,8 +187,6 @@ fn demo_runs_a_real_fleet_and_kvroute_beats_round_robin() {
 
 #[test]
 fn simulate_is_deterministic_and_prefix_routing_beats_round_robin() {
-    let trace =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/traces/mooncake_synthetic_trace.jsonl");
     let dir = std::env::temp_dir().join(format!("kvroute-simulate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let run = |out: &str| -> Value {
