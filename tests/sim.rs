@@ -95,23 +95,7 @@ fn block_stored_hashes_match_vllm_rules_and_eviction_emits_block_removed() {
     let [p, z] = free_ports::<2>();
     // A thread keeps calling into the SUB socket: libzmq only sends a SUB's subscription to
     // a newly connected publisher when the owning thread uses the socket.
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sub_thread = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let ctx = zmq::Context::new();
-            let sub = ctx.socket(zmq::SUB).unwrap();
-            sub.set_subscribe(b"").unwrap();
-            sub.set_rcvtimeo(50).unwrap();
-            sub.bind(&format!("tcp://127.0.0.1:{z}")).unwrap();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(f) = sub.recv_multipart(0) {
-                    let _ = tx.send(f);
-                }
-            }
-        })
-    };
+    let (rx, stop) = subscriber(z);
     let cfg = format!(
         r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:{z}","topic":"kv@127.0.0.1:{p}@m"}}"#
     );
@@ -171,8 +155,7 @@ fn block_stored_hashes_match_vllm_rules_and_eviction_emits_block_removed() {
         }
     }
     assert!(!removed.is_empty() && removed.iter().all(|r| want.contains(r)), "{removed:?}");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    sub_thread.join().unwrap();
+    stop();
 }
 
 #[test]
@@ -290,7 +273,9 @@ fn with_a_real_tokenizer_chats_are_tokenized_like_the_reference_render() {
     assert!(!r["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
 }
 
-/// A thread that keeps receiving on a bound SUB socket (see above for why a thread).
+/// A thread that keeps receiving on a bound SUB socket: libzmq sends a SUB's subscription
+/// to a newly connected publisher only when the owning thread calls into the socket, so an
+/// idle socket would miss the first messages.
 fn subscriber(z: u16) -> (std::sync::mpsc::Receiver<Vec<Vec<u8>>>, impl FnOnce()) {
     let (tx, rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
