@@ -276,3 +276,54 @@ fn simulate_replays_the_mooncake_trace_with_its_published_bound() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("line 1"));
     let _ = std::fs::remove_file(bad);
 }
+
+#[test]
+fn bench_drives_a_live_server_and_reads_its_hit_rate() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut sim = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["sim", "--port", &port.to_string(), "--model", "m", "--speedup", "100"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let t = std::time::Instant::now();
+    while ureq::get(&format!("{url}/health")).call().is_err() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(15));
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    let out = std::env::temp_dir().join(format!("kvroute-bench-{}.json", std::process::id()));
+    let o = kvroute(
+        &[
+            "bench",
+            "--url",
+            &url,
+            "--model",
+            "m",
+            "--groups",
+            "4",
+            "--per-group",
+            "4",
+            "--prefix-words",
+            "200",
+            "--max-tokens",
+            "4",
+            "--concurrency",
+            "1",
+            "--output-json",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!((v["requests"].as_u64(), v["errors"].as_u64()), (Some(16), Some(0)));
+    // One server, requests in sequence: every group's 2nd..4th request hits its prefix
+    // (192 of 250 tokens: the last prompt token's block is recomputed).
+    let want = 12.0 * 192.0 / (16.0 * 250.0);
+    assert!((v["hit_rate_tokens"].as_f64().unwrap() - want).abs() < 1e-9, "{v}");
+    assert!(v["ttft_ms"]["p99"].as_f64().unwrap() > 0.0);
+    let _ = std::fs::remove_file(out);
+}

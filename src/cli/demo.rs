@@ -171,14 +171,15 @@ struct Outcome {
     requests_per_s: f64,
 }
 
-fn words(tag: &str, n: usize) -> String {
+pub(crate) fn words(tag: &str, n: usize) -> String {
     (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Streams one completion through the router; returns the time to its first chunk.
-async fn one(
+pub(crate) async fn one(
     client: &reqwest::Client,
     router: &str,
+    model: &str,
     prompt: String,
     session: &str,
     max_tokens: usize,
@@ -187,7 +188,7 @@ async fn one(
     let resp = client
         .post(format!("{router}/v1/completions"))
         .header("x-session-id", session)
-        .json(&json!({"model": "demo-model", "prompt": prompt, "max_tokens": max_tokens, "stream": true}))
+        .json(&json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": true}))
         .send()
         .await?;
     if !resp.status().is_success() {
@@ -202,7 +203,7 @@ async fn one(
     ttft.context("empty response")
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0.0)
 }
@@ -224,7 +225,7 @@ async fn measure(
         let permit = sem.clone().acquire_owned().await?;
         let (c, r) = (client.clone(), fleet.router.clone());
         tasks.push(tokio::spawn(async move {
-            let out = one(&c, &r, prompt, &session, max_tokens).await;
+            let out = one(&c, &r, "demo-model", prompt, &session, max_tokens).await;
             drop(permit);
             out
         }));
@@ -280,7 +281,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             let fleet = Fleet::start(&exe, &a, sched, &client).await?;
             // (a) Seed test: warm-up, then 30 identical requests of one session, in sequence.
             let seed_prompt = words("seed", 160);
-            one(&client, &fleet.router, seed_prompt.clone(), "seed-session", a.max_tokens).await?;
+            one(&client, &fleet.router, "demo-model", seed_prompt.clone(), "seed-session", a.max_tokens).await?;
             let jobs = vec![(seed_prompt, "seed-session".to_string()); 30];
             results.push(
                 measure(&fleet, &client, policy, "seed test (30 × 160 tokens, 1 session)", jobs, 1, a.max_tokens)

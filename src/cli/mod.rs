@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod bench;
 mod demo;
 mod events;
 mod hash;
@@ -37,6 +38,9 @@ pub enum Command {
     /// Simulate a fleet offline on virtual time with the real scheduler, comparing
     /// routing policies on a trace or a shared-prefix workload.
     Simulate(Box<simulate::SimulateArgs>),
+    /// Drive a live OpenAI endpoint (the kvroute gateway or a server) with a seeded
+    /// shared-prefix workload; report hit rate, TTFT, latency, errors, throughput.
+    Bench(Box<bench::BenchArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -46,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Serve(a) => serve::run(*a),
         Command::Simulate(a) => simulate::run(*a),
+        Command::Bench(a) => bench::run(*a),
         Command::Sim(a) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
