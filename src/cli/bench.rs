@@ -11,7 +11,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use super::demo::{one, pct, words};
+use super::demo::{metric_sum, one, pct, words};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -59,14 +59,8 @@ async fn counters(client: &reqwest::Client, servers: &[String]) -> (f64, f64) {
     for s in servers {
         let Ok(r) = client.get(format!("{s}/metrics")).send().await else { continue };
         let Ok(text) = r.text().await else { continue };
-        let sum = |name: &str| -> f64 {
-            text.lines()
-                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
-        q += sum("vllm:prefix_cache_queries_total");
-        h += sum("vllm:prefix_cache_hits_total");
+        q += metric_sum(&text, "vllm:prefix_cache_queries_total");
+        h += metric_sum(&text, "vllm:prefix_cache_hits_total");
     }
     (q, h)
 }

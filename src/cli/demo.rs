@@ -137,12 +137,7 @@ impl Fleet {
         let mut out = Vec::new();
         for s in &self.sims {
             let text = client.get(format!("{s}/metrics")).send().await?.text().await?;
-            let sum = |name: &str| -> f64 {
-                text.lines()
-                    .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum()
-            };
+            let sum = |name: &str| metric_sum(&text, name);
             out.push((
                 sum("vllm:prefix_cache_queries_total"),
                 sum("vllm:prefix_cache_hits_total"),
@@ -169,6 +164,14 @@ struct Outcome {
     ttft_ms_p90: f64,
     ttft_ms_p99: f64,
     requests_per_s: f64,
+}
+
+/// Sum of every series of metric `name` in Prometheus text (all label sets).
+pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 pub(crate) fn words(tag: &str, n: usize) -> String {
