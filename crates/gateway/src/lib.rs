@@ -341,9 +341,13 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 
 fn parse(body: &Bytes) -> Result<(Value, String), Response> {
     let v: Value = serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))?;
-    let model =
-        v.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).ok_or_else(|| bad("missing `model`"))?;
-    Ok((v.clone(), model.to_string()))
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| bad("missing `model`"))?
+        .to_string();
+    Ok((v, model))
 }
 
 async fn explain(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
