@@ -254,9 +254,22 @@ impl Engine {
     }
 
     /// Queues a request, or refuses it at once when the waiting queue is full.
+    /// The admission rule: no free slot and `max_waiting` already queued.
+    fn full(&self, waiting: usize) -> bool {
+        self.slots.available_permits() == 0 && waiting >= self.max_waiting
+    }
+
+    /// Refuses now if a new request would be refused (no side effects; `enqueue` queues).
+    pub fn check_admission(&self) -> Result<(), EngineError> {
+        if self.full(self.waiting.load(Acquire)) {
+            return Err(EngineError::QueueFull(self.max_waiting));
+        }
+        Ok(())
+    }
+
     pub fn enqueue(&self) -> Result<Ticket<'_>, EngineError> {
         let w = self.waiting.fetch_add(1, AcqRel);
-        if self.slots.available_permits() == 0 && w >= self.max_waiting {
+        if self.full(w) {
             self.waiting.fetch_sub(1, AcqRel);
             return Err(EngineError::QueueFull(self.max_waiting));
         }

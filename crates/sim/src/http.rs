@@ -237,7 +237,7 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
     let job = Job { tokens, max_tokens, extras, lora_id: lora.as_ref().map(|l| l.2), remote_prefill };
     // Refuse at once when the queue is full (before a stream starts). The request queues
     // for real inside `run`, which owns what it borrows.
-    if let Err(e) = sim.engine.enqueue() {
+    if let Err(e) = sim.engine.check_admission() {
         return error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError");
     }
     let id =
