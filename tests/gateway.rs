@@ -92,6 +92,10 @@ impl Fleet {
         }
     }
 
+    fn explain(&self, body: Value) -> Value {
+        ureq::post(&format!("{}/v1/route/explain", self.router)).send_json(body).unwrap().into_json().unwrap()
+    }
+
     fn hits(&self) -> (f64, f64) {
         let mut q = 0.0;
         let mut h = 0.0;
@@ -152,11 +156,7 @@ fn seed_test_sticks_to_one_pod_and_hits_the_cache() {
     };
     assert_eq!((count("hit"), count("miss")), (30.0, 1.0));
     // The explain endpoint shows the index's view of that pod.
-    let ex: Value = ureq::post(&format!("{}/v1/route/explain", f.router))
-        .send_json(json!({"model": "m", "prompt": prompt}))
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let ex = f.explain(json!({"model": "m", "prompt": prompt}));
     assert_eq!(ex["pick"], first.as_str());
     assert_eq!(ex["blocks"], 10);
     let holder = ex["pods"].as_array().unwrap().iter().find(|p| p["pod"] == first.as_str()).unwrap();
@@ -209,11 +209,7 @@ fn an_llm_d_endpoint_picker_config_loads_and_routes() {
     for _ in 0..5 {
         assert_eq!(f.complete(&prompt).unwrap().0, first);
     }
-    let ex: Value = ureq::post(&format!("{}/v1/route/explain", f.router))
-        .send_json(json!({"model": "m", "prompt": prompt}))
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let ex = f.explain(json!({"model": "m", "prompt": prompt}));
     let plugins: Vec<&str> =
         ex["pods"][0]["scores"].as_array().unwrap().iter().map(|s| s["plugin"].as_str().unwrap()).collect();
     assert_eq!(plugins, ["prefix-cache-scorer", "kv-cache-utilization-scorer", "queue-scorer", "no-hit-lru-scorer"]);
@@ -249,11 +245,7 @@ fn past_the_tokenize_deadline_requests_route_on_the_approximate_prefix() {
     for _ in 0..10 {
         assert_eq!(f.complete(&prompt).unwrap().0, first);
     }
-    let ex: Value = ureq::post(&format!("{}/v1/route/explain", f.router))
-        .send_json(json!({"model": "m", "prompt": prompt}))
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let ex = f.explain(json!({"model": "m", "prompt": prompt}));
     assert_eq!(ex["tokenized"], false);
     assert_eq!(ex["pick"], first.as_str());
     let text = ureq::get(&format!("{}/metrics", f.router)).call().unwrap().into_string().unwrap();

@@ -33,6 +33,11 @@ fn unhex(v: &Value) -> Vec<u8> {
     hex::decode(v.as_str().unwrap()).unwrap()
 }
 
+/// Recorded ZMQ messages: a list of messages, each a list of hex frames.
+fn frames(v: &Value) -> Vec<Vec<Vec<u8>>> {
+    v.as_array().unwrap().iter().map(|m| m.as_array().unwrap().iter().map(unhex).collect()).collect()
+}
+
 /// A running `kvroute serve`, killed on drop.
 struct Server {
     child: Child,
@@ -221,12 +226,7 @@ fn recorded_live_frames_of_0_23_and_0_33_are_indexed() {
         let s = Server::start(&["--zmq-bind".into(), format!("tcp://127.0.0.1:{z}")]);
         let ctx = zmq::Context::new();
         let publisher = Publisher::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
-        let live: Vec<Vec<Vec<u8>>> = f["live_frames_hex"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m.as_array().unwrap().iter().map(unhex).collect())
-            .collect();
+        let live = frames(&f["live_frames_hex"]);
         // Frame 0: BlockStored of tokens 0..31 (2 blocks) on topic "kv-events".
         publisher.send(&live[0]);
         s.wait_for("2 blocks indexed", |s| s.matched("kv-events", &tokens(32)) == 2);
@@ -252,12 +252,7 @@ fn a_gap_is_repaired_from_the_recorded_replay_frames() {
         let f = &v["frames"][ver];
         let [z, r] = free_ports::<2>();
         let ctx = zmq::Context::new();
-        let recorded: Vec<Vec<Vec<u8>>> = f["replay_reply_frames_hex_received_by_DEALER"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m.as_array().unwrap().iter().map(unhex).collect())
-            .collect();
+        let recorded = frames(&f["replay_reply_frames_hex_received_by_DEALER"]);
         let requested_from =
             u64::from_be_bytes(unhex(&f["replay_request_frames_hex_sent_by_DEALER"][1]).try_into().unwrap());
         let _replay = ReplayServer::start(&ctx, &format!("tcp://127.0.0.1:{r}"), move |start| {
@@ -271,12 +266,7 @@ fn a_gap_is_repaired_from_the_recorded_replay_frames() {
             format!("vllm-a=tcp://127.0.0.1:{z},replay=tcp://127.0.0.1:{r}"),
         ]);
         std::thread::sleep(Duration::from_millis(500));
-        let live: Vec<Vec<Vec<u8>>> = f["live_frames_hex"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m.as_array().unwrap().iter().map(unhex).collect())
-            .collect();
+        let live = frames(&f["live_frames_hex"]);
         publisher.send(&live[0]);
         s.wait_for("seq 0 applied", |s| s.matched("vllm-a", &tokens(32)) == 2);
         // Seq 1 is lost; seq 2 arrives: kvroute replays 1.. and converges.

@@ -63,6 +63,12 @@ impl Drop for Sim {
     }
 }
 
+/// vLLM's hasher as the sims in these tests run it (sha256_cbor, PYTHONHASHSEED=42, 16).
+fn vllm_sha256_cbor_seed_42() -> BlockHasher {
+    let cfg = HashConfig { algo: HashAlgo::Sha256Cbor, seed: Some("42".into()), block_size: 16, ..Default::default() };
+    BlockHasher::new(cfg).unwrap()
+}
+
 fn prompt(words: usize, tag: &str) -> String {
     (0..words).map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
 }
@@ -129,13 +135,7 @@ fn block_stored_hashes_match_vllm_rules_and_eviction_emits_block_removed() {
     let batch = decode_batch(&frames[2]).unwrap();
     let KvEvent::BlockStored(st) = &batch.events[0] else { panic!("{:?}", batch.events) };
     // Independently: vLLM's sha256_cbor with PYTHONHASHSEED=42 over the /tokenize ids.
-    let h = BlockHasher::new(HashConfig {
-        algo: HashAlgo::Sha256Cbor,
-        seed: Some("42".into()),
-        block_size: 16,
-        ..Default::default()
-    })
-    .unwrap();
+    let h = vllm_sha256_cbor_seed_42();
     let mut want = Vec::new();
     h.event_keys(&tokens, &RequestExtras::default(), &mut want);
     assert_eq!(st.block_hashes, want);
@@ -333,13 +333,7 @@ fn lora_prefill_decode_and_replay_behave_like_vllm() {
     let f = rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let KvEvent::BlockStored(st) = &decode_batch(&f[2]).unwrap().events[0] else { panic!() };
     assert_eq!((st.lora_name.as_deref(), st.lora_id), (Some("sql-lora"), Some(1)));
-    let h = BlockHasher::new(HashConfig {
-        algo: HashAlgo::Sha256Cbor,
-        seed: Some("42".into()),
-        block_size: 16,
-        ..Default::default()
-    })
-    .unwrap();
+    let h = vllm_sha256_cbor_seed_42();
     let lora = RequestExtras {
         lora: Some(kvroute_keys::LoraRef { name: "sql-lora".into(), path: "/adapters/sql-lora".into(), int_id: 1 }),
         ..Default::default()
