@@ -6,6 +6,7 @@ mod events;
 mod hash;
 mod serve;
 mod simulate;
+mod workload;
 
 use clap::{Parser, Subcommand};
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvroute_index::{BlockIndex, InMemoryIndex, IndexConfig, PodId, Tiers};
 use kvroute_schedule::{PodView, Profile, RequestView};
 use kvroute_score::{LongestPrefixScorer, Scratch};
+use kvroute_sim::batch::{BatchEngine, Job};
 use kvroute_sim::config::Latency;
 use kvroute_sim::pool::BlockPool;
 use serde::Serialize;
@@ -26,8 +27,26 @@ pub struct FleetConfig {
     pub block_size: usize,
     pub latency: Latency,
     pub event_delay: Duration,
+    /// Scraped metrics (`kv_cache_usage_perc`, `num_requests_waiting`) are refreshed this
+    /// often; in between, scorers see the last scrape (llm-d's EPP: 50 ms).
+    pub scrape_interval: Duration,
     /// Seeds the pickers' tie-breaking.
     pub seed: u64,
+    pub engine: EngineModel,
+    /// Token budget of one engine step (continuous batching).
+    pub max_batched_tokens: usize,
+}
+
+/// How a simulated server spends time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineModel {
+    /// vLLM's scheduler: steps with a token budget, decodes and chunked prefills share
+    /// each step, KV space limits admission (`kvroute_sim::batch`).
+    #[default]
+    Continuous,
+    /// llm-d inference-sim's model, as `kvroute sim` serves live: every request's
+    /// prefill and decode run in parallel, slowed by a load factor.
+    PerRequest,
 }
 
 /// One policy's results (the JSON schema of `kvroute simulate`).
@@ -45,6 +64,18 @@ pub struct PolicyResult {
     pub ttft_p90_s: f64,
     pub ttft_p99_s: f64,
     pub ttft_mean_s: f64,
+    /// Output tokens per second over the run.
+    pub output_tokens_per_s: f64,
+    /// Time series for plots: (virtual seconds, fraction of the window's prompt tokens
+    /// served from cache).
+    #[serde(skip)]
+    pub hit_rate_over_time: Vec<(f64, f64)>,
+    /// Time series for plots: (virtual seconds, requests in flight per server).
+    #[serde(skip)]
+    pub load_over_time: Vec<(f64, Vec<u32>)>,
+    /// Every request's TTFT (sorted), for the CDF plot.
+    #[serde(skip)]
+    pub ttfts: Vec<f64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,19 +84,26 @@ enum Ev {
     PrefillDone(usize),
     Finish(usize),
     Deliver(usize),
+    /// A continuous-batching server's step ends.
+    StepEnd(usize),
 }
 
 struct Server {
     pool: BlockPool,
     running: usize,
     waiting: VecDeque<usize>,
+    batch: Option<BatchEngine>,
+    stepping: bool,
 }
 
 #[derive(Default, Clone)]
 struct Rt {
     server: usize,
     anon: usize,
-    ttft: f64,
+    /// The router's estimate of the prompt tokens the server must compute.
+    uncached_estimate: f64,
+    /// The first token came back.
+    answered: bool,
 }
 
 /// Prompt tokens a request gets from cache given `hit` cached blocks (vLLM recomputes the
@@ -104,10 +142,63 @@ pub fn global_cache_hit_rate(reqs: &[SimRequest], bs: usize, total_blocks: usize
     hit as f64 / total.max(1) as f64
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
+/// Percentile of sorted values.
+pub fn pct(v: &[f64], p: f64) -> f64 {
     v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0.0)
 }
+
+/// What the run measured so far.
+#[derive(Default)]
+struct Tally {
+    hit_tokens: usize,
+    prompt_tokens: usize,
+    hit_blocks: usize,
+    full_blocks: usize,
+    rejected: usize,
+    output_tokens: usize,
+    per_server_requests: Vec<f64>,
+    per_server_prefill: Vec<f64>,
+    ttfts: Vec<f64>,
+    /// (time, cached tokens, prompt tokens) per admitted request.
+    admissions: Vec<(f64, usize, usize)>,
+    load: Vec<(f64, Vec<u32>)>,
+    last_t: f64,
+}
+
+impl Tally {
+    fn admitted(&mut self, s: usize, t: f64, hit_blocks: usize, cached: usize, r: &SimRequest) {
+        self.hit_tokens += cached;
+        self.prompt_tokens += r.prompt_tokens;
+        self.hit_blocks += hit_blocks.min(r.keys.len());
+        self.full_blocks += r.keys.len();
+        self.per_server_prefill[s] += (r.prompt_tokens - cached) as f64;
+        self.admissions.push((t, cached, r.prompt_tokens));
+    }
+}
+
+/// The router's own view of the fleet: what it sent where and has not heard back about.
+struct RouterState {
+    in_flight: Vec<u32>,
+    queued: Vec<u32>,
+    pending_prefill: Vec<f64>,
+    rt: Vec<Rt>,
+}
+
+impl RouterState {
+    fn first_token(&mut self, i: usize) {
+        let r = &mut self.rt[i];
+        if !std::mem::replace(&mut r.answered, true) {
+            self.pending_prefill[r.server] -= r.uncached_estimate;
+            self.queued[r.server] -= 1;
+        }
+    }
+    fn done(&mut self, i: usize) {
+        self.first_token(i);
+        self.in_flight[self.rt[i].server] -= 1;
+    }
+}
+
+type Heap = BinaryHeap<Reverse<(u64, u64, Ev)>>;
 
 /// Runs one policy over the workload.
 pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig) -> PolicyResult {
@@ -121,41 +212,54 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
         let n = now_ns.clone();
         Arc::new(move || base + Duration::from_nanos(n.load(Relaxed)))
     };
-    let index = InMemoryIndex::with_clock(
-        IndexConfig { capacity: cfg.servers * cfg.gpu_blocks * 2, ..Default::default() },
-        clock.clone(),
-    );
-    let approx = InMemoryIndex::with_clock(
-        IndexConfig { capacity: cfg.servers * cfg.gpu_blocks * 2, ..Default::default() },
-        clock,
-    );
+    let index_cfg = IndexConfig { capacity: cfg.servers * cfg.gpu_blocks * 2, ..Default::default() };
+    let index = InMemoryIndex::with_clock(index_cfg.clone(), clock.clone());
+    let approx = InMemoryIndex::with_clock(index_cfg, clock);
     let scorer = LongestPrefixScorer::default();
     let mut scratch = Scratch::default();
     let pods: Vec<PodId> = (0..cfg.servers as PodId).collect();
     let names: Vec<String> = (0..cfg.servers).map(|i| format!("server-{i}")).collect();
+    let continuous = cfg.engine == EngineModel::Continuous;
     let mut servers: Vec<Server> = (0..cfg.servers)
-        .map(|_| Server { pool: BlockPool::new(cfg.gpu_blocks), running: 0, waiting: VecDeque::new() })
+        .map(|_| Server {
+            pool: BlockPool::new(cfg.gpu_blocks),
+            running: 0,
+            waiting: VecDeque::new(),
+            batch: continuous.then(|| BatchEngine::new(cfg.gpu_blocks, bs, l, cfg.max_batched_tokens)),
+            stepping: false,
+        })
         .collect();
-    let mut in_flight = vec![0u32; cfg.servers];
+    let mut router = RouterState {
+        in_flight: vec![0; cfg.servers],
+        queued: vec![0; cfg.servers],
+        pending_prefill: vec![0.0; cfg.servers],
+        rt: vec![Rt::default(); reqs.len()],
+    };
     let mut sessions: HashMap<u64, usize> = HashMap::new();
-    let mut rt = vec![Rt::default(); reqs.len()];
-    // Pending KV events: (server, stored?, keys).
+    // Pending KV events: (server, stored?, keys); blocks a request created, announced
+    // once its prefill is done.
     let mut deliveries: Vec<(usize, bool, Vec<u64>)> = Vec::new();
-    let mut heap: BinaryHeap<Reverse<(u64, u64, Ev)>> = BinaryHeap::new();
+    let mut created: HashMap<usize, Vec<u64>> = HashMap::new();
+    let mut heap: Heap = BinaryHeap::new();
     let mut seq = 0u64;
     let ns = |s: f64| (s.max(0.0) * 1e9) as u64;
-    let mut push = |heap: &mut BinaryHeap<Reverse<(u64, u64, Ev)>>, t: u64, e: Ev| {
+    let mut push = |heap: &mut Heap, t: u64, e: Ev| {
         seq += 1;
         heap.push(Reverse((t, seq, e)));
     };
     for (i, r) in reqs.iter().enumerate() {
         push(&mut heap, ns(r.arrival_s), Ev::Arrival(i));
     }
-    let (mut hit_tokens, mut prompt_tokens, mut hit_blocks, mut full_blocks, mut rejected) =
-        (0usize, 0usize, 0usize, 0usize, 0usize);
-    let mut per_server_requests = vec![0f64; cfg.servers];
-    let mut per_server_prefill = vec![0f64; cfg.servers];
-    let mut ttfts = Vec::with_capacity(reqs.len());
+    let mut tally = Tally {
+        per_server_requests: vec![0.0; cfg.servers],
+        per_server_prefill: vec![0.0; cfg.servers],
+        ttfts: Vec::with_capacity(reqs.len()),
+        ..Default::default()
+    };
+    let sample_every = (reqs.len() / 400).max(1);
+    let delay = cfg.event_delay.as_nanos() as u64;
+    let scrape_ns = cfg.scrape_interval.as_nanos() as u64;
+    let (mut scraped, mut next_scrape) = (vec![(0.0, 0usize); cfg.servers], 0u64);
     let load = |running: usize| -> f64 {
         if l.max_num_seqs <= 1 {
             1.0
@@ -166,24 +270,38 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
 
     while let Some(Reverse((t, _, ev))) = heap.pop() {
         now_ns.store(t, Relaxed);
+        let secs = t as f64 / 1e9;
+        tally.last_t = secs;
         let mut to_start = None;
         match ev {
             Ev::Arrival(i) => {
                 let r = &reqs[i];
                 let scores = scorer.score(&index, &r.keys, Some(&pods), &mut scratch);
                 let ascores = scorer.score(&approx, &r.keys, Some(&pods), &mut scratch);
+                if t >= next_scrape {
+                    for (s, m) in scraped.iter_mut().enumerate() {
+                        *m = match &servers[s].batch {
+                            Some(b) => (b.pool.usage(), b.waiting()),
+                            None => (servers[s].pool.usage(), servers[s].waiting.len()),
+                        };
+                    }
+                    next_scrape = if scrape_ns == 0 { t } else { t - t % scrape_ns + scrape_ns };
+                }
                 let views: Vec<PodView> = (0..cfg.servers)
                     .map(|s| {
                         let sc = scores.iter().find(|x| x.pod as usize == s);
+                        let (usage, waiting) = scraped[s];
                         PodView {
                             name: names[s].clone(),
-                            in_flight: in_flight[s],
+                            in_flight: router.in_flight[s],
+                            pending_prefill_tokens: router.pending_prefill[s],
+                            queued: router.queued[s],
                             matched_blocks: sc.map_or(0, |x| x.matched_blocks),
                             prefix_score: sc.map_or(0.0, |x| x.score),
                             approx_prefix_score: ascores.iter().find(|x| x.pod as usize == s).map_or(0.0, |x| x.score),
-                            kv_usage: Some(servers[s].pool.usage()),
+                            kv_usage: Some(usage),
                             session_pod: sessions.get(&r.session) == Some(&s),
-                            waiting: Some(servers[s].waiting.len() as f64),
+                            waiting: Some(waiting as f64),
                             lora_active: None,
                             labels: Default::default(),
                         }
@@ -194,24 +312,50 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                 sessions.insert(r.session, s);
                 index.store_speculative(s as PodId, Tiers::GPU, &r.keys);
                 approx.store(s as PodId, Tiers::GPU, &r.keys);
-                in_flight[s] += 1;
-                per_server_requests[s] += 1.0;
-                rt[i].server = s;
-                servers[s].waiting.push_back(i);
-                to_start = Some(s);
+                let estimate = r.prompt_tokens.saturating_sub(views[s].matched_blocks * bs) as f64;
+                router.in_flight[s] += 1;
+                router.queued[s] += 1;
+                router.pending_prefill[s] += estimate;
+                router.rt[i] = Rt { server: s, anon: 0, uncached_estimate: estimate, answered: false };
+                tally.per_server_requests[s] += 1.0;
+                if i % sample_every == 0 {
+                    tally.load.push((secs, router.in_flight.clone()));
+                }
+                match &mut servers[s].batch {
+                    Some(b) => {
+                        b.submit(Job {
+                            id: i,
+                            keys: r.keys.clone(),
+                            prompt_tokens: r.prompt_tokens,
+                            output_tokens: r.output_tokens,
+                        });
+                        if !servers[s].stepping {
+                            to_start = Some(s);
+                        }
+                    }
+                    None => {
+                        servers[s].waiting.push_back(i);
+                        to_start = Some(s);
+                    }
+                }
             }
             Ev::PrefillDone(i) => {
-                let s = rt[i].server;
-                rt[i].ttft = (t as f64 / 1e9) - reqs[i].arrival_s;
-                ttfts.push(rt[i].ttft);
+                let s = router.rt[i].server;
+                tally.ttfts.push(secs - reqs[i].arrival_s);
+                router.first_token(i);
+                if let Some(keys) = created.remove(&i) {
+                    deliveries.push((s, true, keys));
+                    push(&mut heap, t + delay, Ev::Deliver(deliveries.len() - 1));
+                }
                 let decode = l.inter_token.mul_f64(load(servers[s].running)) * reqs[i].output_tokens as u32;
                 push(&mut heap, t + decode.as_nanos() as u64, Ev::Finish(i));
             }
             Ev::Finish(i) => {
-                let s = rt[i].server;
-                servers[s].pool.release(&reqs[i].keys, rt[i].anon);
+                let s = router.rt[i].server;
+                servers[s].pool.release(&reqs[i].keys, router.rt[i].anon);
                 servers[s].running -= 1;
-                in_flight[s] -= 1;
+                tally.output_tokens += reqs[i].output_tokens;
+                router.done(i);
                 to_start = Some(s);
             }
             Ev::Deliver(d) => {
@@ -222,60 +366,121 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                     index.remove(s as PodId, Some(Tiers::GPU), &keys);
                 }
             }
-        }
-        // Start what fits on that server.
-        if let Some(s) = to_start {
-            while servers[s].running < l.max_num_seqs {
-                let Some(&i) = servers[s].waiting.front() else { break };
-                let r = &reqs[i];
-                let anon = (r.prompt_tokens + r.output_tokens).div_ceil(bs) - r.keys.len();
-                if r.keys.len() + anon > cfg.gpu_blocks {
-                    servers[s].waiting.pop_front();
-                    rejected += 1;
-                    in_flight[s] -= 1;
-                    continue;
+            Ev::StepEnd(s) => {
+                let Some(b) = servers[s].batch.as_mut() else { continue };
+                let end = b.end_step();
+                for i in end.first_token {
+                    tally.ttfts.push(secs - reqs[i].arrival_s);
+                    router.first_token(i);
+                    if let Some(keys) = created.remove(&i) {
+                        deliveries.push((s, true, keys));
+                        push(&mut heap, t + delay, Ev::Deliver(deliveries.len() - 1));
+                    }
                 }
-                let hit = servers[s].pool.prefix_hits(&r.keys);
-                let Ok(a) = servers[s].pool.allocate(&r.keys, anon) else { break };
-                servers[s].waiting.pop_front();
-                servers[s].running += 1;
-                rt[i].anon = anon;
-                let cached = cached_tokens(hit, bs, r.prompt_tokens);
-                hit_tokens += cached;
-                prompt_tokens += r.prompt_tokens;
-                hit_blocks += hit.min(r.keys.len());
-                full_blocks += r.keys.len();
-                per_server_prefill[s] += (r.prompt_tokens - cached) as f64;
-                let f = load(servers[s].running);
-                let prefill = (l.prefill_overhead + l.prefill_per_token * (r.prompt_tokens - cached) as u32).mul_f64(f);
-                let done = t + prefill.as_nanos() as u64;
-                push(&mut heap, done, Ev::PrefillDone(i));
-                let delay = cfg.event_delay.as_nanos() as u64;
+                for i in end.finished {
+                    tally.output_tokens += reqs[i].output_tokens;
+                    router.done(i);
+                }
+                if !b.idle() {
+                    to_start = Some(s);
+                }
+                servers[s].stepping = false;
+            }
+        }
+        let Some(s) = to_start else { continue };
+        if let Some(b) = servers[s].batch.as_mut() {
+            // Continuous batching: plan the next step.
+            let step = b.begin_step();
+            for a in step.admitted {
+                tally.admitted(s, secs, a.hit_blocks, a.cached_tokens, &reqs[a.id]);
                 if !a.evicted.is_empty() {
-                    deliveries.push((s, false, a.evicted.clone()));
+                    deliveries.push((s, false, a.evicted));
                     push(&mut heap, t + delay, Ev::Deliver(deliveries.len() - 1));
                 }
                 if !a.created.is_empty() {
-                    deliveries.push((s, true, a.created.iter().map(|&k| r.keys[k]).collect()));
-                    push(&mut heap, done + delay, Ev::Deliver(deliveries.len() - 1));
+                    created.insert(a.id, a.created);
                 }
+            }
+            for i in step.rejected {
+                tally.rejected += 1;
+                router.done(i);
+            }
+            servers[s].stepping = true;
+            push(&mut heap, t + step.duration.as_nanos() as u64, Ev::StepEnd(s));
+            continue;
+        }
+        // Per-request model: start what fits on that server.
+        while servers[s].running < l.max_num_seqs {
+            let Some(&i) = servers[s].waiting.front() else { break };
+            let r = &reqs[i];
+            let anon = (r.prompt_tokens + r.output_tokens).div_ceil(bs) - r.keys.len();
+            if r.keys.len() + anon > cfg.gpu_blocks {
+                servers[s].waiting.pop_front();
+                tally.rejected += 1;
+                router.done(i);
+                continue;
+            }
+            let hit = servers[s].pool.prefix_hits(&r.keys);
+            let Ok(a) = servers[s].pool.allocate(&r.keys, anon) else { break };
+            servers[s].waiting.pop_front();
+            servers[s].running += 1;
+            router.rt[i].anon = anon;
+            let cached = cached_tokens(hit, bs, r.prompt_tokens);
+            tally.admitted(s, secs, hit, cached, r);
+            let f = load(servers[s].running);
+            let prefill = (l.prefill_overhead + l.prefill_per_token * (r.prompt_tokens - cached) as u32).mul_f64(f);
+            push(&mut heap, t + prefill.as_nanos() as u64, Ev::PrefillDone(i));
+            if !a.evicted.is_empty() {
+                deliveries.push((s, false, a.evicted));
+                push(&mut heap, t + delay, Ev::Deliver(deliveries.len() - 1));
+            }
+            if !a.created.is_empty() {
+                created.insert(i, a.created.iter().map(|&k| r.keys[k]).collect());
             }
         }
     }
+    finish(name, reqs, tally)
+}
+
+fn finish(name: &str, reqs: &[SimRequest], mut t: Tally) -> PolicyResult {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let busiest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max) / mean(v).max(f64::MIN_POSITIVE);
-    let ttft_mean = mean(&ttfts);
+    let ttft_mean = mean(&t.ttfts);
+    t.ttfts.sort_by(f64::total_cmp);
+    let start = reqs.first().map_or(0.0, |r| r.arrival_s);
+    let span = (t.last_t - start).max(1e-9);
+    // Hit rate over ~100 windows of the run.
+    let window = span / 100.0;
+    let mut series = Vec::new();
+    let (mut w_end, mut hit, mut total) = (start + window, 0usize, 0usize);
+    for &(at, c, n) in &t.admissions {
+        while at > w_end {
+            if total > 0 {
+                series.push((w_end - start, hit as f64 / total as f64));
+            }
+            (hit, total, w_end) = (0, 0, w_end + window);
+        }
+        hit += c;
+        total += n;
+    }
+    if total > 0 {
+        series.push((w_end - start, hit as f64 / total as f64));
+    }
     PolicyResult {
         name: name.to_string(),
         requests: reqs.len(),
-        rejected,
-        hit_rate_tokens: hit_tokens as f64 / prompt_tokens.max(1) as f64,
-        hit_rate_blocks: hit_blocks as f64 / full_blocks.max(1) as f64,
-        busiest_over_mean_requests: busiest(&per_server_requests),
-        busiest_over_mean_prefill_tokens: busiest(&per_server_prefill),
-        ttft_p50_s: pct(&mut ttfts, 0.5),
-        ttft_p90_s: pct(&mut ttfts, 0.9),
-        ttft_p99_s: pct(&mut ttfts, 0.99),
+        rejected: t.rejected,
+        hit_rate_tokens: t.hit_tokens as f64 / t.prompt_tokens.max(1) as f64,
+        hit_rate_blocks: t.hit_blocks as f64 / t.full_blocks.max(1) as f64,
+        busiest_over_mean_requests: busiest(&t.per_server_requests),
+        busiest_over_mean_prefill_tokens: busiest(&t.per_server_prefill),
+        ttft_p50_s: pct(&t.ttfts, 0.5),
+        ttft_p90_s: pct(&t.ttfts, 0.9),
+        ttft_p99_s: pct(&t.ttfts, 0.99),
         ttft_mean_s: ttft_mean,
+        output_tokens_per_s: t.output_tokens as f64 / span,
+        hit_rate_over_time: series,
+        load_over_time: t.load.into_iter().map(|(at, v)| (at - start, v)).collect(),
+        ttfts: t.ttfts,
     }
 }

@@ -81,6 +81,8 @@ struct Routed {
     explain: Value,
     /// The pick had some of the prefix cached.
     hit: bool,
+    /// Estimated uncached prompt tokens on each backend of `order`.
+    uncached: Vec<u64>,
 }
 
 impl Gateway {
@@ -260,6 +262,8 @@ impl Gateway {
                 PodView {
                     name: b.name.clone(),
                     in_flight: b.in_flight.load(Relaxed),
+                    pending_prefill_tokens: b.pending_prefill.load(Relaxed) as f64,
+                    queued: b.queued.load(Relaxed),
                     matched_blocks: matched,
                     prefix_score: s.map_or(0.0, |s| s.score),
                     approx_prefix_score: approx,
@@ -282,8 +286,9 @@ impl Gateway {
         let mut rest: Vec<(usize, f64)> =
             d.candidates.iter().zip(&d.totals).filter(|(i, _)| **i != pick).map(|(i, t)| (*i, *t)).collect();
         rest.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let order: Vec<Arc<Backend>> =
-            std::iter::once(pick).chain(rest.into_iter().map(|x| x.0)).map(|i| backends[i].clone()).collect();
+        let idx: Vec<usize> = std::iter::once(pick).chain(rest.into_iter().map(|x| x.0)).collect();
+        let order: Vec<Arc<Backend>> = idx.iter().map(|&i| backends[i].clone()).collect();
+        let uncached = idx.iter().map(|&i| est_tokens.saturating_sub(views[i].matched_blocks * bs) as u64).collect();
         self.decision_seconds.observe(t0.elapsed().as_secs_f64());
         self.matched_blocks.observe(views[pick].matched_blocks as f64);
         let explain = json!({
@@ -311,7 +316,7 @@ impl Gateway {
             m.insert(s.to_string(), views[pick].name.clone());
         }
         let hit = views[pick].matched_blocks > 0;
-        Ok(Routed { order, keys, text_keys, explain, hit })
+        Ok(Routed { order, keys, text_keys, explain, hit, uncached })
     }
 }
 
@@ -374,11 +379,32 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
     Json(json!({"object": "list", "data": seen.into_values().collect::<Vec<_>>()})).into_response()
 }
 
-/// Decrements a pod's in-flight count when the response (stream) is done.
-struct InFlight(Arc<Backend>);
+/// A request in flight to a pod: counted in `in_flight` until the response (stream) is
+/// done, and its uncached prompt tokens in `pending_prefill` until the first byte.
+struct InFlight {
+    backend: Arc<Backend>,
+    prefill: u64,
+    answered: bool,
+}
+impl InFlight {
+    fn new(backend: Arc<Backend>, prefill: u64) -> Self {
+        backend.in_flight.fetch_add(1, AcqRel);
+        backend.queued.fetch_add(1, AcqRel);
+        backend.pending_prefill.fetch_add(prefill, AcqRel);
+        Self { backend, prefill, answered: false }
+    }
+    /// The pod answered: its prefill for this request is done.
+    fn first_byte(&mut self) {
+        if !std::mem::replace(&mut self.answered, true) {
+            self.backend.pending_prefill.fetch_sub(self.prefill, AcqRel);
+            self.backend.queued.fetch_sub(1, AcqRel);
+        }
+    }
+}
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, AcqRel);
+        self.first_byte();
+        self.backend.in_flight.fetch_sub(1, AcqRel);
     }
 }
 
@@ -395,9 +421,8 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
     };
     let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
     let mut last_err = String::new();
-    for b in routed.order.iter().take(gw.max_retries + 1) {
-        b.in_flight.fetch_add(1, AcqRel);
-        let guard = InFlight(b.clone());
+    for (b, &uncached) in routed.order.iter().zip(&routed.uncached).take(gw.max_retries + 1) {
+        let mut guard = InFlight::new(b.clone(), uncached);
         let mut req =
             gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json").body(body.clone());
         for h in ["authorization", "x-request-id", "x-session-id"] {
@@ -421,9 +446,9 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
                 let ttft = gw.ttft.with_label_values(&[if routed.hit { "hit" } else { "miss" }]);
                 let mut first = true;
                 let stream = resp.bytes_stream().map(move |chunk| {
-                    let _hold = &guard;
                     if first {
                         first = false;
+                        guard.first_byte();
                         ttft.observe(t0.elapsed().as_secs_f64());
                     }
                     chunk

@@ -21,6 +21,10 @@ pub struct Backend {
     pub failures: AtomicU32,
     /// Requests the router has in flight to this pod.
     pub in_flight: AtomicU32,
+    /// Uncached prompt tokens of requests sent here that have no first byte back yet.
+    pub pending_prefill: AtomicU64,
+    /// Requests sent here that have no first byte back yet.
+    pub queued: AtomicU32,
     /// Models (and LoRA adapters) the pod serves, from `/v1/models`.
     pub models: RwLock<Vec<Value>>,
     /// Scraped `vllm:kv_cache_usage_perc` and `vllm:num_requests_waiting` (f64 bits),
@@ -43,6 +47,8 @@ impl Backend {
             healthy: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
+            pending_prefill: AtomicU64::new(0),
+            queued: AtomicU32::new(0),
             models: RwLock::new(Vec::new()),
             kv_usage: AtomicU64::new(0),
             waiting: AtomicU64::new(0),

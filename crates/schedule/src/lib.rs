@@ -32,6 +32,12 @@ pub struct PodView {
     pub name: String,
     /// Requests the router has in flight to this pod.
     pub in_flight: u32,
+    /// Prompt tokens the router sent to this pod that the pod has not yet answered with a
+    /// first token, less what the pod held in cache when each was routed: the prefill
+    /// work queued ahead of a new request, known without waiting for a metrics scrape.
+    pub pending_prefill_tokens: f64,
+    /// Requests in flight to this pod that have no first token yet (queued or prefilling).
+    pub queued: u32,
     /// Consecutive prompt blocks from block 0 the pod holds (index).
     pub matched_blocks: usize,
     /// Tier-weighted match in `0..=1` (index).
@@ -187,13 +193,22 @@ impl Scorer for KvUtilScorer {
     }
 }
 
-/// Predicted time to first token, in token-equivalents: the pod's uncached prompt tokens
-/// plus `queue_tokens` per request it already has in flight (their prefill and batch
-/// share delay this one). Lowest cost scores 1; the others `min / cost`. One number for
-/// "cache hit" and "balanced load": a cached prefix wins until its pod is busier by more
-/// than the prefill it saves.
+/// Predicted time to first token, in prompt-token equivalents: this request's uncached
+/// prompt tokens on the pod, plus the prefill the pod still owes earlier requests
+/// (`pending_prefill_tokens`, which the router tracks itself), plus `queue_tokens` per
+/// request in flight (each slows the pod's batched steps). Recomputing a prefix the fleet
+/// already holds also costs everyone else (GPU time, and the copy evicts other cached
+/// blocks), so uncached tokens count `1 + recompute_penalty` times.
+///
+/// Scores are relative to the cheapest pod and scaled by the request's own size:
+/// `P / (P + cost − min_cost)` with `P` the prompt tokens, so a pod that costs one extra
+/// full prefill scores ½ however long every pod's queue is (a plain `min / cost` would
+/// flatten toward 1 under load and let other scorers undo cache affinity).
 pub struct PredictedTtftScorer {
     pub queue_tokens: f64,
+    pub recompute_penalty: f64,
+    /// Token-equivalents per request still waiting for its first token on the pod.
+    pub queued_tokens: f64,
 }
 impl Scorer for PredictedTtftScorer {
     fn name(&self) -> &str {
@@ -204,11 +219,15 @@ impl Scorer for PredictedTtftScorer {
             .iter()
             .map(|p| {
                 let cached = (p.matched_blocks * r.block_size).min(r.prompt_tokens) as f64;
-                1.0 + (r.prompt_tokens as f64 - cached) + self.queue_tokens * p.in_flight as f64
+                (r.prompt_tokens as f64 - cached) * (1.0 + self.recompute_penalty.max(0.0))
+                    + p.pending_prefill_tokens.max(0.0)
+                    + self.queue_tokens * p.in_flight as f64
+                    + self.queued_tokens * p.queued as f64
             })
             .collect();
         let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
-        costs.iter().map(|c| min / c).collect()
+        let scale = r.prompt_tokens.max(1) as f64;
+        costs.iter().map(|c| scale / (scale + c - min)).collect()
     }
 }
 
@@ -374,9 +393,11 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
         "lora-affinity-scorer" => Plugin::Scorer(Box::new(LoraAffinityScorer)),
         "kv-cache-utilization-scorer" => Plugin::Scorer(Box::new(KvUtilScorer)),
         "session-affinity-scorer" => Plugin::Scorer(Box::new(SessionAffinityScorer)),
-        "predicted-ttft-scorer" => {
-            Plugin::Scorer(Box::new(PredictedTtftScorer { queue_tokens: f("queueTokens", 128.0) }))
-        }
+        "predicted-ttft-scorer" => Plugin::Scorer(Box::new(PredictedTtftScorer {
+            queue_tokens: f("queueTokens", 128.0),
+            recompute_penalty: f("recomputePenalty", 1.0),
+            queued_tokens: f("queuedTokens", 0.0),
+        })),
         "no-hit-lru-scorer" => Plugin::Scorer(Box::new(NoHitLruScorer::default())),
         "saturation-filter" => Plugin::Filter(Box::new(SaturationFilter { threshold: f("kvCacheThreshold", 0.95) })),
         "label-selector-filter" => {
@@ -502,7 +523,10 @@ impl SchedulerConfig {
             name: "default".into(),
             filters: vec![],
             scorers: vec![
-                (Box::new(PredictedTtftScorer { queue_tokens: 128.0 }), 3.0),
+                (
+                    Box::new(PredictedTtftScorer { queue_tokens: 128.0, recompute_penalty: 1.0, queued_tokens: 0.0 }),
+                    3.0,
+                ),
                 (Box::new(ActiveRequestScorer), 1.0),
                 (Box::new(NoHitLruScorer::default()), 1.0),
             ],
@@ -562,6 +586,8 @@ mod tests {
         PodView {
             name: name.into(),
             in_flight,
+            pending_prefill_tokens: 0.0,
+            queued: 0,
             matched_blocks: matched,
             prefix_score: matched as f64 / 10.0,
             approx_prefix_score: matched as f64 / 10.0,

@@ -16,12 +16,17 @@ pub struct Latency {
     /// Slowdown at full batch (`max_num_seqs` running): f = 1 + (this − 1)·(running − 1)/(max − 1).
     pub load_factor: f64,
     pub max_num_seqs: usize,
+    /// GPU time per prompt token inside a batched step (continuous-batching model): the
+    /// profile's prefill throughput at full batch, `prefill_per_token × load_factor ÷
+    /// max_num_seqs`, so both models saturate at the same prefill rate.
+    pub batched_prefill_per_token: Duration,
 }
 
 /// Latency profiles (llm-d simulator's published profiles).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Profile {
-    /// Llama-3-8B on one H100: ITL 12 ms, overhead 30 ms, prefill 250 µs/token, 16 seqs.
+    /// Llama-3-8B on one H100: ITL 12 ms, overhead 30 ms, prefill 250 µs/token, 16 seqs
+    /// (batched prefill 31 µs/token: 32 K tokens/s).
     #[default]
     #[value(name = "8b-h100")]
     B8H100,
@@ -47,6 +52,7 @@ impl Profile {
             kv_transfer_per_token: Duration::from_micros(xfer),
             load_factor: f,
             max_num_seqs: seqs,
+            batched_prefill_per_token: Duration::from_nanos((pre as f64 * 1e3 * f / seqs as f64) as u64),
         }
     }
 }

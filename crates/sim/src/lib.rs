@@ -8,6 +8,7 @@
 //! replay endpoint; a latency model in model time (`--speedup` divides the real delays).
 //! Tokens come from `kvroute-tokenize`, the router's own tokenizer code.
 
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod http;

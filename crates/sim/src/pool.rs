@@ -4,6 +4,26 @@
 //! does not fit waits instead of failing.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Block hashes are already uniformly distributed: one multiply spreads them over the
+/// table (SipHash costs more than the rest of an allocation).
+#[derive(Default)]
+pub struct BlockKeyHasher(u64);
+impl Hasher for BlockKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        self.0 = (self.0 ^ k).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+}
+type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<BlockKeyHasher>>;
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -25,7 +45,7 @@ pub struct NoSpace;
 
 pub struct BlockPool {
     capacity: usize,
-    cached: HashMap<u64, Entry>,
+    cached: KeyMap<Entry>,
     free_lru: VecDeque<(u64, u64)>,
     free_cached: usize,
     in_use_cached: usize,
@@ -37,7 +57,7 @@ impl BlockPool {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            cached: HashMap::new(),
+            cached: KeyMap::default(),
             free_lru: VecDeque::new(),
             free_cached: 0,
             in_use_cached: 0,
