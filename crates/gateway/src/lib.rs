@@ -264,6 +264,7 @@ impl Gateway {
                     in_flight: b.in_flight.load(Relaxed),
                     pending_prefill_tokens: b.pending_prefill.load(Relaxed) as f64,
                     queued: b.queued.load(Relaxed),
+                    cache_turnover: b.cache_turnover(),
                     matched_blocks: matched,
                     prefix_score: s.map_or(0.0, |s| s.score),
                     approx_prefix_score: approx,
@@ -439,6 +440,7 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
             }
             Ok(resp) => {
                 gw.applier.index().store_speculative(b.pod, Tiers::GPU, &routed.keys);
+                b.add_new_blocks(uncached as usize / gw.keys.block_size().max(1));
                 gw.approx.record(b.pod, &routed.text_keys);
                 gw.decisions.with_label_values(&[&b.name]).inc();
                 let status = resp.status();

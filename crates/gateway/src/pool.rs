@@ -25,6 +25,10 @@ pub struct Backend {
     pub pending_prefill: AtomicU64,
     /// Requests sent here that have no first byte back yet.
     pub queued: AtomicU32,
+    /// Uncached blocks routed here (decayed, see `kvroute_schedule::decayed`) and when.
+    new_blocks: parking_lot::Mutex<(f64, Instant)>,
+    /// KV capacity in blocks, from `vllm:cache_config_info{num_gpu_blocks}` (0: unknown).
+    gpu_blocks: AtomicU64,
     /// Models (and LoRA adapters) the pod serves, from `/v1/models`.
     pub models: RwLock<Vec<Value>>,
     /// Scraped `vllm:kv_cache_usage_perc` and `vllm:num_requests_waiting` (f64 bits),
@@ -49,6 +53,8 @@ impl Backend {
             in_flight: AtomicU32::new(0),
             pending_prefill: AtomicU64::new(0),
             queued: AtomicU32::new(0),
+            new_blocks: parking_lot::Mutex::new((0.0, Instant::now())),
+            gpu_blocks: AtomicU64::new(0),
             models: RwLock::new(Vec::new()),
             kv_usage: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
@@ -85,6 +91,23 @@ impl Backend {
         fresh.then(|| f64::from_bits(self.waiting.load(Relaxed)))
     }
 
+    /// Records `n` blocks the pod did not hold sent to it.
+    pub fn add_new_blocks(&self, n: usize) {
+        let mut g = self.new_blocks.lock();
+        let now = Instant::now();
+        *g = (kvroute_schedule::decayed(g.0, now.duration_since(g.1).as_secs_f64()) + n as f64, now);
+    }
+
+    /// Decayed new blocks ÷ KV capacity (`None` until the capacity is scraped).
+    pub fn cache_turnover(&self) -> Option<f64> {
+        let cap = self.gpu_blocks.load(Relaxed);
+        if cap == 0 {
+            return None;
+        }
+        let g = self.new_blocks.lock();
+        Some(kvroute_schedule::decayed(g.0, g.1.elapsed().as_secs_f64()) / cap as f64)
+    }
+
     pub fn serves(&self, model: &str) -> bool {
         let m = self.models.read();
         m.is_empty() || m.iter().any(|x| x.get("id").and_then(Value::as_str) == Some(model))
@@ -104,6 +127,15 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// `running_lora_adapters` of the freshest `vllm:lora_requests_info` series.
+/// A numeric label of the first sample of `name`, e.g. `num_gpu_blocks` of
+/// `vllm:cache_config_info{…,num_gpu_blocks="4096",…} 1`.
+fn label_value(text: &str, name: &str, label: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))?;
+    let pat = format!("{label}=\"");
+    let start = line.find(&pat)? + pat.len();
+    line[start..].split('"').next()?.parse().ok()
+}
+
 fn running_loras(text: &str) -> Vec<String> {
     let best = text.lines().filter(|l| l.starts_with("vllm:lora_requests_info{")).max_by(|a, b| {
         let v = |l: &str| l.rsplit(' ').next().and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
@@ -159,6 +191,9 @@ impl Pool {
                                     Relaxed,
                                 );
                                 *b.running_loras.write() = running_loras(&text);
+                                if let Some(n) = label_value(&text, "vllm:cache_config_info", "num_gpu_blocks") {
+                                    b.gpu_blocks.store(n, Relaxed);
+                                }
                                 *b.scraped.write() = Some(Instant::now());
                             }
                         }
@@ -178,6 +213,9 @@ mod tests {
                  vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"\"} 1700000000.5\n\
                  vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"old\",waiting_lora_adapters=\"\"} 1600000000\n";
         assert_eq!(super::metric(t, "vllm:num_requests_waiting"), Some(3.0));
+        let c = "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"4096\",engine=\"0\"} 1\n";
+        assert_eq!(super::label_value(c, "vllm:cache_config_info", "num_gpu_blocks"), Some(4096));
+        assert_eq!(super::label_value(c, "vllm:cache_config_info", "missing"), None);
         assert_eq!(super::running_loras(t), vec!["a".to_string(), "b".to_string()]);
     }
 }

@@ -38,6 +38,12 @@ pub struct PodView {
     pub pending_prefill_tokens: f64,
     /// Requests in flight to this pod that have no first token yet (queued or prefilling).
     pub queued: u32,
+    /// How fast the router is filling this pod's cache with new blocks: uncached blocks
+    /// routed here over the last ~minute (exponentially decayed) ÷ the pod's KV capacity.
+    /// Near 0 the pod has room to spare; ≥ 1 its cache is rewritten within a minute, so
+    /// new content there evicts blocks that are still being reused. `None`: unknown
+    /// capacity.
+    pub cache_turnover: Option<f64>,
     /// Consecutive prompt blocks from block 0 the pod holds (index).
     pub matched_blocks: usize,
     /// Tier-weighted match in `0..=1` (index).
@@ -200,6 +206,11 @@ impl Scorer for KvUtilScorer {
 /// already holds also costs everyone else (GPU time, and the copy evicts other cached
 /// blocks), so uncached tokens count `1 + recompute_penalty` times.
 ///
+/// New blocks also evict: on a pod whose cache already turns over fast
+/// (`cache_turnover`), uncached tokens cost `1 + turnover_weight × turnover` more, so a
+/// pod that holds a popular shared prefix does not draw every conversation onto itself
+/// and thrash (the hot spot llm-d users report).
+///
 /// Scores are relative to the cheapest pod and scaled by the request's own size:
 /// `P / (P + cost − min_cost)` with `P` the prompt tokens, so a pod that costs one extra
 /// full prefill scores ½ however long every pod's queue is (a plain `min / cost` would
@@ -209,6 +220,8 @@ pub struct PredictedTtftScorer {
     pub recompute_penalty: f64,
     /// Token-equivalents per request still waiting for its first token on the pod.
     pub queued_tokens: f64,
+    /// Weight of the pod's cache turnover on the cost of its uncached tokens.
+    pub turnover_weight: f64,
 }
 impl Scorer for PredictedTtftScorer {
     fn name(&self) -> &str {
@@ -219,7 +232,8 @@ impl Scorer for PredictedTtftScorer {
             .iter()
             .map(|p| {
                 let cached = (p.matched_blocks * r.block_size).min(r.prompt_tokens) as f64;
-                (r.prompt_tokens as f64 - cached) * (1.0 + self.recompute_penalty.max(0.0))
+                let eviction = 1.0 + self.turnover_weight * p.cache_turnover.unwrap_or(0.0).max(0.0);
+                (r.prompt_tokens as f64 - cached) * (1.0 + self.recompute_penalty.max(0.0)) * eviction
                     + p.pending_prefill_tokens.max(0.0)
                     + self.queue_tokens * p.in_flight as f64
                     + self.queued_tokens * p.queued as f64
@@ -229,6 +243,14 @@ impl Scorer for PredictedTtftScorer {
         let scale = r.prompt_tokens.max(1) as f64;
         costs.iter().map(|c| scale / (scale + c - min)).collect()
     }
+}
+
+/// Time constant of [`PodView::cache_turnover`]'s decayed block count, seconds.
+pub const TURNOVER_TAU_S: f64 = 60.0;
+
+/// A decayed count `value` last updated `elapsed_s` ago, brought forward to now.
+pub fn decayed(value: f64, elapsed_s: f64) -> f64 {
+    value * (-elapsed_s.max(0.0) / TURNOVER_TAU_S).exp()
 }
 
 /// For requests no pod has cached: prefer the pod that least recently got such a request,
@@ -395,8 +417,9 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
         "session-affinity-scorer" => Plugin::Scorer(Box::new(SessionAffinityScorer)),
         "predicted-ttft-scorer" => Plugin::Scorer(Box::new(PredictedTtftScorer {
             queue_tokens: f("queueTokens", 128.0),
-            recompute_penalty: f("recomputePenalty", 1.0),
+            recompute_penalty: f("recomputePenalty", 2.0),
             queued_tokens: f("queuedTokens", 0.0),
+            turnover_weight: f("turnoverWeight", 4.0),
         })),
         "no-hit-lru-scorer" => Plugin::Scorer(Box::new(NoHitLruScorer::default())),
         "saturation-filter" => Plugin::Filter(Box::new(SaturationFilter { threshold: f("kvCacheThreshold", 0.95) })),
@@ -524,7 +547,12 @@ impl SchedulerConfig {
             filters: vec![],
             scorers: vec![
                 (
-                    Box::new(PredictedTtftScorer { queue_tokens: 128.0, recompute_penalty: 1.0, queued_tokens: 0.0 }),
+                    Box::new(PredictedTtftScorer {
+                        queue_tokens: 128.0,
+                        recompute_penalty: 2.0,
+                        queued_tokens: 0.0,
+                        turnover_weight: 4.0,
+                    }),
                     3.0,
                 ),
                 (Box::new(ActiveRequestScorer), 1.0),
@@ -588,6 +616,7 @@ mod tests {
             in_flight,
             pending_prefill_tokens: 0.0,
             queued: 0,
+            cache_turnover: None,
             matched_blocks: matched,
             prefix_score: matched as f64 / 10.0,
             approx_prefix_score: matched as f64 / 10.0,
@@ -605,9 +634,29 @@ mod tests {
         let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
         let pods = vec![pod("a", 0, 0), pod("b", 1, 120), pod("c", 0, 0)];
         assert_eq!(p.schedule(&req, &pods).pick, Some(1), "a hit outweighs one request in flight");
-        let pods = vec![pod("a", 0, 0), pod("b", 30, 120), pod("c", 0, 0)];
+        let pods = vec![pod("a", 0, 0), pod("b", 60, 120), pod("c", 0, 0)];
         let pick = p.schedule(&req, &pods).pick.unwrap();
         assert_ne!(pick, 1, "a hot prefix does not pile onto one pod");
+    }
+
+    #[test]
+    fn queued_prefill_and_cache_turnover_move_requests_off_a_cached_pod() {
+        let p = SchedulerConfig::default_profile();
+        let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+        // The cached pod owes 20 K tokens of prefill to earlier requests: a full
+        // recompute elsewhere (3 × 2048 with the recompute penalty) is cheaper.
+        let mut b = pod("b", 1, 120);
+        b.pending_prefill_tokens = 20_000.0;
+        assert_ne!(p.schedule(&req, &[pod("a", 0, 0), b.clone(), pod("c", 0, 0)]).pick, Some(1));
+        b.pending_prefill_tokens = 2_000.0;
+        assert_eq!(p.schedule(&req, &[pod("a", 0, 0), b, pod("c", 0, 0)]).pick, Some(1));
+        // Only a shared system prompt (40 of 128 blocks) is cached on b: with b's cache
+        // rewritten twice a minute already, the new 88 blocks go elsewhere.
+        let idle = |n: &str| PodView { cache_turnover: Some(0.0), ..pod(n, 0, 0) };
+        let mut b = PodView { cache_turnover: Some(0.0), ..pod("b", 0, 40) };
+        assert_eq!(p.schedule(&req, &[idle("a"), b.clone(), idle("c")]).pick, Some(1));
+        b.cache_turnover = Some(2.0);
+        assert_ne!(p.schedule(&req, &[idle("a"), b, idle("c")]).pick, Some(1));
     }
 
     #[test]
