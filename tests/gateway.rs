@@ -347,3 +347,54 @@ fn a_yaml_pool_with_roles_and_dialled_event_endpoints() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn offline_simulation_agrees_with_a_live_run_of_the_same_workload() {
+    let f = Fleet::start(3, &[]);
+    let workload = [
+        "--workload",
+        "shared-prefix",
+        "--groups",
+        "8",
+        "--prompts-per-group",
+        "6",
+        "--system-tokens",
+        "512",
+        "--question-tokens",
+        "64",
+        "--output-tokens",
+        "8",
+        "--qps",
+        "2",
+        "--seed",
+        "7",
+    ];
+    let dir = std::env::temp_dir().join(format!("kvroute-agree-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (live, offline) = (dir.join("live.json"), dir.join("offline.json"));
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_kvroute"));
+    bench.args(["bench", "--url", &f.router, "--model", "m", "--quiet", "--output-json", live.to_str().unwrap()]);
+    for (p, _) in &f.sims {
+        bench.args(["--server", &format!("http://127.0.0.1:{p}")]);
+    }
+    // The sims run 100× faster than model time: so does the replay.
+    let o = bench.args(workload).args(["--time-scale", "0.01"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["simulate", "--servers", "3", "--engine", "per-request", "--policies", "default"])
+        .args(["--output-json", offline.to_str().unwrap()])
+        .args(workload)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: &std::path::Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (live, offline) = (read(&live), read(&offline));
+    assert_eq!(live["errors"], 0, "{live}");
+    let (l, o) =
+        (live["hit_rate_tokens"].as_f64().unwrap(), offline["policies"][0]["hit_rate_tokens"].as_f64().unwrap());
+    // 40 of 48 requests can reuse their group's 512-token prefix: ≈ 74 % at best.
+    assert!(o > 0.6, "offline {offline}");
+    assert!((l - o).abs() < 0.05, "live {l:.3} vs offline {o:.3}");
+    eprintln!("hit rate: live {l:.4}, offline {o:.4}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -424,6 +424,11 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
     let mut last_err = String::new();
     for (b, &uncached) in routed.order.iter().zip(&routed.uncached).take(gw.max_retries + 1) {
         let mut guard = InFlight::new(b.clone(), uncached);
+        // Record the pick before the pod answers (it may take the whole prefill to send
+        // headers): a same-prefix request right behind this one must already see it.
+        gw.applier.index().store_speculative(b.pod, Tiers::GPU, &routed.keys);
+        b.add_new_blocks(uncached as usize / gw.keys.block_size().max(1));
+        gw.approx.record(b.pod, &routed.text_keys);
         let mut req =
             gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json").body(body.clone());
         for h in ["authorization", "x-request-id", "x-session-id"] {
@@ -439,9 +444,6 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
                 }
             }
             Ok(resp) => {
-                gw.applier.index().store_speculative(b.pod, Tiers::GPU, &routed.keys);
-                b.add_new_blocks(uncached as usize / gw.keys.block_size().max(1));
-                gw.approx.record(b.pod, &routed.text_keys);
                 gw.decisions.with_label_values(&[&b.name]).inc();
                 let status = resp.status();
                 let ctype = resp.headers().get("content-type").cloned();
