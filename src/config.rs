@@ -17,6 +17,13 @@
 //!   seed: null                  # PYTHONHASHSEED as the servers have it; null = unset
 //!   vllm_version: "0.33"
 //!   block_size: 16
+//! ext_proc:                     # Envoy ext_proc door (GIE endpoint picker); off when null
+//!   listen: null                # e.g. 0.0.0.0:9002
+//!   health_listen: null         # gRPC health, e.g. 0.0.0.0:9003
+//! saturation:                   # both doors answer 429 when every candidate is saturated
+//!   max_queued_per_pod: 512     # requests without a first byte: all pods there → 429
+//!   queue_depth: 5              # scraped waiting requests: busy (sheddable requests → 429)
+//!   kv_cache_utilization: 0.8   # scraped KV usage: busy
 //! index:
 //!   capacity: 16777216          # (block, pod) entries before LRU eviction
 //!   speculative_ttl_ms: 2000
@@ -65,6 +72,36 @@ pub struct HashSection {
 impl Default for HashSection {
     fn default() -> Self {
         Self { algo: HashAlgo::Sha256, seed: None, vllm_version: VllmVersion::LATEST, block_size: 16 }
+    }
+}
+
+/// The Envoy ext_proc door.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExtProcSection {
+    /// `envoy.service.ext_proc.v3.ExternalProcessor` gRPC address (llm-d: 9002).
+    pub listen: Option<SocketAddr>,
+    /// gRPC health address (llm-d: 9003).
+    pub health_listen: Option<SocketAddr>,
+}
+
+/// When pods count as saturated (429 from both doors).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SaturationSection {
+    pub max_queued_per_pod: u32,
+    pub queue_depth: f64,
+    pub kv_cache_utilization: f64,
+}
+
+impl Default for SaturationSection {
+    fn default() -> Self {
+        let d = kvroute_gateway::Saturation::default();
+        Self {
+            max_queued_per_pod: d.max_queued_per_pod,
+            queue_depth: d.queue_depth,
+            kv_cache_utilization: d.kv_cache_utilization,
+        }
     }
 }
 
@@ -126,6 +163,8 @@ pub struct ServeConfig {
     pub hash: HashSection,
     pub index: IndexSection,
     pub ingest: IngestConfig,
+    pub ext_proc: ExtProcSection,
+    pub saturation: SaturationSection,
 }
 
 impl Default for ServeConfig {
@@ -141,6 +180,8 @@ impl Default for ServeConfig {
             hash: HashSection::default(),
             index: IndexSection::default(),
             ingest: IngestConfig::default(),
+            ext_proc: ExtProcSection::default(),
+            saturation: SaturationSection::default(),
         }
     }
 }

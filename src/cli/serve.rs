@@ -43,6 +43,17 @@ pub struct ServeArgs {
     /// approximate (text) prefix; 0 = never tokenize [default: 50].
     #[arg(long)]
     tokenize_deadline_ms: Option<u64>,
+    /// Serve Envoy ext_proc (the Gateway API Inference Extension endpoint picker) here,
+    /// e.g. 0.0.0.0:9002 [default: off].
+    #[arg(long)]
+    ext_proc_listen: Option<std::net::SocketAddr>,
+    /// gRPC health service address, e.g. 0.0.0.0:9003 [default: off].
+    #[arg(long)]
+    grpc_health_listen: Option<std::net::SocketAddr>,
+    /// Requests without a first byte per pod at which it takes no more; when every
+    /// candidate is there, 429 [default: 512].
+    #[arg(long)]
+    max_queued_per_pod: Option<u32>,
     /// Do not bind any SUB socket (dial mode only).
     #[arg(long, conflicts_with = "zmq_bind")]
     no_zmq_bind: bool,
@@ -146,6 +157,13 @@ impl ServeArgs {
         }
         set!(self.health_interval_ms, c.health_interval_ms);
         set!(self.tokenize_deadline_ms, c.tokenize_deadline_ms);
+        if self.ext_proc_listen.is_some() {
+            c.ext_proc.listen = self.ext_proc_listen;
+        }
+        if self.grpc_health_listen.is_some() {
+            c.ext_proc.health_listen = self.grpc_health_listen;
+        }
+        set!(self.max_queued_per_pod, c.saturation.max_queued_per_pod);
         if self.hash_seed.is_some() {
             c.hash.seed = self.hash_seed.clone();
         }
@@ -233,7 +251,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut gateway =
         kvroute_gateway::Gateway::new(pool.clone(), profile, applier.clone(), keys.clone(), tokenizers, &registry)?;
     gateway.tokenize_deadline = Duration::from_millis(cfg.tokenize_deadline_ms);
+    gateway.saturation = kvroute_gateway::Saturation {
+        max_queued_per_pod: cfg.saturation.max_queued_per_pod,
+        queue_depth: cfg.saturation.queue_depth,
+        kv_cache_utilization: cfg.saturation.kv_cache_utilization,
+    };
     let gateway = Arc::new(gateway);
+    let ext_proc = match cfg.ext_proc.listen {
+        Some(_) => Some(kvroute_extproc::ExtProc::new(gateway.clone(), &registry)?),
+        None => None,
+    };
     let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -248,6 +275,41 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             "kvroute serving"
         );
         pool.spawn_probes(gateway.client.clone(), Duration::from_millis(cfg.health_interval_ms.max(50)));
+        if let (Some(addr), Some(svc)) = (cfg.ext_proc.listen, ext_proc) {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (ext_proc)"))?;
+            tracing::info!(%addr, "ext_proc serving");
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(async move {
+                if let Err(e) = tonic::transport::Server::builder()
+                    .add_service(svc.into_server())
+                    .serve_with_incoming(incoming)
+                    .await
+                {
+                    tracing::error!("ext_proc server failed: {e}");
+                }
+            });
+        }
+        if let Some(addr) = cfg.ext_proc.health_listen {
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+            reporter
+                .set_service_status("envoy.service.ext_proc.v3.ExternalProcessor", tonic_health::ServingStatus::Serving)
+                .await;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (gRPC health)"))?;
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            tokio::spawn(async move {
+                let _keep = reporter;
+                if let Err(e) =
+                    tonic::transport::Server::builder().add_service(health).serve_with_incoming(incoming).await
+                {
+                    tracing::error!("gRPC health server failed: {e}");
+                }
+            });
+        }
         let app = kvroute_api::router(state).merge(kvroute_gateway::router(gateway));
         // TCP_NODELAY: small streamed chunks (SSE) go out at once instead of waiting ~40 ms
         // for Nagle + delayed ACK.

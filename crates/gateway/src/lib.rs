@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -37,6 +37,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use serde_json::{json, Value};
 use tracing::warn;
 
+pub use axum::http::StatusCode;
 pub use pool::{Backend, Pool};
 
 /// Exact prompt → tokens entries, and their insertion order (FIFO eviction at 4,096).
@@ -66,6 +67,8 @@ pub struct Gateway {
     plugin_seconds: prometheus::HistogramVec,
     pub max_retries: usize,
     pub scrape_max_age: Duration,
+    pub saturation: Saturation,
+    shed: prometheus::IntCounter,
     scorer: LongestPrefixScorer,
     decisions: IntCounterVec,
     decision_seconds: Histogram,
@@ -73,16 +76,59 @@ pub struct Gateway {
 }
 
 /// What routing decided for one request.
-struct Routed {
+pub struct Routed {
     /// Backends in the order to try them (the pick first).
-    order: Vec<Arc<Backend>>,
-    keys: Vec<u64>,
-    text_keys: Vec<u64>,
-    explain: Value,
+    pub order: Vec<Arc<Backend>>,
+    pub keys: Vec<u64>,
+    pub text_keys: Vec<u64>,
+    /// The decision, as `/v1/route/explain` shows it.
+    pub explain: Value,
     /// The pick had some of the prefix cached.
-    hit: bool,
+    pub hit: bool,
     /// Estimated uncached prompt tokens on each backend of `order`.
-    uncached: Vec<u64>,
+    pub uncached: Vec<u64>,
+}
+
+/// A request to route, from either door.
+#[derive(Clone, Copy, Default)]
+pub struct RouteRequest<'a> {
+    /// `/v1/chat/completions` (else `/v1/completions`).
+    pub chat: bool,
+    pub model: &'a str,
+    pub body: &'a Value,
+    /// `x-session-id` / `x-session-token`.
+    pub session: Option<&'a str>,
+    /// May be refused (429) when every candidate is busy, not only when all are full.
+    pub sheddable: bool,
+    /// Only these endpoints (`ip:port` or `ip`) are candidates (Envoy's subset hint).
+    pub subset: Option<&'a [String]>,
+}
+
+/// When a pod counts as saturated (llm-d's saturation detector, plus the router's own
+/// count of requests waiting for a first byte).
+#[derive(Clone, Debug)]
+pub struct Saturation {
+    /// Requests without a first byte at which a pod takes no more (every request gets 429
+    /// when all candidates are there).
+    pub max_queued_per_pod: u32,
+    /// Scraped `vllm:num_requests_waiting` at which a pod is busy (sheddable requests get
+    /// 429 when all candidates are busy).
+    pub queue_depth: f64,
+    /// Scraped `vllm:kv_cache_usage_perc` at which a pod is busy.
+    pub kv_cache_utilization: f64,
+}
+
+impl Default for Saturation {
+    fn default() -> Self {
+        Self { max_queued_per_pod: 512, queue_depth: 5.0, kv_cache_utilization: 0.8 }
+    }
+}
+
+/// llm-d's sheddable requests: `x-gateway-inference-objective: sheddable` or a negative
+/// `x-gateway-inference-priority`.
+pub fn is_sheddable<'a>(header: impl Fn(&str) -> Option<&'a str>) -> bool {
+    header("x-gateway-inference-objective").is_some_and(|v| v.eq_ignore_ascii_case("sheddable"))
+        || header("x-gateway-inference-priority").and_then(|v| v.trim().parse::<i64>().ok()).is_some_and(|p| p < 0)
 }
 
 impl Gateway {
@@ -126,6 +172,11 @@ impl Gateway {
                 .buckets(vec![0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
         )?;
         registry.register(Box::new(matched_blocks.clone()))?;
+        let shed = prometheus::IntCounter::new(
+            "kvroute_router_saturated_rejections_total",
+            "Requests refused with 429 because every candidate pod was saturated",
+        )?;
+        registry.register(Box::new(shed.clone()))?;
         Ok(Self {
             pool,
             client: reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap_or_default(),
@@ -143,6 +194,8 @@ impl Gateway {
             plugin_seconds,
             max_retries: 2,
             scrape_max_age: Duration::from_secs(10),
+            saturation: Saturation::default(),
+            shed,
             scorer: LongestPrefixScorer::default(),
             decisions,
             decision_seconds,
@@ -156,7 +209,7 @@ impl Gateway {
 
     /// The prompt as text (rendered with the chat template for chats) and, when the body
     /// gives token ids, those ids.
-    fn prompt(&self, chat: bool, model: &str, v: &Value) -> Result<(String, Option<Vec<u32>>), Response> {
+    fn prompt(&self, chat: bool, model: &str, v: &Value) -> Result<(String, Option<Vec<u32>>), RouteError> {
         if chat {
             let m = v.get("messages").filter(|m| m.is_array()).ok_or_else(|| bad("`messages` must be an array"))?;
             let text = self
@@ -178,7 +231,7 @@ impl Gateway {
                             .and_then(|n| u32::try_from(n).ok())
                             .ok_or_else(|| bad("`prompt` token ids must be non-negative integers"))
                     })
-                    .collect::<Result<Vec<u32>, Response>>()?;
+                    .collect::<Result<Vec<u32>, RouteError>>()?;
                 let text = ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
                 Ok((text, Some(ids)))
             }
@@ -219,8 +272,22 @@ impl Gateway {
         Some(tokens)
     }
 
+    /// Sends the request to `routed.order[i]`: records the pick before the pod answers
+    /// (speculative index entries, the approximate prefix, new blocks — a same-prefix
+    /// request right behind this one must already see it) and counts it in flight.
+    pub fn commit(&self, routed: &Routed, i: usize) -> InFlight {
+        let b = &routed.order[i];
+        let uncached = routed.uncached.get(i).copied().unwrap_or(0);
+        self.applier.index().store_speculative(b.pod, Tiers::GPU, &routed.keys);
+        b.add_new_blocks(uncached as usize / self.keys.block_size().max(1));
+        self.approx.record(b.pod, &routed.text_keys);
+        self.decisions.with_label_values(&[&b.name]).inc();
+        InFlight::new(b.clone(), uncached)
+    }
+
     /// Tokenize → keys → index scores → profile → candidates in order.
-    async fn route(&self, chat: bool, model: &str, v: &Value, session: Option<&str>) -> Result<Routed, Response> {
+    pub async fn route(&self, req: &RouteRequest<'_>) -> Result<Routed, RouteError> {
+        let (chat, model, v, session) = (req.chat, req.model, req.body, req.session);
         let t0 = Instant::now();
         let (text, given) = self.prompt(chat, model, v)?;
         let tokens = match given {
@@ -237,10 +304,19 @@ impl Gateway {
             self.keys.keys(t, lora, salt, &mut keys);
         }
         let text_keys = approx::chunk_keys(&format!("{model}\0{}", salt.unwrap_or("")), &text);
+        let in_subset = |b: &Backend| {
+            req.subset.is_none_or(|s| {
+                let ip = b.name.rsplit_once(':').map_or(b.name.as_str(), |x| x.0);
+                s.iter().any(|e| e == &b.name || e == ip)
+            })
+        };
         let backends: Vec<Arc<Backend>> =
-            self.pool.backends.iter().filter(|b| b.is_healthy() && b.serves(model)).cloned().collect();
+            self.pool.backends.iter().filter(|b| b.is_healthy() && b.serves(model) && in_subset(b)).cloned().collect();
         if backends.is_empty() {
-            return Err(error(StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy pod serves model `{model}`")));
+            return Err(RouteError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no ready endpoint serves model `{model}`"),
+            ));
         }
         let ids: Vec<_> = backends.iter().map(|b| b.pod).collect();
         let scores = thread_local_scratch(|s| self.scorer.score(self.applier.index(), &keys, Some(&ids), s));
@@ -276,13 +352,24 @@ impl Gateway {
                 }
             })
             .collect();
+        let sat = &self.saturation;
+        let full = |p: &PodView| p.queued >= sat.max_queued_per_pod;
+        let busy = |p: &PodView| {
+            full(p)
+                || p.waiting.is_some_and(|w| w >= sat.queue_depth)
+                || p.kv_usage.is_some_and(|k| k >= sat.kv_cache_utilization)
+        };
+        if views.iter().all(full) || (req.sheddable && views.iter().all(busy)) {
+            self.shed.inc();
+            return Err(RouteError::new(StatusCode::TOO_MANY_REQUESTS, "every candidate pod is saturated"));
+        }
         let req = RequestView { prompt_tokens: est_tokens, block_size: bs, total_blocks: est_tokens / bs.max(1) };
         let d = self.profile.schedule(&req, &views);
         for (name, secs) in &d.scorer_seconds {
             self.plugin_seconds.with_label_values(&[name]).observe(*secs);
         }
         let Some(pick) = d.pick else {
-            return Err(error(StatusCode::SERVICE_UNAVAILABLE, "no pod left after filtering"));
+            return Err(RouteError::new(StatusCode::SERVICE_UNAVAILABLE, "no pod left after filtering"));
         };
         let mut rest: Vec<(usize, f64)> =
             d.candidates.iter().zip(&d.totals).filter(|(i, _)| **i != pick).map(|(i, t)| (*i, *t)).collect();
@@ -330,8 +417,34 @@ fn error(status: StatusCode, msg: &str) -> Response {
     (status, Json(json!({"error": {"message": msg, "code": status.as_u16()}}))).into_response()
 }
 
-fn bad(msg: &str) -> Response {
-    error(StatusCode::BAD_REQUEST, msg)
+/// Why a request cannot be routed: the HTTP status and a message for the client (both
+/// doors — this gateway and the ext_proc server — answer with them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl RouteError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for RouteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl IntoResponse for RouteError {
+    fn into_response(self) -> Response {
+        error(self.status, &self.message)
+    }
+}
+
+fn bad(msg: &str) -> RouteError {
+    RouteError::new(StatusCode::BAD_REQUEST, msg)
 }
 
 /// The gateway's routes (merged into the router's HTTP app).
@@ -345,7 +458,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
-fn parse(body: &Bytes) -> Result<(Value, String), Response> {
+/// Parses an OpenAI request body: the JSON and its `model` (400 on either missing).
+pub fn parse_request(body: &[u8]) -> Result<(Value, String), RouteError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))?;
     let model = v
         .get("model")
@@ -357,14 +471,14 @@ fn parse(body: &Bytes) -> Result<(Value, String), Response> {
 }
 
 async fn explain(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
-    let (v, model) = match parse(&body) {
+    let (v, model) = match parse_request(&body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let chat = v.get("messages").is_some();
-    match gw.route(chat, &model, &v, None).await {
+    match gw.route(&RouteRequest { chat, model: &model, body: &v, ..Default::default() }).await {
         Ok(r) => Json(r.explain).into_response(),
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -382,7 +496,7 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
 
 /// A request in flight to a pod: counted in `in_flight` until the response (stream) is
 /// done, and its uncached prompt tokens in `pending_prefill` until the first byte.
-struct InFlight {
+pub struct InFlight {
     backend: Arc<Backend>,
     prefill: u64,
     answered: bool,
@@ -395,7 +509,7 @@ impl InFlight {
         Self { backend, prefill, answered: false }
     }
     /// The pod answered: its prefill for this request is done.
-    fn first_byte(&mut self) {
+    pub fn first_byte(&mut self) {
         if !std::mem::replace(&mut self.answered, true) {
             self.backend.pending_prefill.fetch_sub(self.prefill, AcqRel);
             self.backend.queued.fetch_sub(1, AcqRel);
@@ -410,25 +524,22 @@ impl Drop for InFlight {
 }
 
 async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
-    let (v, model) = match parse(&body) {
+    let (v, model) = match parse_request(&body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let t0 = Instant::now();
     let session = ["x-session-id", "x-session-token"].iter().find_map(|h| headers.get(*h)?.to_str().ok());
-    let routed = match gw.route(chat, &model, &v, session).await {
+    let sheddable = is_sheddable(|h| headers.get(h).and_then(|v| v.to_str().ok()));
+    let routed = match gw.route(&RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: None }).await
+    {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
     let mut last_err = String::new();
-    for (b, &uncached) in routed.order.iter().zip(&routed.uncached).take(gw.max_retries + 1) {
-        let mut guard = InFlight::new(b.clone(), uncached);
-        // Record the pick before the pod answers (it may take the whole prefill to send
-        // headers): a same-prefix request right behind this one must already see it.
-        gw.applier.index().store_speculative(b.pod, Tiers::GPU, &routed.keys);
-        b.add_new_blocks(uncached as usize / gw.keys.block_size().max(1));
-        gw.approx.record(b.pod, &routed.text_keys);
+    for (i, b) in routed.order.iter().enumerate().take(gw.max_retries + 1) {
+        let mut guard = gw.commit(&routed, i);
         let mut req =
             gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json").body(body.clone());
         for h in ["authorization", "x-request-id", "x-session-id"] {
@@ -444,7 +555,6 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
                 }
             }
             Ok(resp) => {
-                gw.decisions.with_label_values(&[&b.name]).inc();
                 let status = resp.status();
                 let ctype = resp.headers().get("content-type").cloned();
                 let ttft = gw.ttft.with_label_values(&[if routed.hit { "hit" } else { "miss" }]);

@@ -1,0 +1,293 @@
+//! # kvroute-extproc — the Endpoint Picker door: Envoy `ext_proc` → the same scheduler
+//!
+//! Owns the Gateway API Inference Extension protocol: `kvroute serve --ext-proc-listen`
+//! serves `envoy.service.ext_proc.v3.ExternalProcessor/Process` (types from the
+//! `envoy-types` crate) and gRPC health. Envoy carries the traffic; for each request
+//! this server reads the headers and the whole body, runs the gateway's routing
+//! ([`kvroute_gateway::Gateway::route`]: tokenize → keys → index scores → profile — one
+//! scheduler, two doors) and answers with `x-gateway-destination-endpoint: ip:port[,fallbacks]`,
+//! `clear_route_cache`, the `envoy.lb` dynamic metadata and (full-duplex mode) the body
+//! re-sent in chunks of at most 62,000 bytes. Errors are `ImmediateResponse`s: 400 bad
+//! body or no model, 503 no ready endpoint, 429 saturated. On the response side it marks
+//! the pod's first byte (the router's in-flight view), adds `x-kvroute-pod`, and reads
+//! `usage` (vLLM's `prompt_tokens_details.cached_tokens`) from streamed and buffered
+//! bodies into metrics.
+
+mod metrics;
+pub mod proto;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{processing_request, ProcessingRequest, ProcessingResponse};
+use futures_util::Stream;
+use kvroute_gateway::{is_sheddable, Gateway, InFlight, RouteError, RouteRequest};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use metrics::ExtProcMetrics;
+use proto::{BodyMode, Reply};
+
+/// `x-gateway-destination-endpoint`: where Envoy's ORIGINAL_DST cluster sends the request.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// Body chunks sent back to Envoy are at most this long (as llm-d's EPP).
+pub const MAX_CHUNK: usize = 62_000;
+
+/// The ext_proc service.
+#[derive(Clone)]
+pub struct ExtProc {
+    gw: Arc<Gateway>,
+    metrics: Arc<ExtProcMetrics>,
+}
+
+impl ExtProc {
+    pub fn new(gw: Arc<Gateway>, registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        Ok(Self { gw, metrics: Arc::new(ExtProcMetrics::new(registry)?) })
+    }
+
+    pub fn into_server(self) -> ExternalProcessorServer<Self> {
+        ExternalProcessorServer::new(self).max_decoding_message_size(64 << 20)
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProc {
+    type ProcessStream = ReplyStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(32);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut s = StreamState::default();
+            if let Err(e) = this.run(inbound, &tx, &mut s).await {
+                tracing::debug!("ext_proc stream ended: {e}");
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// One HTTP request's conversation with Envoy.
+#[derive(Default)]
+struct StreamState {
+    request_mode: BodyMode,
+    response_mode: BodyMode,
+    headers: Vec<(String, String)>,
+    subset: Option<Vec<String>>,
+    body: Vec<u8>,
+    /// Routing is done (headers-only request, body complete, or an error answered).
+    routed: bool,
+    pod: Option<String>,
+    guard: Option<InFlight>,
+    started: Option<Instant>,
+    /// Response body seen so far (scanned for `usage` at the end; bounded).
+    response: Vec<u8>,
+}
+
+impl StreamState {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+type Tx = mpsc::Sender<Result<ProcessingResponse, Status>>;
+
+async fn send(tx: &Tx, r: ProcessingResponse) -> Result<(), Status> {
+    tx.send(Ok(r)).await.map_err(|_| Status::cancelled("envoy closed the stream"))
+}
+
+impl ExtProc {
+    async fn run(&self, mut inbound: Streaming<ProcessingRequest>, tx: &Tx, s: &mut StreamState) -> Result<(), Status> {
+        while let Some(msg) = inbound.message().await? {
+            if let Some(pc) = &msg.protocol_config {
+                s.request_mode = BodyMode::from_i32(pc.request_body_mode);
+                s.response_mode = BodyMode::from_i32(pc.response_body_mode);
+            }
+            let Some(req) = msg.request else { continue };
+            match req {
+                processing_request::Request::RequestHeaders(h) => {
+                    s.started = Some(Instant::now());
+                    s.headers = proto::headers(h.headers.as_ref());
+                    s.subset = proto::subset_hint(msg.metadata_context.as_ref());
+                    if h.end_of_stream {
+                        // No body (e.g. GET /v1/models): any ready pod.
+                        self.route_headers_only(tx, s).await?;
+                    } else if s.request_mode != BodyMode::FullDuplexStreamed {
+                        // Buffered / streamed: Envoy waits for this answer before the body.
+                        send(tx, Reply::request_headers(vec![], false)).await?;
+                    }
+                    // Full duplex: hold the answer until the body has arrived.
+                }
+                processing_request::Request::RequestBody(b) => {
+                    if s.routed {
+                        // Past an answered request (should not happen): pass chunks along.
+                        send(tx, Reply::request_body_chunk(s.request_mode, b.body, b.end_of_stream)).await?;
+                        continue;
+                    }
+                    s.body.extend_from_slice(&b.body);
+                    if b.end_of_stream {
+                        self.route_body(tx, s).await?;
+                    } else if s.request_mode == BodyMode::Streamed {
+                        // Streamed mode wants an answer per chunk; the destination goes on
+                        // the last one.
+                        send(tx, Reply::request_body_continue(vec![], false)).await?;
+                    }
+                }
+                processing_request::Request::RequestTrailers(_) => {
+                    if !s.routed {
+                        self.route_body(tx, s).await?;
+                    }
+                    send(tx, Reply::request_trailers()).await?;
+                }
+                processing_request::Request::ResponseHeaders(h) => {
+                    if let Some(g) = s.guard.as_mut() {
+                        g.first_byte();
+                    }
+                    let status = proto::headers(h.headers.as_ref())
+                        .into_iter()
+                        .find(|(k, _)| k == ":status")
+                        .map(|(_, v)| v)
+                        .unwrap_or_default();
+                    self.metrics.responses.with_label_values(&[&status]).inc();
+                    let set = s.pod.iter().map(|p| ("x-kvroute-pod".to_string(), p.clone())).collect();
+                    send(tx, Reply::response_headers(set)).await?;
+                    if h.end_of_stream {
+                        s.guard = None;
+                    }
+                }
+                processing_request::Request::ResponseBody(b) => {
+                    if s.response.len() < 1 << 20 {
+                        s.response.extend_from_slice(&b.body);
+                    }
+                    if b.end_of_stream {
+                        self.metrics.usage(&s.response);
+                        s.guard = None;
+                    }
+                    send(tx, Reply::response_body(s.response_mode, b.body, b.end_of_stream)).await?;
+                }
+                processing_request::Request::ResponseTrailers(_) => {
+                    s.guard = None;
+                    send(tx, Reply::response_trailers()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn route_headers_only(&self, tx: &Tx, s: &mut StreamState) -> Result<(), Status> {
+        s.routed = true;
+        let subset = s.subset.as_deref();
+        let ready: Vec<_> = self
+            .gw
+            .pool
+            .backends
+            .iter()
+            .filter(|b| b.is_healthy())
+            .filter(|b| {
+                subset.is_none_or(|s| {
+                    let ip = b.name.rsplit_once(':').map_or(b.name.as_str(), |x| x.0);
+                    s.iter().any(|e| e == &b.name || e == ip)
+                })
+            })
+            .collect();
+        let Some(b) = ready.iter().min_by_key(|b| b.in_flight.load(std::sync::atomic::Ordering::Relaxed)) else {
+            let e = RouteError::new(kvroute_gateway::StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint");
+            return self.refuse(tx, &e).await;
+        };
+        s.pod = Some(b.name.clone());
+        self.metrics.outcome("headers_only");
+        let set = vec![(DESTINATION_HEADER.to_string(), b.name.clone())];
+        let mut r = Reply::request_headers(set, true);
+        r.dynamic_metadata = Some(proto::lb_metadata(&b.name));
+        send(tx, r).await
+    }
+
+    async fn route_body(&self, tx: &Tx, s: &mut StreamState) -> Result<(), Status> {
+        s.routed = true;
+        let path = s.header(":path").or_else(|| s.header("x-original-path")).unwrap_or("/v1/completions").to_string();
+        let path = path.split('?').next().unwrap_or_default().to_string();
+        let chat = path.ends_with("/chat/completions");
+        if !chat && !path.ends_with("/completions") {
+            // Unknown API: pass through to any ready pod, body untouched.
+            return self.pass_through(tx, s).await;
+        }
+        let (v, model) = match kvroute_gateway::parse_request(&s.body) {
+            Ok(x) => x,
+            Err(e) => return self.refuse(tx, &e).await,
+        };
+        let session = s.header("x-session-id").or_else(|| s.header("x-session-token"));
+        let sheddable = is_sheddable(|h| s.header(h));
+        let req = RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: s.subset.as_deref() };
+        let routed = match self.gw.route(&req).await {
+            Ok(r) => r,
+            Err(e) => return self.refuse(tx, &e).await,
+        };
+        let endpoints: Vec<String> = routed.order.iter().map(|b| b.name.clone()).collect();
+        s.pod = endpoints.first().cloned();
+        s.guard = Some(self.gw.commit(&routed, 0));
+        self.metrics.outcome("routed");
+        if let Some(t) = s.started {
+            self.metrics.decision.observe(t.elapsed().as_secs_f64());
+        }
+        self.answer(tx, s, &endpoints.join(",")).await
+    }
+
+    async fn pass_through(&self, tx: &Tx, s: &mut StreamState) -> Result<(), Status> {
+        let ready = self.gw.pool.backends.iter().find(|b| b.is_healthy()).map(|b| b.name.clone());
+        let Some(pod) = ready else {
+            let e = RouteError::new(kvroute_gateway::StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint");
+            return self.refuse(tx, &e).await;
+        };
+        s.pod = Some(pod.clone());
+        self.metrics.outcome("pass_through");
+        self.answer(tx, s, &pod).await
+    }
+
+    /// Sends the destination (and, in full-duplex mode, the body back in chunks).
+    ///
+    /// The header carries the pick only — Envoy's ORIGINAL_DST cluster parses it as one
+    /// address — and the `envoy.lb` metadata the ordered list with the fallbacks, for
+    /// proxies that retry on it.
+    async fn answer(&self, tx: &Tx, s: &mut StreamState, endpoints: &str) -> Result<(), Status> {
+        let pick = endpoints.split(',').next().unwrap_or_default();
+        let set = vec![(DESTINATION_HEADER.to_string(), pick.to_string())];
+        let meta = proto::lb_metadata(endpoints);
+        if s.request_mode == BodyMode::FullDuplexStreamed {
+            let mut set = set;
+            set.push(("content-length".into(), s.body.len().to_string()));
+            let mut r = Reply::request_headers(set, true);
+            r.dynamic_metadata = Some(meta);
+            send(tx, r).await?;
+            let body = std::mem::take(&mut s.body);
+            let n = body.len().div_ceil(MAX_CHUNK).max(1);
+            for (i, chunk) in body.chunks(MAX_CHUNK).chain((n == 1 && body.is_empty()).then_some(&[][..])).enumerate() {
+                send(tx, Reply::request_body_chunk(BodyMode::FullDuplexStreamed, chunk.to_vec(), i + 1 == n)).await?;
+            }
+            return Ok(());
+        }
+        let mut r = Reply::request_body_continue(set, true);
+        r.dynamic_metadata = Some(meta);
+        s.body.clear();
+        send(tx, r).await
+    }
+
+    async fn refuse(&self, tx: &Tx, e: &RouteError) -> Result<(), Status> {
+        self.metrics.outcome(match e.status.as_u16() {
+            400 => "bad_request",
+            429 => "saturated",
+            503 => "unavailable",
+            _ => "error",
+        });
+        send(tx, Reply::immediate(e.status.as_u16(), &e.message)).await
+    }
+}
