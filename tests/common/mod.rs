@@ -1,0 +1,67 @@
+//! Helpers shared by the black-box tests: ports, readiness, child processes.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+pub fn wait_healthy(base: &str) {
+    let t = Instant::now();
+    while ureq::get(&format!("{base}/health")).call().is_err() {
+        assert!(t.elapsed() < Duration::from_secs(15), "{base} not healthy");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+pub fn words(tag: &str, n: usize) -> String {
+    (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
+}
+
+/// A `kvroute sim` on `port` publishing KV events to `zmq_port` (model `m`, block 16,
+/// `sha256_cbor`, `PYTHONHASHSEED=42`, 100× faster than model time).
+pub fn sim(port: u16, zmq_port: u16, extra: &[&str]) -> Child {
+    let kv = serde_json::json!({"enable_kv_cache_events": true, "publisher": "zmq",
+        "endpoint": format!("tcp://127.0.0.1:{zmq_port}"), "topic": format!("kv@127.0.0.1:{port}@m")});
+    let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["sim", "--port", &port.to_string(), "--model", "m", "--block-size", "16", "--hash-algo", "sha256_cbor"])
+        .args(["--speedup", "100", "--kv-events-config", &kv.to_string()])
+        .args(extra)
+        .env("PYTHONHASHSEED", "42")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{port}"));
+    c
+}
+
+/// Sum of a metric over the servers' `/metrics`.
+pub fn metric_sum(ports: &[u16], name: &str) -> f64 {
+    ports
+        .iter()
+        .map(|p| {
+            let text = ureq::get(&format!("http://127.0.0.1:{p}/metrics")).call().unwrap().into_string().unwrap();
+            text.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Kills child processes when dropped.
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

