@@ -282,7 +282,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(%addr, "ext_proc serving");
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tokio::spawn(async move {
+                // Large HTTP/2 windows: a 200 KB body crosses without waiting for window
+                // updates (h2's default is 64 KB).
                 if let Err(e) = tonic::transport::Server::builder()
+                    .initial_stream_window_size(Some(8 << 20))
+                    .initial_connection_window_size(Some(32 << 20))
                     .add_service(svc.into_server())
                     .serve_with_incoming(incoming)
                     .await
