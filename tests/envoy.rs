@@ -30,6 +30,7 @@ fn envoy_binary() -> String {
 
 struct Setup {
     envoy: String,
+    router: String,
     sims: Vec<u16>,
     _children: Children,
 }
@@ -91,7 +92,7 @@ fn start(pods: usize, serve_extra: &[&str], sim_extra: &[&str]) -> Setup {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    Setup { envoy, sims, _children: Children(children) }
+    Setup { envoy, router: format!("http://127.0.0.1:{router}"), sims, _children: Children(children) }
 }
 
 /// POST through Envoy: (status, x-inference-pod, x-kvroute-pod, body).
@@ -126,6 +127,14 @@ fn requests_through_envoy_land_where_kvroute_chose_and_the_seed_test_hits_the_ca
     let (q, h) =
         (metric_sum(&s.sims, "vllm:prefix_cache_queries_total"), metric_sum(&s.sims, "vllm:prefix_cache_hits_total"));
     assert!(h / q >= 0.87, "seed-test hit rate through Envoy {:.3}", h / q);
+    // ext_proc read `usage` from the responses: the servers' own counters, seen by the router.
+    let text = ureq::get(&format!("{}/metrics", s.router)).call().unwrap().into_string().unwrap();
+    let m = |n: &str| -> f64 {
+        text.lines().find(|l| l.starts_with(n)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(-1.0)
+    };
+    assert_eq!(m("kvroute_extproc_prompt_tokens_total"), q, "{text}");
+    assert_eq!(m("kvroute_extproc_cached_tokens_total"), h);
+    assert_eq!(m("kvroute_extproc_requests_total{outcome=\"routed\"}"), 31.0);
     // Different prompts spread, each still served where kvroute said.
     let mut pods = std::collections::HashSet::new();
     for i in 0..9 {
@@ -190,4 +199,118 @@ fn each_error_code_comes_back_through_envoy() {
     assert!(codes.contains(&429), "{codes:?}");
     assert!(codes.iter().filter(|c| **c == 200).count() >= 2, "{codes:?}");
     assert!(codes.iter().all(|c| *c == 200 || *c == 429), "{codes:?}");
+}
+
+/// A gRPC ext_proc client (tonic, envoy-types) playing Envoy's part, to send what this
+/// Envoy config does not: a subset hint in the metadata, and to check gRPC health.
+#[test]
+fn subset_hints_restrict_the_pick_and_grpc_health_serves() {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        processing_request::Request as Req, processing_response::Response as Resp, HttpBody, HttpHeaders,
+        ProcessingRequest, ProtocolConfiguration,
+    };
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value as PbValue};
+
+    let ports = free_ports(5);
+    let (router, zmq, grpc, health) = (ports[0], ports[1], ports[2], ports[3]);
+    let sims = vec![ports[4], free_ports(1)[0]];
+    let mut children = Vec::new();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_kvroute"));
+    serve.args(["serve", "--listen", &format!("127.0.0.1:{router}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zmq}")]);
+    serve.args([
+        "--ext-proc-listen",
+        &format!("127.0.0.1:{grpc}"),
+        "--grpc-health-listen",
+        &format!("127.0.0.1:{health}"),
+    ]);
+    for p in &sims {
+        serve.args(["--backend", &format!("http://127.0.0.1:{p}")]);
+    }
+    children.push(serve.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap());
+    common::wait_healthy(&format!("http://127.0.0.1:{router}"));
+    for &p in &sims {
+        children.push(sim(p, zmq, &[]));
+    }
+    let _children = Children(children);
+    std::thread::sleep(Duration::from_millis(300));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        // One exchange: headers (with the hint) + the whole body; returns the replies.
+        let exchange = |hint: Vec<String>| async move {
+            let mut client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{grpc}")).await.unwrap();
+            let list = PbValue {
+                kind: Some(Kind::ListValue(ListValue {
+                    values: hint.into_iter().map(|h| PbValue { kind: Some(Kind::StringValue(h)) }).collect(),
+                })),
+            };
+            let meta = Metadata {
+                filter_metadata: [(
+                    "envoy.lb.subset_hint".to_string(),
+                    Struct { fields: [("x-gateway-destination-endpoint-subset".to_string(), list)].into() },
+                )]
+                .into(),
+                ..Default::default()
+            };
+            let header = |k: &str, v: &str| HeaderValue {
+                key: k.into(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            };
+            let body = json!({"model": "m", "prompt": "a subset hint", "max_tokens": 1}).to_string().into_bytes();
+            let msgs = vec![
+                ProcessingRequest {
+                    request: Some(Req::RequestHeaders(HttpHeaders {
+                        headers: Some(HeaderMap {
+                            headers: vec![header(":path", "/v1/completions"), header(":method", "POST")],
+                        }),
+                        end_of_stream: false,
+                        ..Default::default()
+                    })),
+                    metadata_context: Some(meta),
+                    protocol_config: Some(ProtocolConfiguration {
+                        request_body_mode: 4,
+                        response_body_mode: 4,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ProcessingRequest {
+                    request: Some(Req::RequestBody(HttpBody { body, end_of_stream: true, ..Default::default() })),
+                    ..Default::default()
+                },
+            ];
+            let mut replies = client.process(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+            let first = replies.message().await.unwrap().unwrap();
+            first.response.unwrap()
+        };
+        let want = format!("127.0.0.1:{}", sims[1]);
+        for _ in 0..4 {
+            let Resp::RequestHeaders(h) = exchange(vec![want.clone()]).await else { panic!("expected headers reply") };
+            let c = h.response.unwrap();
+            assert!(c.clear_route_cache);
+            let set = c.header_mutation.unwrap().set_headers;
+            let dest = set.iter().find(|o| o.header.as_ref().unwrap().key == "x-gateway-destination-endpoint").unwrap();
+            assert_eq!(dest.header.as_ref().unwrap().raw_value, want.as_bytes());
+        }
+        // A hint naming no known endpoint: 503.
+        let Resp::ImmediateResponse(r) = exchange(vec!["10.9.9.9:1".into()]).await else { panic!("expected 503") };
+        assert_eq!(r.status.unwrap().code, 503);
+        // gRPC health (llm-d's port 9003): the ext_proc service is SERVING.
+        let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{health}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+        let r = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "envoy.service.ext_proc.v3.ExternalProcessor".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    });
 }
