@@ -20,6 +20,10 @@ impl PodEntry {
     pub(crate) fn new(pod: PodId, tier: TierId, epoch: u8, speculative: bool) -> Self {
         Self(pod as u32 | ((tier as u32 & 0xf) << 16) | ((epoch as u32) << 20) | ((speculative as u32) << 28))
     }
+    /// An entry as another backend reports it (no epoch).
+    pub fn of(pod: PodId, tier: TierId, speculative: bool) -> Self {
+        Self::new(pod, tier, 0, speculative)
+    }
     pub fn pod(self) -> PodId {
         self.0 as u16
     }

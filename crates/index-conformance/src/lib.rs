@@ -1,0 +1,238 @@
+//! # kvroute-index-conformance — what every index backend must do
+//!
+//! Test support shared by the backends' test suites (`kvroute-index`'s in-memory index,
+//! `kvroute-index-redis`): a naive reference model of `block → {(pod, tier)}`, random
+//! operation sequences (store / remove / clear / speculative-then-confirmed) checked
+//! against it through the real scorer, and behaviour checks. A backend passes by
+//! calling [`sequential_ops_match_the_reference`], [`concurrent_pods_match_the_reference`]
+//! and [`behaviour`] with a constructor of empty indexes whose pods 0..5 exist.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use kvroute_index::{BlockIndex, PodId, TierId, Tiers};
+use kvroute_score::{LongestPrefixScorer, Scratch};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+/// Makes an empty index (a fresh namespace for shared backends).
+pub type Make<'a> = &'a dyn Fn() -> Arc<dyn BlockIndex>;
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    Store(PodId, TierId, Vec<u64>),
+    Remove(PodId, Option<TierId>, Vec<u64>),
+    Clear(PodId),
+    /// Speculative then confirmed: must end up like a store.
+    SpecThenStore(PodId, Vec<u64>),
+}
+
+pub fn op() -> impl Strategy<Value = Op> {
+    let pod = 0u16..5;
+    let tier = 0u8..3;
+    let keys = proptest::collection::vec(1u64..13, 1..6);
+    prop_oneof![
+        5 => (pod.clone(), tier.clone(), keys.clone()).prop_map(|(p, t, k)| Op::Store(p, t, k)),
+        3 => (pod.clone(), proptest::option::of(tier), keys.clone()).prop_map(|(p, t, k)| Op::Remove(p, t, k)),
+        1 => pod.clone().prop_map(Op::Clear),
+        1 => (pod, keys).prop_map(|(p, k)| Op::SpecThenStore(p, k)),
+    ]
+}
+
+#[derive(Default)]
+pub struct Reference(pub BTreeMap<u64, BTreeSet<(PodId, TierId)>>);
+
+impl Reference {
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Store(p, t, keys) => keys.iter().for_each(|k| {
+                self.0.entry(*k).or_default().insert((*p, *t));
+            }),
+            Op::SpecThenStore(p, keys) => self.apply(&Op::Store(*p, Tiers::GPU, keys.clone())),
+            Op::Remove(p, t, keys) => keys.iter().for_each(|k| {
+                if let Some(s) = self.0.get_mut(k) {
+                    s.retain(|(q, u)| !(q == p && t.is_none_or(|t| t == *u)));
+                }
+            }),
+            Op::Clear(p) => self.0.values_mut().for_each(|s| s.retain(|(q, _)| q != p)),
+        }
+    }
+
+    /// (pod, matched blocks, weighted) for pods holding block 0, best first.
+    pub fn score(&self, keys: &[u64], w: &[f64]) -> Vec<(PodId, usize, f64)> {
+        let mut out = Vec::new();
+        for p in 0..5u16 {
+            let (mut n, mut sum) = (0, 0.0);
+            for k in keys {
+                let best = self
+                    .0
+                    .get(k)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(q, _)| *q == p)
+                    .map(|(_, t)| w[*t as usize])
+                    .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))));
+                match best {
+                    Some(b) => {
+                        n += 1;
+                        sum += b;
+                    }
+                    None => break,
+                }
+            }
+            if n > 0 {
+                out.push((p, n, sum));
+            }
+        }
+        out.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+        out
+    }
+}
+
+pub fn apply(idx: &dyn BlockIndex, op: &Op) {
+    match op {
+        Op::Store(p, t, k) => idx.store(*p, *t, k),
+        Op::Remove(p, t, k) => idx.remove(*p, *t, k),
+        Op::Clear(p) => idx.clear_pod(*p),
+        Op::SpecThenStore(p, k) => {
+            idx.store_speculative(*p, Tiers::GPU, k);
+            idx.store(*p, Tiers::GPU, k);
+        }
+    }
+}
+
+pub fn pod_of(op: &Op) -> PodId {
+    match op {
+        Op::Store(p, ..) | Op::Remove(p, ..) | Op::Clear(p) | Op::SpecThenStore(p, _) => *p,
+    }
+}
+
+pub fn compare(idx: &dyn BlockIndex, reference: &Reference) -> Result<(), TestCaseError> {
+    let weights = Tiers::default().weights();
+    let scorer = LongestPrefixScorer::new(weights);
+    let mut scratch = Scratch::default();
+    for start in 1..13u64 {
+        let query: Vec<u64> = (start..13).collect();
+        for len in [1, 3, query.len()] {
+            let q = &query[..len.min(query.len())];
+            // Scores are compared rounded, so float summation order cannot reorder ties.
+            let canon = |mut v: Vec<(PodId, usize, f64)>| {
+                v.iter_mut().for_each(|x| x.2 = (x.2 * 1e6).round() / 1e6);
+                v.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+                v
+            };
+            let ours = canon(
+                scorer
+                    .score(idx, q, None, &mut scratch)
+                    .iter()
+                    .map(|s| (s.pod, s.matched_blocks, s.weighted))
+                    .collect(),
+            );
+            let want = canon(reference.score(q, &weights));
+            prop_assert_eq!(ours.len(), want.len(), "query {:?}", q);
+            for (a, b) in ours.iter().zip(&want) {
+                prop_assert!(
+                    a.0 == b.0 && a.1 == b.1 && (a.2 - b.2).abs() < 1e-5,
+                    "query {:?}: {:?} vs {:?}",
+                    q,
+                    ours,
+                    want
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Random sequences of operations give the scores (and entry counts) of the reference.
+pub fn sequential_ops_match_the_reference(make: Make<'_>, cases: u32) {
+    let mut runner = TestRunner::new(Config { cases, ..Config::default() });
+    runner
+        .run(&proptest::collection::vec(op(), 0..60), |ops| {
+            let idx = make();
+            let mut reference = Reference::default();
+            for op in &ops {
+                apply(&*idx, op);
+                reference.apply(op);
+            }
+            compare(&*idx, &reference)?;
+            let live: u64 = (0..5).map(|p| idx.pod_entries(p)).sum();
+            let want: u64 = reference.0.values().map(|s| s.len() as u64).sum();
+            prop_assert_eq!(live, want);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Each pod's operations on its own thread, in order; pods interleave arbitrarily.
+pub fn concurrent_pods_match_the_reference(make: Make<'_>, cases: u32) {
+    let mut runner = TestRunner::new(Config { cases, ..Config::default() });
+    runner
+        .run(&proptest::collection::vec(op(), 0..80), |ops| {
+            let idx = make();
+            let mut reference = Reference::default();
+            ops.iter().for_each(|o| reference.apply(o));
+            std::thread::scope(|s| {
+                for p in 0..5u16 {
+                    let mine: Vec<Op> = ops.iter().filter(|o| pod_of(o) == p).cloned().collect();
+                    let idx = idx.clone();
+                    s.spawn(move || mine.iter().for_each(|o| apply(&*idx, o)));
+                }
+            });
+            compare(&*idx, &reference)
+        })
+        .unwrap();
+}
+
+fn pods_of(idx: &dyn BlockIndex, key: u64) -> Vec<(PodId, bool)> {
+    let mut out = Vec::new();
+    idx.prefix_lookup(&[key], &mut |_, e| {
+        out = e.iter().map(|x| (x.pod(), x.speculative())).collect();
+        true
+    });
+    out.sort();
+    out
+}
+
+/// Clears, per-tier removal, prefix stops, speculative entries and their confirmation.
+pub fn behaviour(make: Make<'_>) {
+    let idx = make();
+    // Clearing forgets one pod only, however often.
+    idx.store(1, Tiers::GPU, &[10, 11]);
+    for round in 0..20u64 {
+        idx.store(0, Tiers::GPU, &[10, 11, round + 1000]);
+        idx.clear_pod(0);
+        assert_eq!(pods_of(&*idx, 10), vec![(1, false)], "round {round}");
+        assert!(pods_of(&*idx, round + 1000).is_empty());
+        assert_eq!(idx.pod_entries(0), 0);
+    }
+    idx.store(0, Tiers::GPU, &[10]);
+    assert_eq!(pods_of(&*idx, 10), vec![(0, false), (1, false)]);
+    assert_eq!(idx.pod_entries(1), 2);
+    // Removal is per tier.
+    idx.store(2, Tiers::GPU, &[5]);
+    idx.store(2, Tiers::CPU, &[5]);
+    idx.remove(2, Some(Tiers::GPU), &[5]);
+    let mut tiers = Vec::new();
+    idx.prefix_lookup(&[5], &mut |_, e| {
+        tiers = e.iter().map(|x| x.tier()).collect();
+        true
+    });
+    assert_eq!(tiers, vec![Tiers::CPU]);
+    idx.remove(2, None, &[5, 6]);
+    assert!(pods_of(&*idx, 5).is_empty());
+    // A lookup stops at the first block no pod holds.
+    idx.store(3, Tiers::GPU, &[21, 22, 24]);
+    let mut seen = Vec::new();
+    idx.prefix_lookup(&[21, 22, 23, 24], &mut |i, _| {
+        seen.push(i);
+        true
+    });
+    assert_eq!(seen, vec![0, 1]);
+    // Speculative entries show as such until an event confirms them.
+    idx.store_speculative(4, Tiers::GPU, &[31, 32]);
+    assert_eq!(pods_of(&*idx, 31), vec![(4, true)]);
+    idx.store(4, Tiers::GPU, &[31]);
+    assert_eq!(pods_of(&*idx, 31), vec![(4, false)]);
+    assert_eq!(pods_of(&*idx, 32), vec![(4, true)]);
+}

@@ -1,0 +1,340 @@
+//! # kvroute-index-redis — the block index on Redis / Valkey
+//!
+//! Owns sharing the `block key → pods` record between router replicas through an
+//! existing Redis or Valkey server, behind the same [`BlockIndex`] trait as the in-memory
+//! index, so every scorer, the gateway and the ext_proc door run on it unchanged.
+//!
+//! **Layout** (`P` = the key prefix, default `kvr`):
+//! * `P:b:<key as 16 hex digits>` — a HASH per block: field `<pod name>|<tier id>`, value
+//!   the pod's epoch when stored. Every write refreshes the key's TTL (`ttl`, default 1 h),
+//!   so blocks no event mentions any more leave by themselves: memory is bounded by the
+//!   fleet's recent working set, not by history.
+//! * `P:epochs` — HASH pod name → epoch. Clearing a pod (`AllBlocksCleared`, pod restart)
+//!   is one `HINCRBY`: entries stored under an older epoch are ignored by lookups and
+//!   expire with their TTL — no `KEYS`/`SCAN` over the data.
+//! * `P:counts` — HASH pod name → live entries (from `HSET`/`HDEL` replies; blocks that
+//!   expire by TTL are not subtracted, so it is an upper bound after expiry).
+//!
+//! **Round trips**: a lookup of a whole prompt is one pipeline (`HGETALL` of the epochs and
+//! of every block key); a batch of stored or removed blocks is one Lua script call
+//! (atomic: the entry counts stay exact whatever other replicas do meanwhile).
+//!
+//! **Speculative entries** (a replica's own routing decisions, seconds long) stay in a
+//! local in-memory index and are merged into lookups; they are not shared.
+//!
+//! **When Redis is unreachable** lookups fall back to that local view, writes are
+//! dropped, an error counter rises and a warning is logged (at most every 5 s); Redis is
+//! retried every 500 ms. Events missed meanwhile come back as the pods publish again or
+//! through their replay endpoints; stale entries expire by TTL.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvroute_index::{BlockIndex, InMemoryIndex, IndexConfig, IndexStats, PodEntry, PodId, Pods, TierId, MAX_TIERS};
+use parking_lot::Mutex;
+
+/// Stores one pod/tier on many blocks atomically, counting entries that were not live
+/// (absent, or stored before the pod's current epoch). KEYS: counts, block keys…;
+/// ARGV: field, epoch, ttl, pod name.
+static STORE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local added = 0
+local epoch = tonumber(ARGV[2])
+for i = 2, #KEYS do
+  local old = redis.call('HGET', KEYS[i], ARGV[1])
+  if (not old) or tonumber(old) < epoch then added = added + 1 end
+  redis.call('HSET', KEYS[i], ARGV[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
+if added > 0 then redis.call('HINCRBY', KEYS[1], ARGV[4], added) end
+return added",
+    )
+});
+
+/// Removes fields from many blocks atomically, counting live entries removed.
+/// KEYS: counts, block keys…; ARGV: epoch, pod name, fields….
+static REMOVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local removed = 0
+local epoch = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  for j = 3, #ARGV do
+    local old = redis.call('HGET', KEYS[i], ARGV[j])
+    if old then
+      if tonumber(old) >= epoch then removed = removed + 1 end
+      redis.call('HDEL', KEYS[i], ARGV[j])
+    end
+  end
+end
+if removed > 0 then redis.call('HINCRBY', KEYS[1], ARGV[2], -removed) end
+return removed",
+    )
+});
+
+/// Redis backend settings.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]` (Valkey speaks the same protocol).
+    pub url: String,
+    /// Prefix of every key kvroute writes.
+    pub prefix: String,
+    /// Lifetime of a block key after its last write.
+    pub ttl: Duration,
+    /// Lifetime of local speculative entries.
+    pub speculative_ttl: Duration,
+    /// Connect / read / write timeout of one Redis call.
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "kvr".into(),
+            ttl: Duration::from_secs(3600),
+            speculative_ttl: Duration::from_secs(2),
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisIndexError {
+    #[error("invalid Redis URL: {0}")]
+    Url(#[from] redis::RedisError),
+}
+
+/// The shared index.
+pub struct RedisIndex {
+    cfg: RedisConfig,
+    client: redis::Client,
+    conns: Mutex<Vec<redis::Connection>>,
+    pods: Arc<Pods>,
+    speculative: InMemoryIndex,
+    /// This replica's view of each pod's epoch (refreshed by lookups).
+    epochs: Mutex<HashMap<String, u64>>,
+    /// Redis failed: skip it until then.
+    down_until: Mutex<Option<Instant>>,
+    last_warning: Mutex<Option<Instant>>,
+    up: AtomicBool,
+    errors: AtomicU64,
+}
+
+impl RedisIndex {
+    /// A backend on `cfg.url`; pod ids are this process's (`pods`), names go to Redis.
+    pub fn new(cfg: RedisConfig, pods: Arc<Pods>) -> Result<Self, RedisIndexError> {
+        let client = redis::Client::open(cfg.url.as_str())?;
+        let speculative =
+            InMemoryIndex::new(IndexConfig { speculative_ttl: cfg.speculative_ttl, ..Default::default() });
+        Ok(Self {
+            cfg,
+            client,
+            conns: Mutex::new(Vec::new()),
+            pods,
+            speculative,
+            epochs: Mutex::new(HashMap::new()),
+            down_until: Mutex::new(None),
+            last_warning: Mutex::new(None),
+            up: AtomicBool::new(true),
+            errors: AtomicU64::new(0),
+        })
+    }
+
+    /// Redis answered the last call.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    /// Failed Redis calls so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Relaxed)
+    }
+
+    fn block_key(&self, k: u64) -> String {
+        format!("{}:b:{k:016x}", self.cfg.prefix)
+    }
+
+    fn epochs_key(&self) -> String {
+        format!("{}:epochs", self.cfg.prefix)
+    }
+
+    fn counts_key(&self) -> String {
+        format!("{}:counts", self.cfg.prefix)
+    }
+
+    /// Runs `f` on a pooled connection; on failure marks Redis down for 500 ms.
+    fn with_conn<T>(&self, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
+        if self.down_until.lock().is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        let conn = self.conns.lock().pop();
+        let mut conn = match conn {
+            Some(c) => c,
+            None => match self.client.get_connection_with_timeout(self.cfg.timeout) {
+                Ok(c) => {
+                    let _ = c.set_read_timeout(Some(self.cfg.timeout));
+                    let _ = c.set_write_timeout(Some(self.cfg.timeout));
+                    c
+                }
+                Err(e) => return self.failed(e),
+            },
+        };
+        match f(&mut conn) {
+            Ok(v) => {
+                self.conns.lock().push(conn);
+                if !self.up.swap(true, Relaxed) {
+                    tracing::info!("redis index reachable again");
+                }
+                Some(v)
+            }
+            Err(e) => self.failed(e),
+        }
+    }
+
+    fn failed<T>(&self, e: redis::RedisError) -> Option<T> {
+        self.errors.fetch_add(1, Relaxed);
+        self.up.store(false, Relaxed);
+        *self.down_until.lock() = Some(Instant::now() + Duration::from_millis(500));
+        let mut last = self.last_warning.lock();
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+            tracing::warn!("redis index unreachable, routing on the local view: {e}");
+            *last = Some(Instant::now());
+        }
+        None
+    }
+
+    fn epoch_of(&self, name: &str) -> u64 {
+        if let Some(&e) = self.epochs.lock().get(name) {
+            return e;
+        }
+        let key = self.epochs_key();
+        let e =
+            self.with_conn(|c| redis::cmd("HGET").arg(&key).arg(name).query::<Option<u64>>(c)).flatten().unwrap_or(0);
+        self.epochs.lock().insert(name.to_string(), e);
+        e
+    }
+
+    fn field(name: &str, tier: TierId) -> String {
+        format!("{name}|{tier}")
+    }
+}
+
+impl BlockIndex for RedisIndex {
+    fn store(&self, pod: PodId, tier: TierId, keys: &[u64]) {
+        self.speculative.remove(pod, Some(tier), keys);
+        let Some(name) = self.pods.name(pod) else { return };
+        if keys.is_empty() {
+            return;
+        }
+        let epoch = self.epoch_of(&name);
+        let block_keys: Vec<String> = keys.iter().map(|&k| self.block_key(k)).collect();
+        let ttl = self.cfg.ttl.as_secs().max(1);
+        let (field, counts) = (Self::field(&name, tier), self.counts_key());
+        self.with_conn(|c| {
+            STORE.key(&counts).key(&block_keys).arg(&field).arg(epoch).arg(ttl).arg(&name).invoke::<i64>(c)
+        });
+    }
+
+    fn store_speculative(&self, pod: PodId, tier: TierId, keys: &[u64]) {
+        self.speculative.store_speculative(pod, tier, keys);
+    }
+
+    fn remove(&self, pod: PodId, tier: Option<TierId>, keys: &[u64]) {
+        self.speculative.remove(pod, tier, keys);
+        let Some(name) = self.pods.name(pod) else { return };
+        if keys.is_empty() {
+            return;
+        }
+        let epoch = self.epoch_of(&name);
+        let block_keys: Vec<String> = keys.iter().map(|&k| self.block_key(k)).collect();
+        let fields: Vec<String> = match tier {
+            Some(t) => vec![Self::field(&name, t)],
+            None => (0..MAX_TIERS as TierId).map(|t| Self::field(&name, t)).collect(),
+        };
+        let counts = self.counts_key();
+        self.with_conn(|c| REMOVE.key(&counts).key(&block_keys).arg(epoch).arg(&name).arg(&fields).invoke::<i64>(c));
+    }
+
+    fn clear_pod(&self, pod: PodId) {
+        self.speculative.clear_pod(pod);
+        let Some(name) = self.pods.name(pod) else { return };
+        let (epochs, counts) = (self.epochs_key(), self.counts_key());
+        if let Some(e) = self.with_conn(|c| {
+            let e: u64 = redis::cmd("HINCRBY").arg(&epochs).arg(&name).arg(1).query(c)?;
+            redis::cmd("HSET").arg(&counts).arg(&name).arg(0).query::<i64>(c)?;
+            Ok(e)
+        }) {
+            self.epochs.lock().insert(name, e);
+        }
+    }
+
+    fn prefix_lookup(&self, keys: &[u64], f: &mut dyn FnMut(usize, &[PodEntry]) -> bool) {
+        let mut p = redis::pipe();
+        p.cmd("HGETALL").arg(self.epochs_key());
+        for &k in keys {
+            p.cmd("HGETALL").arg(self.block_key(k));
+        }
+        let shared: Option<Vec<HashMap<String, u64>>> =
+            if keys.is_empty() { None } else { self.with_conn(|c| p.query(c)) };
+        // Local speculative entries, per key.
+        let mut spec: Vec<Vec<PodEntry>> = vec![Vec::new(); keys.len()];
+        self.speculative.prefix_lookup(keys, &mut |i, e| {
+            spec[i].extend_from_slice(e);
+            true
+        });
+        let Some(mut replies) = shared.filter(|r| r.len() == keys.len() + 1) else {
+            // Redis down: the local view only.
+            for (i, e) in spec.iter().enumerate() {
+                if e.is_empty() || !f(i, e) {
+                    return;
+                }
+            }
+            return;
+        };
+        let epochs = std::mem::take(&mut replies[0]);
+        self.epochs.lock().extend(epochs.iter().map(|(k, v)| (k.clone(), *v)));
+        let mut entries = Vec::new();
+        for (i, fields) in replies.iter().skip(1).enumerate() {
+            entries.clear();
+            for (field, &epoch) in fields {
+                let Some((name, tier)) = field.rsplit_once('|') else { continue };
+                if epoch < epochs.get(name).copied().unwrap_or(0) {
+                    continue; // stored before the pod was cleared
+                }
+                let (Ok(pod), Ok(tier)) = (self.pods.intern(name), tier.parse::<TierId>()) else { continue };
+                entries.push(PodEntry::of(pod, tier, false));
+            }
+            for e in &spec[i] {
+                if !entries.iter().any(|x| x.pod() == e.pod() && x.tier() == e.tier()) {
+                    entries.push(*e);
+                }
+            }
+            if entries.is_empty() || !f(i, &entries) {
+                return;
+            }
+        }
+    }
+
+    fn pod_entries(&self, pod: PodId) -> u64 {
+        let Some(name) = self.pods.name(pod) else { return 0 };
+        let counts = self.counts_key();
+        self.with_conn(|c| redis::cmd("HGET").arg(&counts).arg(&name).query::<Option<i64>>(c))
+            .flatten()
+            .unwrap_or(0)
+            .max(0) as u64
+    }
+
+    fn stats(&self) -> IndexStats {
+        let counts = self.counts_key();
+        let total: i64 = self
+            .with_conn(|c| redis::cmd("HVALS").arg(&counts).query::<Vec<i64>>(c))
+            .map(|v| v.into_iter().map(|x| x.max(0)).sum())
+            .unwrap_or(0);
+        let s = self.speculative.stats();
+        IndexStats { entries: total as u64, pending_speculative: s.pending_speculative, ..Default::default() }
+    }
+}

@@ -1,0 +1,133 @@
+//! The Redis backend against a **real `redis-server`** (Debian's package; the test
+//! command installs it): the shared conformance suite, two replicas sharing one server,
+//! and losing the server mid-run.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvroute_index::{BlockIndex, Pods, Tiers};
+use kvroute_index_redis::{RedisConfig, RedisIndex};
+
+struct Server {
+    port: u16,
+    child: Child,
+}
+
+impl Server {
+    fn start_on(port: u16) -> Server {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("\n\n*** redis-server not found ({e}): apt-get install redis-server ***\n\n"));
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { port, child }
+    }
+    fn start() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self::start_on(port)
+    }
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An index over a fresh key prefix, with pods 0..5 named `pod-N`.
+fn index(url: &str, prefix: &str) -> RedisIndex {
+    let pods = Arc::new(Pods::new());
+    for i in 0..5 {
+        pods.intern(&format!("pod-{i}")).unwrap();
+    }
+    RedisIndex::new(RedisConfig { url: url.into(), prefix: prefix.into(), ..Default::default() }, pods).unwrap()
+}
+
+#[test]
+fn the_conformance_suite_passes_on_redis() {
+    let s = Server::start();
+    let n = AtomicU64::new(0);
+    let make =
+        || -> Arc<dyn BlockIndex> { Arc::new(index(&s.url(), &format!("t{}", n.fetch_add(1, Ordering::Relaxed)))) };
+    kvroute_index_conformance::behaviour(&make);
+    kvroute_index_conformance::sequential_ops_match_the_reference(&make, 60);
+    kvroute_index_conformance::concurrent_pods_match_the_reference(&make, 30);
+}
+
+#[test]
+fn two_replicas_share_one_view_whatever_their_pod_ids() {
+    let s = Server::start();
+    let a = index(&s.url(), "shared");
+    // Replica B learned pods in another order: ids differ, names agree.
+    let pods_b = Arc::new(Pods::new());
+    for name in ["pod-3", "pod-0"] {
+        pods_b.intern(name).unwrap();
+    }
+    let b =
+        RedisIndex::new(RedisConfig { url: s.url(), prefix: "shared".into(), ..Default::default() }, pods_b.clone())
+            .unwrap();
+    a.store(3, Tiers::GPU, &[1, 2, 3]);
+    let mut seen = Vec::new();
+    b.prefix_lookup(&[1, 2, 3, 4], &mut |i, e| {
+        seen.push((i, e.iter().map(|x| pods_b.name(x.pod()).unwrap()).collect::<Vec<_>>()));
+        true
+    });
+    assert_eq!(seen, vec![(0, vec!["pod-3".to_string()]), (1, vec!["pod-3".into()]), (2, vec!["pod-3".into()])]);
+    // A clear by either replica is seen by both (one HINCRBY, no scan).
+    b.clear_pod(0); // pod-3 on B
+    let mut any = false;
+    a.prefix_lookup(&[1], &mut |_, _| {
+        any = true;
+        true
+    });
+    assert!(!any, "cleared through the other replica");
+    assert_eq!(a.pod_entries(3), 0);
+}
+
+#[test]
+fn losing_redis_keeps_lookups_fast_and_local_then_recovers() {
+    let mut s = Server::start();
+    let port = s.port;
+    let idx = index(&s.url(), "outage");
+    idx.store(0, Tiers::GPU, &[7, 8]);
+    drop(std::mem::replace(&mut s.child, Command::new("true").spawn().unwrap()));
+    let _ = s.child.wait();
+    let _ = Command::new("redis-cli").args(["-p", &port.to_string(), "shutdown", "nosave"]).output();
+    std::thread::sleep(Duration::from_millis(100));
+    // Down: speculative (local) entries still route; nothing panics; calls fail fast.
+    idx.store_speculative(1, Tiers::GPU, &[7]);
+    let t = Instant::now();
+    for _ in 0..200 {
+        let mut pods = Vec::new();
+        idx.prefix_lookup(&[7, 8], &mut |_, e| {
+            pods.extend(e.iter().map(|x| x.pod()));
+            true
+        });
+        assert_eq!(pods, vec![1], "only the local view");
+        idx.store(0, Tiers::GPU, &[9]); // dropped
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?} for 200 lookups while down", t.elapsed());
+    assert!(!idx.is_up() && idx.errors() > 0);
+    // Back (empty, as after a restart): writes land again and lookups see them.
+    let _s2 = Server::start_on(port);
+    std::thread::sleep(Duration::from_millis(600));
+    idx.store(0, Tiers::GPU, &[7, 8]);
+    let mut n = 0;
+    idx.prefix_lookup(&[7, 8], &mut |_, e| {
+        n += e.iter().filter(|x| x.pod() == 0).count();
+        true
+    });
+    assert_eq!(n, 2);
+    assert!(idx.is_up());
+}
