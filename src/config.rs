@@ -25,8 +25,12 @@
 //!   queue_depth: 5              # scraped waiting requests: busy (sheddable requests → 429)
 //!   kv_cache_utilization: 0.8   # scraped KV usage: busy
 //! index:
-//!   capacity: 16777216          # (block, pod) entries before LRU eviction
+//!   backend: memory             # memory | redis (shared by router replicas)
+//!   capacity: 16777216          # memory: (block, pod) entries before LRU eviction
 //!   speculative_ttl_ms: 2000
+//!   url: redis://127.0.0.1:6379 # redis: server (Valkey alike)
+//!   prefix: kvr                 # redis: key prefix (replicas sharing an index use the same)
+//!   ttl_s: 3600                 # redis: a block key expires this long after its last write
 //! ingest:
 //!   bind: ["tcp://*:5557"]      # SUB sockets vLLM servers connect to
 //!   connect:                    # publishers to dial
@@ -105,16 +109,42 @@ impl Default for SaturationSection {
     }
 }
 
+/// Where the block index lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexBackend {
+    /// In this process (each replica ingests its own events).
+    #[default]
+    Memory,
+    /// A Redis or Valkey server shared by router replicas.
+    Redis,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IndexSection {
+    pub backend: IndexBackend,
+    /// In-memory backend: (block, pod) entries before LRU eviction.
     pub capacity: usize,
     pub speculative_ttl_ms: u64,
+    /// Redis backend: server URL (`redis://host:port[/db]`; Valkey alike).
+    pub url: String,
+    /// Redis backend: prefix of kvroute's keys (replicas sharing an index use the same).
+    pub prefix: String,
+    /// Redis backend: a block key expires this long after its last write.
+    pub ttl_s: u64,
 }
 
 impl Default for IndexSection {
     fn default() -> Self {
-        Self { capacity: 16 << 20, speculative_ttl_ms: 2000 }
+        Self {
+            backend: IndexBackend::Memory,
+            capacity: 16 << 20,
+            speculative_ttl_ms: 2000,
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "kvr".into(),
+            ttl_s: 3600,
+        }
     }
 }
 

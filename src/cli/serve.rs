@@ -54,6 +54,13 @@ pub struct ServeArgs {
     /// candidate is there, 429 [default: 512].
     #[arg(long)]
     max_queued_per_pod: Option<u32>,
+    /// Where the block index lives: memory, or redis (shared by router replicas)
+    /// [default: memory].
+    #[arg(long, value_enum)]
+    index_backend: Option<crate::config::IndexBackend>,
+    /// Redis/Valkey URL of the shared index [default: redis://127.0.0.1:6379].
+    #[arg(long)]
+    redis_url: Option<String>,
     /// Do not bind any SUB socket (dial mode only).
     #[arg(long, conflicts_with = "zmq_bind")]
     no_zmq_bind: bool,
@@ -164,6 +171,8 @@ impl ServeArgs {
             c.ext_proc.health_listen = self.grpc_health_listen;
         }
         set!(self.max_queued_per_pod, c.saturation.max_queued_per_pod);
+        set!(self.index_backend, c.index.backend);
+        set!(self.redis_url, c.index.url);
         if self.hash_seed.is_some() {
             c.hash.seed = self.hash_seed.clone();
         }
@@ -212,14 +221,45 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             (KeyMode::Engine, RequestKeys::Vllm(h))
         }
     };
-    let index: SharedIndex = Arc::new(InMemoryIndex::new(IndexConfig {
-        capacity: cfg.index.capacity,
-        speculative_ttl: Duration::from_millis(cfg.index.speculative_ttl_ms),
-        ..Default::default()
-    }));
-    let applier = Arc::new(EventApplier::new(index, mode));
     let pods = Arc::new(Pods::new());
+    let mut redis_index = None;
+    let index: SharedIndex = match cfg.index.backend {
+        crate::config::IndexBackend::Memory => Arc::new(InMemoryIndex::new(IndexConfig {
+            capacity: cfg.index.capacity,
+            speculative_ttl: Duration::from_millis(cfg.index.speculative_ttl_ms),
+            ..Default::default()
+        })),
+        crate::config::IndexBackend::Redis => {
+            let redis = kvroute_index_redis::RedisConfig {
+                url: cfg.index.url.clone(),
+                prefix: cfg.index.prefix.clone(),
+                ttl: Duration::from_secs(cfg.index.ttl_s.max(1)),
+                speculative_ttl: Duration::from_millis(cfg.index.speculative_ttl_ms),
+                ..Default::default()
+            };
+            let idx = kvroute_index_redis::RedisIndex::new(redis, pods.clone())
+                .with_context(|| format!("index backend redis at {}", cfg.index.url))?;
+            if idx.ping().is_none() {
+                tracing::warn!(url = %cfg.index.url, "redis index not reachable yet; routing on the local view until it is");
+            }
+            let idx = Arc::new(idx);
+            redis_index = Some(idx.clone());
+            idx
+        }
+    };
+    let applier = Arc::new(EventApplier::new(index, mode));
     let registry = prometheus::Registry::new();
+    if let Some(idx) = redis_index {
+        let up = prometheus::IntGauge::new("kvroute_index_redis_up", "1 while the shared Redis index answers")?;
+        let errors = prometheus::IntGauge::new("kvroute_index_redis_errors", "Failed Redis index calls so far")?;
+        registry.register(Box::new(up.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        std::thread::spawn(move || loop {
+            up.set(idx.is_up() as i64);
+            errors.set(idx.errors() as i64);
+            std::thread::sleep(Duration::from_millis(500));
+        });
+    }
     let metrics = Metrics::new(&registry)?;
     let ingestor = Ingestor::start(&cfg.ingest, applier.clone(), pods.clone(), metrics)
         .context("cannot start KV-event ingestion")?;

@@ -144,6 +144,11 @@ impl RedisIndex {
         })
     }
 
+    /// Pings the server (`None` when unreachable).
+    pub fn ping(&self) -> Option<()> {
+        self.with_conn(|c| redis::cmd("PING").query::<String>(c)).map(|_| ())
+    }
+
     /// Redis answered the last call.
     pub fn is_up(&self) -> bool {
         self.up.load(Relaxed)
