@@ -5,8 +5,10 @@
 //! index, so every scorer, the gateway and the ext_proc door run on it unchanged.
 //!
 //! **Layout** (`P` = the key prefix, default `kvr`):
-//! * `P:b:<key as 16 hex digits>` — a HASH per block: field `<pod name>|<tier id>`, value
-//!   the pod's epoch when stored. Every write refreshes the key's TTL (`ttl`, default 1 h),
+//! * `P:b:<key as 16 hex digits>` — a STRING per block: `<pod name>|<tier id>=<epoch>;` per
+//!   pod holding it (the pod's epoch when stored), so a whole prompt is one `MGET`; the
+//!   Lua scripts that store and remove keep it well formed. Every write refreshes the
+//!   key's TTL (`ttl`, default 1 h),
 //!   so blocks no event mentions any more leave by themselves: memory is bounded by the
 //!   fleet's recent working set, not by history.
 //! * `P:epochs` — HASH pod name → epoch. Clearing a pod (`AllBlocksCleared`, pod restart)
@@ -16,7 +18,7 @@
 //!   expire by TTL are not subtracted, so it is an upper bound after expiry).
 //!
 //! **Round trips**: a lookup of a whole prompt is one pipeline (`HGETALL` of the epochs and
-//! of every block key); a batch of stored or removed blocks is one Lua script call
+//! one `MGET` of every block key); a batch of stored or removed blocks is one Lua script call
 //! (atomic: the entry counts stay exact whatever other replicas do meanwhile).
 //!
 //! **Speculative entries** (a replica's own routing decisions, seconds long) stay in a
@@ -36,18 +38,21 @@ use kvroute_index::{BlockIndex, InMemoryIndex, IndexConfig, IndexStats, PodEntry
 use parking_lot::Mutex;
 
 /// Stores one pod/tier on many blocks atomically, counting entries that were not live
-/// (absent, or stored before the pod's current epoch). KEYS: counts, block keys…;
-/// ARGV: field, epoch, ttl, pod name.
+/// (absent, or stored before the pod's current epoch). A block's value is a string of
+/// `field=epoch;` entries. KEYS: counts, block keys…; ARGV: field, epoch, ttl, pod name.
 static STORE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
 local added = 0
 local epoch = tonumber(ARGV[2])
+local pat = ARGV[1]:gsub('%p', '%%%0') .. '=(%d+);'
+local entry = ARGV[1] .. '=' .. ARGV[2] .. ';'
 for i = 2, #KEYS do
-  local old = redis.call('HGET', KEYS[i], ARGV[1])
+  local v = redis.call('GET', KEYS[i]) or ''
+  local old = string.match(';' .. v, ';' .. pat)
   if (not old) or tonumber(old) < epoch then added = added + 1 end
-  redis.call('HSET', KEYS[i], ARGV[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[i], ARGV[3])
+  if old then v = (';' .. v):gsub(';' .. pat, ';', 1):sub(2) end
+  redis.call('SET', KEYS[i], v .. entry, 'EX', ARGV[3])
 end
 if added > 0 then redis.call('HINCRBY', KEYS[1], ARGV[4], added) end
 return added",
@@ -62,11 +67,21 @@ static REMOVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| 
 local removed = 0
 local epoch = tonumber(ARGV[1])
 for i = 2, #KEYS do
-  for j = 3, #ARGV do
-    local old = redis.call('HGET', KEYS[i], ARGV[j])
-    if old then
-      if tonumber(old) >= epoch then removed = removed + 1 end
-      redis.call('HDEL', KEYS[i], ARGV[j])
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    v = ';' .. v
+    local changed = false
+    for j = 3, #ARGV do
+      local pat = ';' .. ARGV[j]:gsub('%p', '%%%0') .. '=(%d+);'
+      local old = string.match(v, pat)
+      if old then
+        if tonumber(old) >= epoch then removed = removed + 1 end
+        v = v:gsub(pat, ';', 1)
+        changed = true
+      end
+    end
+    if changed then
+      if v == ';' then redis.call('DEL', KEYS[i]) else redis.call('SET', KEYS[i], v:sub(2), 'KEEPTTL') end
     end
   end
 end
@@ -278,20 +293,22 @@ impl BlockIndex for RedisIndex {
     }
 
     fn prefix_lookup(&self, keys: &[u64], f: &mut dyn FnMut(usize, &[PodEntry]) -> bool) {
-        let mut p = redis::pipe();
-        p.cmd("HGETALL").arg(self.epochs_key());
-        for &k in keys {
-            p.cmd("HGETALL").arg(self.block_key(k));
-        }
-        let shared: Option<Vec<HashMap<String, u64>>> =
-            if keys.is_empty() { None } else { self.with_conn(|c| p.query(c)) };
         // Local speculative entries, per key.
         let mut spec: Vec<Vec<PodEntry>> = vec![Vec::new(); keys.len()];
         self.speculative.prefix_lookup(keys, &mut |i, e| {
             spec[i].extend_from_slice(e);
             true
         });
-        let Some(mut replies) = shared.filter(|r| r.len() == keys.len() + 1) else {
+        let shared: Option<(HashMap<String, u64>, Vec<Option<String>>)> = if keys.is_empty() {
+            None
+        } else {
+            // One round trip: the epochs and every block (`MGET`).
+            let block_keys: Vec<String> = keys.iter().map(|&k| self.block_key(k)).collect();
+            let mut p = redis::pipe();
+            p.cmd("HGETALL").arg(self.epochs_key()).cmd("MGET").arg(&block_keys);
+            self.with_conn(|c| p.query(c))
+        };
+        let Some((epochs, values)) = shared.filter(|r| r.1.len() == keys.len()) else {
             // Redis down: the local view only.
             for (i, e) in spec.iter().enumerate() {
                 if e.is_empty() || !f(i, e) {
@@ -300,13 +317,14 @@ impl BlockIndex for RedisIndex {
             }
             return;
         };
-        let epochs = std::mem::take(&mut replies[0]);
         self.epochs.lock().extend(epochs.iter().map(|(k, v)| (k.clone(), *v)));
         let mut entries = Vec::new();
-        for (i, fields) in replies.iter().skip(1).enumerate() {
+        for (i, value) in values.iter().enumerate() {
             entries.clear();
-            for (field, &epoch) in fields {
+            for entry in value.as_deref().unwrap_or_default().split(';').filter(|e| !e.is_empty()) {
+                let Some((field, epoch)) = entry.rsplit_once('=') else { continue };
                 let Some((name, tier)) = field.rsplit_once('|') else { continue };
+                let Ok(epoch) = epoch.parse::<u64>() else { continue };
                 if epoch < epochs.get(name).copied().unwrap_or(0) {
                     continue; // stored before the pod was cleared
                 }

@@ -1,0 +1,107 @@
+//! The Redis backend against the in-memory one, side by side in one run, with a real
+//! `redis-server` on loopback started here: lookup latency of a 512-block prompt
+//! (p50/p99), block events written per second, memory per (block, pod) entry.
+//!
+//!     cargo bench -p kvroute-index-redis --bench shared_index
+//!
+//! (`-- --test` runs each measurement once, as the CI smoke run does.)
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvroute_index::{BlockIndex, InMemoryIndex, IndexConfig, Pods, Tiers};
+use kvroute_index_redis::{RedisConfig, RedisIndex};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn keys(prompt: u64, n: usize) -> Vec<u64> {
+    (0..n as u64).map(|i| (prompt << 20 | i).wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect()
+}
+
+fn run(name: &str, idx: &dyn BlockIndex, smoke: bool) {
+    let (prompts, pods) = if smoke { (4u64, 8u16) } else { (2_000, 8) };
+    // Fill: each prompt of 512 blocks on one pod, in batches of 16 blocks (vLLM's events).
+    let t = Instant::now();
+    let mut events = 0usize;
+    for p in 0..prompts {
+        let k = keys(p, 512);
+        for chunk in k.chunks(16) {
+            idx.store((p % pods as u64) as u16, Tiers::GPU, chunk);
+            events += chunk.len();
+        }
+    }
+    let write = events as f64 / t.elapsed().as_secs_f64();
+    // Lookups of whole prompts (every block held).
+    let iters = if smoke { 3 } else { 2_000 };
+    let mut lat = Vec::with_capacity(iters);
+    let mut found = 0usize;
+    for i in 0..iters {
+        let k = keys(i as u64 % prompts, 512);
+        let t = Instant::now();
+        idx.prefix_lookup(&k, &mut |_, e| {
+            found += e.len();
+            true
+        });
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    assert_eq!(found, iters * 512, "{name}: every block found");
+    println!("| {name} | {:.0} | {:.0} | {:.0} |", pct(&mut lat, 0.5), pct(&mut lat, 0.99), write);
+}
+
+fn main() {
+    let smoke = std::env::args().any(|a| a == "--test");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (apt-get install redis-server)");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pods = Arc::new(Pods::new());
+    for i in 0..8 {
+        pods.intern(&format!("10.0.0.{i}:8000")).unwrap();
+    }
+    println!("| backend | lookup 512 blocks p50 (µs) | p99 (µs) | block events written /s |");
+    println!("|---|---|---|---|");
+    run("in-memory", &InMemoryIndex::new(IndexConfig::default()), smoke);
+    let url = format!("redis://127.0.0.1:{port}");
+    let redis = RedisIndex::new(RedisConfig { url: url.clone(), ..Default::default() }, pods).unwrap();
+    run("redis (loopback)", &redis, smoke);
+    // Memory per entry: the server's own accounting.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut c).unwrap();
+    let used: f64 =
+        info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+    let entries = redis.stats().entries as f64;
+    let sample: Vec<String> = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg("kvr:b:*")
+        .arg("COUNT")
+        .arg(100)
+        .query::<(u64, Vec<String>)>(&mut c)
+        .unwrap()
+        .1;
+    let per_key: Vec<f64> = sample
+        .iter()
+        .filter_map(|k| redis::cmd("MEMORY").arg("USAGE").arg(k).query::<Option<f64>>(&mut c).ok().flatten())
+        .collect();
+    let mean_key = per_key.iter().sum::<f64>() / per_key.len().max(1) as f64;
+    println!(
+        "\nredis: {entries:.0} entries, used_memory {:.1} MB = {:.0} B per entry; MEMORY USAGE of a block key (1 pod) {:.0} B",
+        used / 1e6,
+        used / entries.max(1.0),
+        mean_key
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
