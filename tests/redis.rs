@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_ports, sim, wait_healthy, words, Children};
+use common::{free_ports, wait_healthy, words, Children};
 use serde_json::{json, Value};
 
 fn redis(port: u16) -> Child {
@@ -24,14 +24,31 @@ fn redis(port: u16) -> Child {
     c
 }
 
-fn serve(port: u16, redis_port: u16, zmq: Option<u16>, sims: &[u16]) -> Child {
+/// A sim whose publisher binds `pub_port` with a replay endpoint on `replay_port`.
+fn sim(port: u16, pub_port: u16, replay_port: u16) -> Child {
+    let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
+        "endpoint": format!("tcp://*:{pub_port}"), "replay_endpoint": format!("tcp://*:{replay_port}"),
+        "topic": format!("kv@127.0.0.1:{port}@m")});
+    let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["sim", "--port", &port.to_string(), "--model", "m", "--speedup", "100"])
+        .args(["--kv-events-config", &kv.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{port}"));
+    c
+}
+
+/// A router on the shared Redis; `dial` = (pod port, publisher port, replay port) of the
+/// sims whose events it ingests (none: it only reads the shared index).
+fn serve(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16]) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kvroute"));
-    c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--health-interval-ms", "100"]);
+    c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--health-interval-ms", "100", "--no-zmq-bind"]);
     c.args(["--index-backend", "redis", "--redis-url", &format!("redis://127.0.0.1:{redis_port}")]);
-    match zmq {
-        Some(z) => c.args(["--zmq-bind", &format!("tcp://127.0.0.1:{z}")]),
-        None => c.arg("--no-zmq-bind"),
-    };
+    for (p, z, r) in dial {
+        c.args(["--zmq-connect", &format!("127.0.0.1:{p}=tcp://127.0.0.1:{z},replay=tcp://127.0.0.1:{r}")]);
+    }
     for p in sims {
         c.args(["--backend", &format!("http://127.0.0.1:{p}")]);
     }
@@ -76,14 +93,14 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn replicas_share_the_index_and_survive_a_redis_restart() {
-    let ports = free_ports(6);
-    let (rp, zmq, a, b) = (ports[0], ports[1], ports[2], ports[3]);
-    let sims = [ports[4], ports[5]];
+    let ports = free_ports(9);
+    let (rp, a, b) = (ports[0], ports[1], ports[2]);
+    let dial = [(ports[3], ports[4], ports[5]), (ports[6], ports[7], ports[8])];
+    let sims = [dial[0].0, dial[1].0];
     let mut redis_child = Some(redis(rp));
-    let mut children = vec![serve(a, rp, Some(zmq), &sims), serve(b, rp, None, &sims)];
-    for &p in &sims {
-        children.push(sim(p, zmq, &[]));
-    }
+    let mut children: Vec<Child> = dial.iter().map(|&(p, z, r)| sim(p, z, r)).collect();
+    children.push(serve(a, rp, &dial, &sims));
+    children.push(serve(b, rp, &[], &sims));
     let _children = Children(children);
     std::thread::sleep(Duration::from_millis(300));
     // Events reach replica A only; replica B scores them from Redis.
@@ -91,8 +108,14 @@ fn replicas_share_the_index_and_survive_a_redis_restart() {
     let (status, pod) = complete(a, &prompt);
     assert_eq!(status, 200);
     eventually("replica B sees the blocks replica A ingested", || matched(b, &prompt, &pod) == 10);
-    // B now routes that prompt to the same pod without having seen an event.
-    assert_eq!(complete(b, &prompt), (200, pod.clone()));
+    // B would route that prompt to the same pod without having seen an event (explain:
+    // the decision without forwarding, so no speculative entry is left behind in B).
+    let ex: Value = ureq::post(&format!("http://127.0.0.1:{b}/v1/route/explain"))
+        .send_json(json!({"model": "m", "prompt": prompt}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(ex["pick"], pod.as_str());
 
     // Redis dies mid-run: every request still succeeds on both replicas.
     let mut r = redis_child.take().unwrap();
@@ -106,11 +129,18 @@ fn replicas_share_the_index_and_survive_a_redis_restart() {
         let m = ureq::get(&format!("http://127.0.0.1:{a}/metrics")).call().unwrap().into_string().unwrap();
         m.contains("kvroute_index_redis_up 0")
     });
-    // Back (empty): new events flow into it and B sees them again.
+    // Back, empty: replica A replays every pod's buffered events into it (triggered by the
+    // pods' next events), so even blocks stored before the outage come back.
     let _redis = Children(vec![redis(rp)]);
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(1200));
+    for p in sims {
+        let r = ureq::post(&format!("http://127.0.0.1:{p}/v1/completions"))
+            .send_json(json!({"model": "m", "prompt": words(&format!("poke{p}x"), 20), "max_tokens": 1}));
+        assert!(r.is_ok());
+    }
+    eventually("blocks from before the outage are rebuilt from the replay", || matched(b, &prompt, &pod) == 10);
     let after = words("after", 160);
     let (status, pod2) = complete(a, &after);
     assert_eq!(status, 200);
-    eventually("the shared view converges after Redis returns", || matched(b, &after, &pod2) == 10);
+    eventually("new events flow into the restarted Redis", || matched(b, &after, &pod2) == 10);
 }

@@ -249,20 +249,33 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     let applier = Arc::new(EventApplier::new(index, mode));
     let registry = prometheus::Registry::new();
-    if let Some(idx) = redis_index {
+    let redis_watch = redis_index.clone();
+    let metrics = Metrics::new(&registry)?;
+    let ingestor = Ingestor::start(&cfg.ingest, applier.clone(), pods.clone(), metrics)
+        .context("cannot start KV-event ingestion")?;
+    if let Some(idx) = redis_watch {
+        let resync = ingestor.resync_handle();
         let up = prometheus::IntGauge::new("kvroute_index_redis_up", "1 while the shared Redis index answers")?;
         let errors = prometheus::IntGauge::new("kvroute_index_redis_errors", "Failed Redis index calls so far")?;
         registry.register(Box::new(up.clone()))?;
         registry.register(Box::new(errors.clone()))?;
-        std::thread::spawn(move || loop {
-            up.set(idx.is_up() as i64);
-            errors.set(idx.errors() as i64);
-            std::thread::sleep(Duration::from_millis(500));
+        // Poll Redis; when it comes back after an outage, rebuild the shared index by
+        // replaying every pod's buffered events.
+        std::thread::spawn(move || {
+            let mut was_up = true;
+            loop {
+                let now_up = idx.ping().is_some();
+                up.set(now_up as i64);
+                errors.set(idx.errors() as i64);
+                if now_up && !was_up {
+                    tracing::info!("redis index back: replaying every pod's buffered events");
+                    resync();
+                }
+                was_up = now_up;
+                std::thread::sleep(Duration::from_millis(500));
+            }
         });
     }
-    let metrics = Metrics::new(&registry)?;
-    let ingestor = Ingestor::start(&cfg.ingest, applier.clone(), pods.clone(), metrics)
-        .context("cannot start KV-event ingestion")?;
     let keys = Arc::new(keys);
     let profile = match &cfg.scheduler_config {
         Some(p) => {

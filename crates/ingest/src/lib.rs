@@ -102,6 +102,7 @@ pub enum IngestError {
 /// Running ingestion; stops when dropped or [`Ingestor::stop`] is called.
 pub struct Ingestor {
     stop: Arc<AtomicBool>,
+    resync: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<JoinHandle<()>>,
     table: Arc<PodTable>,
 }
@@ -150,6 +151,7 @@ impl Ingestor {
         };
         let mut threads = Vec::new();
         let mut senders = Vec::new();
+        let resync = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for n in 0..cfg.workers.max(1) {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(cfg.queue_capacity.max(1));
             senders.push(tx);
@@ -161,12 +163,24 @@ impl Ingestor {
                 ctx: ctx.clone(),
                 timeouts,
                 streams: Default::default(),
+                resync: resync.clone(),
+                resync_seen: 0,
             };
             threads.push(std::thread::Builder::new().name(format!("kv-worker-{n}")).spawn(move || w.run(rx))?);
         }
         let r = Receiver_ { sockets, senders, stop: stop.clone(), table: table.clone(), metrics };
         threads.push(std::thread::Builder::new().name("kv-receiver".into()).spawn(move || r.run())?);
-        Ok(Self { stop, threads, table })
+        Ok(Self { stop, resync, threads, table })
+    }
+
+    /// A handle that makes every pod's stream rejoin: its next message triggers a replay
+    /// of the pod's buffered events from the start (used to rebuild a shared index that
+    /// lost its data, e.g. after a Redis restart).
+    pub fn resync_handle(&self) -> impl Fn() + Send + Sync + 'static {
+        let r = self.resync.clone();
+        move || {
+            r.fetch_add(1, Relaxed);
+        }
     }
 
     /// Per-pod counters, with `blocks(pod)` filled in by the caller (from the index).

@@ -122,6 +122,10 @@ pub(crate) struct Worker<I: BlockIndex> {
     pub ctx: zmq::Context,
     pub timeouts: ReplayTimeouts,
     pub streams: HashMap<String, SeqTracker>,
+    /// Bumped by [`crate::Ingestor::resync`]; when it moves, every stream is treated as
+    /// newly joined (replayed from its start where the pod has a replay endpoint).
+    pub resync: Arc<std::sync::atomic::AtomicU64>,
+    pub resync_seen: u64,
 }
 
 fn stream_name(pod: &str, rank: i64) -> String {
@@ -151,6 +155,11 @@ impl<I: BlockIndex> Worker<I> {
     }
 
     fn handle(&mut self, m: Msg) {
+        let generation = self.resync.load(Relaxed);
+        if generation != self.resync_seen {
+            self.resync_seen = generation;
+            self.streams.clear();
+        }
         let batch = decode_batch(&m.payload);
         let rank = batch.as_ref().ok().and_then(|b| b.data_parallel_rank).unwrap_or(0);
         let name = stream_name(&m.pod, rank);
