@@ -31,6 +31,7 @@
 //!   url: redis://127.0.0.1:6379 # redis: server (Valkey alike)
 //!   prefix: kvr                 # redis: key prefix (replicas sharing an index use the same)
 //!   ttl_s: 3600                 # redis: a block key expires this long after its last write
+//!   cache_ms: 0                 # redis: reuse values read this long (hot prefixes); 0 = off
 //! ingest:
 //!   bind: ["tcp://*:5557"]      # SUB sockets vLLM servers connect to
 //!   connect:                    # publishers to dial
@@ -133,6 +134,9 @@ pub struct IndexSection {
     pub prefix: String,
     /// Redis backend: a block key expires this long after its last write.
     pub ttl_s: u64,
+    /// Redis backend: reuse block values read for this long (0 = off; other replicas'
+    /// writes show within this bound).
+    pub cache_ms: u64,
 }
 
 impl Default for IndexSection {
@@ -144,6 +148,7 @@ impl Default for IndexSection {
             url: "redis://127.0.0.1:6379".into(),
             prefix: "kvr".into(),
             ttl_s: 3600,
+            cache_ms: 0,
         }
     }
 }

@@ -235,6 +235,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 prefix: cfg.index.prefix.clone(),
                 ttl: Duration::from_secs(cfg.index.ttl_s.max(1)),
                 speculative_ttl: Duration::from_millis(cfg.index.speculative_ttl_ms),
+                cache_ttl: Duration::from_millis(cfg.index.cache_ms),
                 ..Default::default()
             };
             let idx = kvroute_index_redis::RedisIndex::new(redis, pods.clone())

@@ -21,6 +21,11 @@
 //! one `MGET` of every block key); a batch of stored or removed blocks is one Lua script call
 //! (atomic: the entry counts stay exact whatever other replicas do meanwhile).
 //!
+//! **Local cache** (opt-in, `cache_ttl`): the first `cache_prefix_blocks` (128) block
+//! values of a lookup are reused for `cache_ttl`: hot shared prefixes skip most of the
+//! transfer; this replica's writes invalidate at once, other replicas' show
+//! within the bound (`cache_capacity` values at most).
+//!
 //! **Speculative entries** (a replica's own routing decisions, seconds long) stay in a
 //! local in-memory index and are merged into lookups; they are not shared.
 //!
@@ -103,6 +108,16 @@ pub struct RedisConfig {
     pub speculative_ttl: Duration,
     /// Connect / read / write timeout of one Redis call.
     pub timeout: Duration,
+    /// Block values read from Redis are reused for this long (hot prefixes — a system
+    /// prompt every request shares — skip most of the transfer); this replica's own writes
+    /// invalidate them at once, other replicas' writes show within this bound. Zero (the
+    /// default): off — on cold prompts the bookkeeping costs more than it saves.
+    pub cache_ttl: Duration,
+    /// Most block values cached.
+    pub cache_capacity: usize,
+    /// Only the first this many blocks of a prompt are cached: shared prefixes (system
+    /// prompts, few-shot examples) sit at the start; tails are mostly unique.
+    pub cache_prefix_blocks: usize,
 }
 
 impl Default for RedisConfig {
@@ -113,6 +128,9 @@ impl Default for RedisConfig {
             ttl: Duration::from_secs(3600),
             speculative_ttl: Duration::from_secs(2),
             timeout: Duration::from_millis(500),
+            cache_ttl: Duration::ZERO,
+            cache_capacity: 1 << 18,
+            cache_prefix_blocks: 128,
         }
     }
 }
@@ -122,6 +140,25 @@ pub enum RedisIndexError {
     #[error("invalid Redis URL: {0}")]
     Url(#[from] redis::RedisError),
 }
+
+/// Block keys are already uniform hashes: one multiply spreads them (SipHash would cost
+/// more than the lookup it serves).
+#[derive(Default)]
+struct KeyHasher(u64);
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        self.0 = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+type CacheMap = HashMap<u64, (Instant, Option<Arc<str>>), std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// The shared index.
 pub struct RedisIndex {
@@ -137,6 +174,11 @@ pub struct RedisIndex {
     last_warning: Mutex<Option<Instant>>,
     up: AtomicBool,
     errors: AtomicU64,
+    /// Block key → (read at, value) of recent reads.
+    cache: Mutex<CacheMap>,
+    cache_hits: AtomicU64,
+    /// Bumped after every write of this replica: a read that raced one is not cached.
+    writes: AtomicU64,
 }
 
 impl RedisIndex {
@@ -156,6 +198,9 @@ impl RedisIndex {
             last_warning: Mutex::new(None),
             up: AtomicBool::new(true),
             errors: AtomicU64::new(0),
+            cache: Mutex::new(CacheMap::default()),
+            cache_hits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         })
     }
 
@@ -167,6 +212,22 @@ impl RedisIndex {
     /// Redis answered the last call.
     pub fn is_up(&self) -> bool {
         self.up.load(Relaxed)
+    }
+
+    /// Block values served from the local cache so far.
+    pub fn cache_hits(&self) -> u64 {
+        self.cache_hits.load(Relaxed)
+    }
+
+    fn invalidate(&self, keys: &[u64]) {
+        if self.cfg.cache_ttl.is_zero() {
+            return;
+        }
+        self.writes.fetch_add(1, Relaxed);
+        let mut c = self.cache.lock();
+        for k in keys {
+            c.remove(k);
+        }
     }
 
     /// Failed Redis calls so far.
@@ -238,6 +299,56 @@ impl RedisIndex {
         e
     }
 
+    /// The epochs and the value of every key: fresh cached values, the rest in one round
+    /// trip (`HGETALL` of the epochs + `MGET`).
+    #[allow(clippy::type_complexity)]
+    fn fetch(&self, keys: &[u64]) -> Option<(HashMap<String, u64>, Vec<Option<Arc<str>>>)> {
+        let ttl = self.cfg.cache_ttl;
+        let now = Instant::now();
+        let mut values: Vec<Option<Option<Arc<str>>>> = vec![None; keys.len()];
+        if !ttl.is_zero() {
+            let c = self.cache.lock();
+            for (i, k) in keys.iter().enumerate() {
+                if let Some((at, v)) = c.get(k) {
+                    if now.duration_since(*at) < ttl {
+                        values[i] = Some(v.clone());
+                    }
+                }
+            }
+        }
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| values[i].is_none()).collect();
+        self.cache_hits.fetch_add((keys.len() - missing.len()) as u64, Relaxed);
+        let generation = self.writes.load(Relaxed);
+        let mut p = redis::pipe();
+        p.cmd("HGETALL").arg(self.epochs_key());
+        if !missing.is_empty() {
+            p.cmd("MGET").arg(missing.iter().map(|&i| self.block_key(keys[i])).collect::<Vec<_>>());
+        }
+        let (epochs, fetched): (HashMap<String, u64>, Vec<Option<String>>) = if missing.is_empty() {
+            let (e,): (HashMap<String, u64>,) = self.with_conn(|c| p.query(c))?;
+            (e, vec![])
+        } else {
+            self.with_conn(|c| p.query(c))?
+        };
+        if fetched.len() != missing.len() {
+            return None;
+        }
+        let mut c = (!ttl.is_zero()).then(|| self.cache.lock()).filter(|_| self.writes.load(Relaxed) == generation);
+        if let Some(c) = c.as_mut() {
+            if c.len() + missing.len() > self.cfg.cache_capacity {
+                c.clear();
+            }
+        }
+        for (&i, v) in missing.iter().zip(fetched) {
+            let v: Option<Arc<str>> = v.map(Arc::from);
+            if let Some(c) = c.as_mut().filter(|_| i < self.cfg.cache_prefix_blocks) {
+                c.insert(keys[i], (now, v.clone()));
+            }
+            values[i] = Some(v);
+        }
+        Some((epochs, values.into_iter().map(|v| v.flatten()).collect()))
+    }
+
     fn field(name: &str, tier: TierId) -> String {
         format!("{name}|{tier}")
     }
@@ -246,6 +357,7 @@ impl RedisIndex {
 impl BlockIndex for RedisIndex {
     fn store(&self, pod: PodId, tier: TierId, keys: &[u64]) {
         self.speculative.remove(pod, Some(tier), keys);
+        self.invalidate(keys);
         let Some(name) = self.pods.name(pod) else { return };
         if keys.is_empty() {
             return;
@@ -265,6 +377,7 @@ impl BlockIndex for RedisIndex {
 
     fn remove(&self, pod: PodId, tier: Option<TierId>, keys: &[u64]) {
         self.speculative.remove(pod, tier, keys);
+        self.invalidate(keys);
         let Some(name) = self.pods.name(pod) else { return };
         if keys.is_empty() {
             return;
@@ -281,6 +394,7 @@ impl BlockIndex for RedisIndex {
 
     fn clear_pod(&self, pod: PodId) {
         self.speculative.clear_pod(pod);
+        self.cache.lock().clear();
         let Some(name) = self.pods.name(pod) else { return };
         let (epochs, counts) = (self.epochs_key(), self.counts_key());
         if let Some(e) = self.with_conn(|c| {
@@ -299,15 +413,7 @@ impl BlockIndex for RedisIndex {
             spec[i].extend_from_slice(e);
             true
         });
-        let shared: Option<(HashMap<String, u64>, Vec<Option<String>>)> = if keys.is_empty() {
-            None
-        } else {
-            // One round trip: the epochs and every block (`MGET`).
-            let block_keys: Vec<String> = keys.iter().map(|&k| self.block_key(k)).collect();
-            let mut p = redis::pipe();
-            p.cmd("HGETALL").arg(self.epochs_key()).cmd("MGET").arg(&block_keys);
-            self.with_conn(|c| p.query(c))
-        };
+        let shared = if keys.is_empty() { None } else { self.fetch(keys) };
         let Some((epochs, values)) = shared.filter(|r| r.1.len() == keys.len()) else {
             // Redis down: the local view only.
             for (i, e) in spec.iter().enumerate() {

@@ -47,11 +47,16 @@ impl Drop for Server {
 
 /// An index over a fresh key prefix, with pods 0..5 named `pod-N`.
 fn index(url: &str, prefix: &str) -> RedisIndex {
+    index_with(url, prefix, Duration::ZERO)
+}
+
+fn index_with(url: &str, prefix: &str, cache_ttl: Duration) -> RedisIndex {
     let pods = Arc::new(Pods::new());
     for i in 0..5 {
         pods.intern(&format!("pod-{i}")).unwrap();
     }
-    RedisIndex::new(RedisConfig { url: url.into(), prefix: prefix.into(), ..Default::default() }, pods).unwrap()
+    let cfg = RedisConfig { url: url.into(), prefix: prefix.into(), cache_ttl, ..Default::default() };
+    RedisIndex::new(cfg, pods).unwrap()
 }
 
 #[test]
@@ -63,6 +68,14 @@ fn the_conformance_suite_passes_on_redis() {
     kvroute_index_conformance::behaviour(&make);
     kvroute_index_conformance::sequential_ops_match_the_reference(&make, 60);
     kvroute_index_conformance::concurrent_pods_match_the_reference(&make, 30);
+    // With the local cache on, a replica still sees its own writes at once.
+    let cached = || -> Arc<dyn BlockIndex> {
+        let p = format!("c{}", n.fetch_add(1, Ordering::Relaxed));
+        Arc::new(index_with(&s.url(), &p, Duration::from_secs(60)))
+    };
+    kvroute_index_conformance::behaviour(&cached);
+    kvroute_index_conformance::sequential_ops_match_the_reference(&cached, 60);
+    kvroute_index_conformance::concurrent_pods_match_the_reference(&cached, 30);
 }
 
 #[test]
