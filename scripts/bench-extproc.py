@@ -58,6 +58,7 @@ def configs(listen_a, listen_b, grpc, admin_a, admin_b, sim):
         for f in hcm_a["http_filters"]:
             if f["name"] == "envoy.filters.http.ext_proc":
                 f["typed_config"]["processing_mode"]["request_body_mode"] = mode
+                f["typed_config"]["allow_mode_override"] = True
                 if mode != "FULL_DUPLEX_STREAMED":
                     f["typed_config"]["processing_mode"]["request_trailer_mode"] = "SKIP"
     b = json.loads(json.dumps(a))
@@ -76,8 +77,8 @@ def timed(conn, body):
     t = time.perf_counter()
     conn.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
     r = conn.getresponse()
-    r.read()
-    assert r.status == 200, r.status
+    text = r.read()
+    assert r.status == 200, (r.status, text[:300])
     return (time.perf_counter() - t) * 1e3
 
 

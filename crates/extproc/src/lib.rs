@@ -122,8 +122,16 @@ impl ExtProc {
                     if h.end_of_stream {
                         // No body (e.g. GET /v1/models): any ready pod.
                         self.route_headers_only(tx, s).await?;
+                    } else if s.request_mode == BodyMode::Streamed {
+                        // Streamed: Envoy waits for this answer before the body and would
+                        // route on it; ask for the body buffered instead (honoured with
+                        // `allow_mode_override: true`), so the pick can go on the body answer.
+                        let mut r = Reply::request_headers(vec![], false);
+                        r.mode_override = Some(proto::buffer_request_body(s.response_mode));
+                        s.request_mode = BodyMode::Buffered;
+                        send(tx, r).await?;
                     } else if s.request_mode != BodyMode::FullDuplexStreamed {
-                        // Buffered / streamed: Envoy waits for this answer before the body.
+                        // Buffered: Envoy waits for this answer before the body.
                         send(tx, Reply::request_headers(vec![], false)).await?;
                     }
                     // Full duplex: hold the answer until the body has arrived.

@@ -33,6 +33,28 @@ impl BodyMode {
     }
 }
 
+/// A `mode_override` that buffers the request body and keeps the other modes as Envoy
+/// runs them (headers and trailers sent, the response body as announced).
+pub fn buffer_request_body(
+    response: BodyMode,
+) -> envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode {
+    let code = |m: BodyMode| match m {
+        BodyMode::None => 0,
+        BodyMode::Streamed => 1,
+        BodyMode::Buffered => 2,
+        BodyMode::BufferedPartial => 3,
+        BodyMode::FullDuplexStreamed => 4,
+    };
+    envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode {
+        request_header_mode: 1,
+        response_header_mode: 1,
+        request_body_mode: code(BodyMode::Buffered),
+        response_body_mode: code(response),
+        request_trailer_mode: 0,
+        response_trailer_mode: 0,
+    }
+}
+
 /// Header (name, value) pairs; names lower-case as Envoy sends them. Envoy ≥ 1.27 puts
 /// values in `raw_value`.
 pub fn headers(map: Option<&HeaderMap>) -> Vec<(String, String)> {
