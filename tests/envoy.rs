@@ -36,6 +36,10 @@ struct Setup {
 }
 
 fn start(pods: usize, serve_extra: &[&str], sim_extra: &[&str]) -> Setup {
+    start_with(pods, serve_extra, sim_extra, |c| c)
+}
+
+fn start_with(pods: usize, serve_extra: &[&str], sim_extra: &[&str], edit: impl Fn(String) -> String) -> Setup {
     let envoy_bin = envoy_binary();
     let ports = free_ports(pods + 6);
     let (router, zmq, grpc, health, listener, admin) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
@@ -69,7 +73,7 @@ fn start(pods: usize, serve_extra: &[&str], sim_extra: &[&str]) -> Setup {
     }
     // The example config as shipped, with this test's ports.
     let cfg = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/envoy/envoy.yaml")).unwrap();
-    let cfg = cfg
+    let cfg = edit(cfg)
         .replace("port_value: 10000", &format!("port_value: {listener}"))
         .replace("port_value: 9002", &format!("port_value: {grpc}"))
         .replace("port_value: 19000", &format!("port_value: {admin}"));
@@ -313,4 +317,23 @@ fn subset_hints_restrict_the_pick_and_grpc_health_serves() {
             .into_inner();
         assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     });
+}
+
+#[test]
+fn buffered_body_mode_routes_the_same_way() {
+    let s = start_with(2, &[], &[], |c| {
+        c.replace("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
+            .replace("request_trailer_mode: SEND", "request_trailer_mode: SKIP")
+    });
+    let prompt = words("buffered", 160);
+    let body = json!({"model": "m", "prompt": prompt, "max_tokens": 2}).to_string();
+    let mut served = Vec::new();
+    for _ in 0..6 {
+        let (status, pod, picked, text) = post(&s.envoy, "/v1/completions", &body, &[]);
+        assert_eq!((status, &pod), (200, &picked), "{text}");
+        served.push(pod);
+    }
+    assert!(served.iter().all(|p| *p == served[0]), "{served:?}");
+    let (status, _, _, text) = post(&s.envoy, "/v1/completions", "{\"prompt\": 1}", &[]);
+    assert_eq!((status, text.contains("missing `model`")), (400, true), "{text}");
 }
