@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_ports, wait_healthy, words, Children};
+use common::{free_ports, sim_publishing as sim, wait_healthy, words, Children};
 use serde_json::{json, Value};
 
 fn redis(port: u16) -> Child {
@@ -21,22 +21,6 @@ fn redis(port: u16) -> Child {
         assert!(t.elapsed() < Duration::from_secs(10), "redis-server did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    c
-}
-
-/// A sim whose publisher binds `pub_port` with a replay endpoint on `replay_port`.
-fn sim(port: u16, pub_port: u16, replay_port: u16) -> Child {
-    let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
-        "endpoint": format!("tcp://*:{pub_port}"), "replay_endpoint": format!("tcp://*:{replay_port}"),
-        "topic": format!("kv@127.0.0.1:{port}@m")});
-    let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-        .args(["sim", "--port", &port.to_string(), "--model", "m", "--speedup", "100"])
-        .args(["--kv-events-config", &kv.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_healthy(&format!("http://127.0.0.1:{port}"));
     c
 }
 

@@ -254,6 +254,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new(&registry)?;
     let ingestor = Ingestor::start(&cfg.ingest, applier.clone(), pods.clone(), metrics)
         .context("cannot start KV-event ingestion")?;
+    // Rebuild before serving: replay what dialled pods have buffered (HTTP, and so
+    // /health, only comes up afterwards).
+    if cfg.ingest.connect.iter().any(|t| t.replay.is_some()) {
+        let (n, batches) = Ingestor::replay_dial_targets(&cfg.ingest, &applier, &pods);
+        tracing::info!(pods = n, batches, "replayed buffered KV events before serving");
+    }
     if let Some(idx) = redis_watch {
         let resync = ingestor.resync_handle();
         let up = prometheus::IntGauge::new("kvroute_index_redis_up", "1 while the shared Redis index answers")?;

@@ -40,6 +40,22 @@ pub fn sim(port: u16, zmq_port: u16, extra: &[&str]) -> Child {
     c
 }
 
+/// A sim whose publisher binds `pub_port` with a replay endpoint on `replay_port`.
+pub fn sim_publishing(port: u16, pub_port: u16, replay_port: u16) -> Child {
+    let kv = serde_json::json!({"enable_kv_cache_events": true, "publisher": "zmq",
+        "endpoint": format!("tcp://*:{pub_port}"), "replay_endpoint": format!("tcp://*:{replay_port}"),
+        "topic": format!("kv@127.0.0.1:{port}@m")});
+    let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["sim", "--port", &port.to_string(), "--model", "m", "--speedup", "100"])
+        .args(["--kv-events-config", &kv.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{port}"));
+    c
+}
+
 /// Sum of a metric over the servers' `/metrics`.
 pub fn metric_sum(ports: &[u16], name: &str) -> f64 {
     ports

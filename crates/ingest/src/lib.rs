@@ -183,6 +183,39 @@ impl Ingestor {
         }
     }
 
+    /// Rebuilds the index before serving: replays every dialled pod's buffered events
+    /// (from sequence 0, each data-parallel rank) that has a replay endpoint. Returns
+    /// (pods replayed, batches applied). Live streams later rejoin as usual.
+    pub fn replay_dial_targets<I: BlockIndex>(
+        cfg: &IngestConfig,
+        applier: &EventApplier<I>,
+        pods: &Pods,
+    ) -> (usize, usize) {
+        let ctx = zmq::Context::new();
+        let (idle, total) =
+            (Duration::from_millis(cfg.replay_idle_timeout_ms), Duration::from_millis(cfg.replay_total_timeout_ms));
+        let (mut replayed, mut batches) = (0, 0);
+        for t in &cfg.connect {
+            let Some(ep) = &t.replay else { continue };
+            for r in 0..cfg.data_parallel_size.max(1) {
+                let name = if r == 0 { t.pod.clone() } else { format!("{}#dp{r}", t.pod) };
+                let Ok(pod) = pods.intern(&name) else { continue };
+                let ep = offset_endpoint(ep, r);
+                let res = replay::replay(&ctx, &ep, 0, idle, total, |_, payload| {
+                    if let Ok(b) = kvroute_events::decode_batch(payload) {
+                        applier.apply(pod, "", &b);
+                        batches += 1;
+                    }
+                });
+                match res {
+                    Ok(_) => replayed += 1,
+                    Err(e) => tracing::warn!(pod = %name, endpoint = %ep, "start-up replay failed: {e}"),
+                }
+            }
+        }
+        (replayed, batches)
+    }
+
     /// Per-pod counters, with `blocks(pod)` filled in by the caller (from the index).
     pub fn pod_status(&self, blocks: impl Fn(&str) -> u64) -> Vec<PodStatus> {
         self.table.snapshot(blocks)
