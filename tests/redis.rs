@@ -27,6 +27,10 @@ fn redis(port: u16) -> Child {
 /// A router on the shared Redis; `dial` = (pod port, publisher port, replay port) of the
 /// sims whose events it ingests (none: it only reads the shared index).
 fn serve(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16]) -> Child {
+    serve_with(port, redis_port, dial, sims, &[])
+}
+
+fn serve_with(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16], extra: &[&str]) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kvroute"));
     c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--health-interval-ms", "100", "--no-zmq-bind"]);
     c.args(["--index-backend", "redis", "--redis-url", &format!("redis://127.0.0.1:{redis_port}")]);
@@ -36,7 +40,7 @@ fn serve(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16]) -> 
     for p in sims {
         c.args(["--backend", &format!("http://127.0.0.1:{p}")]);
     }
-    let child = c.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap();
+    let child = c.args(extra).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap();
     wait_healthy(&format!("http://127.0.0.1:{port}"));
     child
 }
@@ -127,4 +131,46 @@ fn replicas_share_the_index_and_survive_a_redis_restart() {
     let (status, pod2) = complete(a, &after);
     assert_eq!(status, 200);
     eventually("new events flow into the restarted Redis", || matched(b, &after, &pod2) == 10);
+}
+
+#[test]
+fn one_writer_per_pod_and_a_survivor_takes_over_with_a_replay() {
+    let ports = free_ports(9);
+    let (rp, a, b) = (ports[0], ports[1], ports[2]);
+    let dial = [(ports[3], ports[4], ports[5]), (ports[6], ports[7], ports[8])];
+    let sims = [dial[0].0, dial[1].0];
+    let _redis = Children(vec![redis(rp)]);
+    let mut fleet: Vec<Child> = dial.iter().map(|&(p, z, r)| sim(p, z, r)).collect();
+    // Both replicas dial both pods; a lease elects one writer per pod.
+    let lease = ["--redis-writer-lease-ms", "1500"];
+    let mut ra = serve_with(a, rp, &dial, &sims, &lease);
+    let mut rb = serve_with(b, rp, &dial, &sims, &lease);
+    let prompt = words("lease", 160);
+    let (status, pod) = complete(a, &prompt);
+    assert_eq!(status, 200);
+    eventually("the pod's writer stored the blocks", || matched(b, &prompt, &pod) == 10);
+    let owner = |pod: &str| -> String {
+        let o = Command::new("redis-cli").args(["-p", &rp.to_string(), "GET", &format!("kvr:owner:{pod}")]).output();
+        String::from_utf8_lossy(&o.unwrap().stdout).trim().to_string()
+    };
+    let holder = owner(&pod);
+    assert!(
+        holder.starts_with(&format!("127.0.0.1:{a}#")) || holder.starts_with(&format!("127.0.0.1:{b}#")),
+        "{holder}"
+    );
+    // Kill the writer of that pod; the survivor takes the lease over and replays the pod,
+    // so blocks the pod stores meanwhile are not lost.
+    let (dead, survivor) = if holder.starts_with(&format!("127.0.0.1:{a}#")) { (&mut ra, b) } else { (&mut rb, a) };
+    let _ = dead.kill();
+    let _ = dead.wait();
+    let pod_port: u16 = pod.rsplit(':').next().unwrap().parse().unwrap();
+    let after = words("takeover", 160);
+    let r = ureq::post(&format!("http://127.0.0.1:{pod_port}/v1/completions"))
+        .send_json(json!({"model": "m", "prompt": after, "max_tokens": 1}));
+    assert!(r.is_ok());
+    eventually("the survivor holds the lease", || owner(&pod).starts_with(&format!("127.0.0.1:{survivor}#")));
+    eventually("blocks stored during the takeover are in the index", || matched(survivor, &after, &pod) == 10);
+    fleet.push(ra);
+    fleet.push(rb);
+    let _fleet = Children(fleet);
 }

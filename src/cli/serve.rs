@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Redis/Valkey URL of the shared index [default: redis://127.0.0.1:6379].
     #[arg(long)]
     redis_url: Option<String>,
+    /// Shared index: one writer per pod, elected by a Redis lease of this many ms
+    /// [default: every replica writes the events it ingests].
+    #[arg(long)]
+    redis_writer_lease_ms: Option<u64>,
     /// Do not bind any SUB socket (dial mode only).
     #[arg(long, conflicts_with = "zmq_bind")]
     no_zmq_bind: bool,
@@ -173,6 +177,9 @@ impl ServeArgs {
         set!(self.max_queued_per_pod, c.saturation.max_queued_per_pod);
         set!(self.index_backend, c.index.backend);
         set!(self.redis_url, c.index.url);
+        if self.redis_writer_lease_ms.is_some() {
+            c.index.writer_lease_ms = self.redis_writer_lease_ms;
+        }
         if self.hash_seed.is_some() {
             c.hash.seed = self.hash_seed.clone();
         }
@@ -236,6 +243,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 ttl: Duration::from_secs(cfg.index.ttl_s.max(1)),
                 speculative_ttl: Duration::from_millis(cfg.index.speculative_ttl_ms),
                 cache_ttl: Duration::from_millis(cfg.index.cache_ms),
+                writer_lease: cfg.index.writer_lease_ms.map(Duration::from_millis),
+                replica_id: format!("{}#{}", cfg.listen, std::process::id()),
                 ..Default::default()
             };
             let idx = kvroute_index_redis::RedisIndex::new(redis, pods.clone())
@@ -257,29 +266,45 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     // Rebuild before serving: replay what dialled pods have buffered (HTTP, and so
     // /health, only comes up afterwards).
     if cfg.ingest.connect.iter().any(|t| t.replay.is_some()) {
-        let (n, batches) = Ingestor::replay_dial_targets(&cfg.ingest, &applier, &pods);
+        let (n, batches) = Ingestor::replay_dial_targets(&cfg.ingest, &applier, &pods, None);
         tracing::info!(pods = n, batches, "replayed buffered KV events before serving");
     }
     if let Some(idx) = redis_watch {
         let resync = ingestor.resync_handle();
+        // Taking over a pod's writer lease: replay what the previous writer may have
+        // missed (dialled pods at once; bound pods with their next message).
+        let on_lease = ingestor.resync_handle();
+        let (ingest_cfg, applier2, pods2) = (cfg.ingest.clone(), applier.clone(), pods.clone());
+        idx.on_lease_acquired(move |pod| {
+            on_lease();
+            let (c, a, p, pod) = (ingest_cfg.clone(), applier2.clone(), pods2.clone(), pod.to_string());
+            std::thread::spawn(move || {
+                let (_, batches) = Ingestor::replay_dial_targets(&c, &a, &p, Some(&pod));
+                tracing::info!(%pod, batches, "replayed after taking the writer lease");
+            });
+        });
         let up = prometheus::IntGauge::new("kvroute_index_redis_up", "1 while the shared Redis index answers")?;
         let errors = prometheus::IntGauge::new("kvroute_index_redis_errors", "Failed Redis index calls so far")?;
         registry.register(Box::new(up.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         // Poll Redis; when it comes back after an outage, rebuild the shared index by
         // replaying every pod's buffered events.
+        let (ingest_cfg3, applier3, pods3) = (cfg.ingest.clone(), applier.clone(), pods.clone());
         std::thread::spawn(move || {
             let mut was_up = true;
             loop {
                 let now_up = idx.ping().is_some();
+                idx.maintain_leases();
                 up.set(now_up as i64);
                 errors.set(idx.errors() as i64);
                 if now_up && !was_up {
                     tracing::info!("redis index back: replaying every pod's buffered events");
                     resync();
+                    let (_, batches) = Ingestor::replay_dial_targets(&ingest_cfg3, &applier3, &pods3, None);
+                    tracing::info!(batches, "replayed dialled pods into the shared index");
                 }
                 was_up = now_up;
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(Duration::from_millis(250));
             }
         });
     }

@@ -26,6 +26,10 @@
 //! transfer; this replica's writes invalidate at once, other replicas' show
 //! within the bound (`cache_capacity` values at most).
 //!
+//! **Writers**: every replica writes the events it ingests, or (`writer_lease`) only the
+//! replica holding a pod's lease in Redis writes that pod's events; a replica that takes
+//! a lease over replays the pods' buffers (what it skipped while another one wrote).
+//!
 //! **Speculative entries** (a replica's own routing decisions, seconds long) stay in a
 //! local in-memory index and are merged into lookups; they are not shared.
 //!
@@ -95,6 +99,19 @@ return removed",
     )
 });
 
+/// Takes or renews a writer lease. KEYS: the lease; ARGV: replica id, lease ms.
+static LEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0",
+    )
+});
+
 /// Redis backend settings.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -118,6 +135,12 @@ pub struct RedisConfig {
     /// Only the first this many blocks of a prompt are cached: shared prefixes (system
     /// prompts, few-shot examples) sit at the start; tails are mostly unique.
     pub cache_prefix_blocks: usize,
+    /// One writer per pod: a replica writes a pod's events only while it holds the pod's
+    /// lease in Redis (`P:owner:<pod>`, renewed every third of this); `None`: every
+    /// replica writes what it ingests.
+    pub writer_lease: Option<Duration>,
+    /// This replica's name in the leases.
+    pub replica_id: String,
 }
 
 impl Default for RedisConfig {
@@ -131,6 +154,8 @@ impl Default for RedisConfig {
             cache_ttl: Duration::ZERO,
             cache_capacity: 1 << 18,
             cache_prefix_blocks: 128,
+            writer_lease: None,
+            replica_id: format!("replica-{}", std::process::id()),
         }
     }
 }
@@ -179,6 +204,10 @@ pub struct RedisIndex {
     cache_hits: AtomicU64,
     /// Bumped after every write of this replica: a read that raced one is not cached.
     writes: AtomicU64,
+    /// Pod name → (last checked, held) of the writer leases.
+    leases: Mutex<HashMap<String, (Instant, bool)>>,
+    /// Called when this replica takes over a pod's lease (to replay what it skipped).
+    on_acquire: Mutex<Option<Box<dyn Fn(&str) + Send + Sync>>>,
 }
 
 impl RedisIndex {
@@ -201,6 +230,8 @@ impl RedisIndex {
             cache: Mutex::new(CacheMap::default()),
             cache_hits: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            leases: Mutex::new(HashMap::new()),
+            on_acquire: Mutex::new(None),
         })
     }
 
@@ -212,6 +243,44 @@ impl RedisIndex {
     /// Redis answered the last call.
     pub fn is_up(&self) -> bool {
         self.up.load(Relaxed)
+    }
+
+    /// Runs `f(pod name)` whenever this replica takes over a pod's writer lease.
+    pub fn on_lease_acquired(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        *self.on_acquire.lock() = Some(Box::new(f));
+    }
+
+    /// Takes or renews the writer lease of every known pod (call more often than a third
+    /// of the lease, e.g. from a timer: leases also move when a pod sends no events).
+    pub fn maintain_leases(&self) {
+        for id in 0..self.pods.len() {
+            if let Some(name) = self.pods.name(id as PodId) {
+                self.writes_for(&name);
+            }
+        }
+    }
+
+    /// Whether this replica writes `name`'s events (always, without writer leases).
+    fn writes_for(&self, name: &str) -> bool {
+        let Some(lease) = self.cfg.writer_lease else { return true };
+        let now = Instant::now();
+        if let Some(&(at, held)) = self.leases.lock().get(name) {
+            if now.duration_since(at) < lease / 3 {
+                return held;
+            }
+        }
+        let key = format!("{}:owner:{name}", self.cfg.prefix);
+        let held = self
+            .with_conn(|c| LEASE.key(&key).arg(&self.cfg.replica_id).arg(lease.as_millis() as u64).invoke::<i64>(c))
+            .is_some_and(|r| r == 1);
+        let before = self.leases.lock().insert(name.to_string(), (now, held));
+        if held && !before.is_some_and(|b| b.1) {
+            tracing::info!(pod = name, replica = %self.cfg.replica_id, "writer lease acquired");
+            if let Some(f) = self.on_acquire.lock().as_ref() {
+                f(name);
+            }
+        }
+        held
     }
 
     /// Block values served from the local cache so far.
@@ -359,7 +428,7 @@ impl BlockIndex for RedisIndex {
         self.speculative.remove(pod, Some(tier), keys);
         self.invalidate(keys);
         let Some(name) = self.pods.name(pod) else { return };
-        if keys.is_empty() {
+        if keys.is_empty() || !self.writes_for(&name) {
             return;
         }
         let epoch = self.epoch_of(&name);
@@ -379,7 +448,7 @@ impl BlockIndex for RedisIndex {
         self.speculative.remove(pod, tier, keys);
         self.invalidate(keys);
         let Some(name) = self.pods.name(pod) else { return };
-        if keys.is_empty() {
+        if keys.is_empty() || !self.writes_for(&name) {
             return;
         }
         let epoch = self.epoch_of(&name);
@@ -396,6 +465,9 @@ impl BlockIndex for RedisIndex {
         self.speculative.clear_pod(pod);
         self.cache.lock().clear();
         let Some(name) = self.pods.name(pod) else { return };
+        if !self.writes_for(&name) {
+            return;
+        }
         let (epochs, counts) = (self.epochs_key(), self.counts_key());
         if let Some(e) = self.with_conn(|c| {
             let e: u64 = redis::cmd("HINCRBY").arg(&epochs).arg(&name).arg(1).query(c)?;

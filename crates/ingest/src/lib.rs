@@ -183,19 +183,20 @@ impl Ingestor {
         }
     }
 
-    /// Rebuilds the index before serving: replays every dialled pod's buffered events
-    /// (from sequence 0, each data-parallel rank) that has a replay endpoint. Returns
+    /// Rebuilds the index: replays every dialled pod's (or only pod `only`'s) buffered
+    /// events (from sequence 0, each data-parallel rank) that has a replay endpoint. Returns
     /// (pods replayed, batches applied). Live streams later rejoin as usual.
     pub fn replay_dial_targets<I: BlockIndex>(
         cfg: &IngestConfig,
         applier: &EventApplier<I>,
         pods: &Pods,
+        only: Option<&str>,
     ) -> (usize, usize) {
         let ctx = zmq::Context::new();
         let (idle, total) =
             (Duration::from_millis(cfg.replay_idle_timeout_ms), Duration::from_millis(cfg.replay_total_timeout_ms));
         let (mut replayed, mut batches) = (0, 0);
-        for t in &cfg.connect {
+        for t in cfg.connect.iter().filter(|t| only.is_none_or(|p| p == t.pod)) {
             let Some(ep) = &t.replay else { continue };
             for r in 0..cfg.data_parallel_size.max(1) {
                 let name = if r == 0 { t.pod.clone() } else { format!("{}#dp{r}", t.pod) };
