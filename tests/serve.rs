@@ -256,6 +256,10 @@ fn a_gap_is_repaired_from_the_recorded_replay_frames() {
         let requested_from =
             u64::from_be_bytes(unhex(&f["replay_request_frames_hex_sent_by_DEALER"][1]).try_into().unwrap());
         let _replay = ReplayServer::start(&ctx, &format!("tcp://127.0.0.1:{r}"), move |start| {
+            if start == 0 {
+                // kvroute's start-up rebuild: nothing buffered yet, just the end marker.
+                return vec![vec![vec![], vec![], u64::MAX.to_be_bytes().to_vec(), vec![]]];
+            }
             assert_eq!(start, requested_from, "kvroute asks from the first missing seq");
             recorded.clone()
         });
