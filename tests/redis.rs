@@ -11,17 +11,7 @@ use common::{free_ports, sim_publishing as sim, wait_healthy, words, Children};
 use serde_json::{json, Value};
 
 fn redis(port: u16) -> Child {
-    let c = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("\n\n*** redis-server not found ({e}): apt-get install redis-server ***\n\n"));
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10), "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    c
+    kvroute_index_conformance::redis_server(port)
 }
 
 /// A router on the shared Redis; `dial` = (pod port, publisher port, replay port) of the

@@ -236,3 +236,20 @@ pub fn behaviour(make: Make<'_>) {
     assert_eq!(pods_of(&*idx, 31), vec![(4, false)]);
     assert_eq!(pods_of(&*idx, 32), vec![(4, true)]);
 }
+
+/// Starts a real `redis-server` on `port` (no persistence) and waits until it accepts
+/// connections; the tests of the shared index use it. Panics loudly when the Debian
+/// package is missing.
+pub fn redis_server(port: u16) -> std::process::Child {
+    let child = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("\n\n*** redis-server not found ({e}): apt-get install redis-server ***\n\n"));
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "redis-server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}

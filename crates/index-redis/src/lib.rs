@@ -438,6 +438,8 @@ impl BlockIndex for RedisIndex {
         self.with_conn(|c| {
             STORE.key(&counts).key(&block_keys).arg(&field).arg(epoch).arg(ttl).arg(&name).invoke::<i64>(c)
         });
+        // Again after the write: a read that ran during it must not stay cached.
+        self.invalidate(keys);
     }
 
     fn store_speculative(&self, pod: PodId, tier: TierId, keys: &[u64]) {
@@ -459,6 +461,7 @@ impl BlockIndex for RedisIndex {
         };
         let counts = self.counts_key();
         self.with_conn(|c| REMOVE.key(&counts).key(&block_keys).arg(epoch).arg(&name).arg(&fields).invoke::<i64>(c));
+        self.invalidate(keys);
     }
 
     fn clear_pod(&self, pod: PodId) {
