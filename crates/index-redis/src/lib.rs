@@ -418,6 +418,28 @@ impl RedisIndex {
         Some((epochs, values.into_iter().map(|v| v.flatten()).collect()))
     }
 
+    /// One batched write of `pod`'s blocks (a Lua call given the connection, the pod's
+    /// name and epoch, the counts key and the block keys), if this replica writes that
+    /// pod; cached values of the blocks are dropped before and after it (a read that ran
+    /// during the write must not stay cached).
+    fn write_blocks(
+        &self,
+        pod: PodId,
+        keys: &[u64],
+        call: impl FnOnce(&mut redis::Connection, &str, u64, &str, &[String]) -> redis::RedisResult<i64>,
+    ) {
+        self.invalidate(keys);
+        let Some(name) = self.pods.name(pod) else { return };
+        if keys.is_empty() || !self.writes_for(&name) {
+            return;
+        }
+        let epoch = self.epoch_of(&name);
+        let block_keys: Vec<String> = keys.iter().map(|&k| self.block_key(k)).collect();
+        let counts = self.counts_key();
+        self.with_conn(|c| call(c, &name, epoch, &counts, &block_keys));
+        self.invalidate(keys);
+    }
+
     fn field(name: &str, tier: TierId) -> String {
         format!("{name}|{tier}")
     }
@@ -426,20 +448,11 @@ impl RedisIndex {
 impl BlockIndex for RedisIndex {
     fn store(&self, pod: PodId, tier: TierId, keys: &[u64]) {
         self.speculative.remove(pod, Some(tier), keys);
-        self.invalidate(keys);
-        let Some(name) = self.pods.name(pod) else { return };
-        if keys.is_empty() || !self.writes_for(&name) {
-            return;
-        }
-        let epoch = self.epoch_of(&name);
-        let block_keys: Vec<String> = keys.iter().map(|&k| self.block_key(k)).collect();
         let ttl = self.cfg.ttl.as_secs().max(1);
-        let (field, counts) = (Self::field(&name, tier), self.counts_key());
-        self.with_conn(|c| {
-            STORE.key(&counts).key(&block_keys).arg(&field).arg(epoch).arg(ttl).arg(&name).invoke::<i64>(c)
+        self.write_blocks(pod, keys, |c, name, epoch, counts, block_keys| {
+            let field = Self::field(name, tier);
+            STORE.key(counts).key(block_keys).arg(&field).arg(epoch).arg(ttl).arg(name).invoke::<i64>(c)
         });
-        // Again after the write: a read that ran during it must not stay cached.
-        self.invalidate(keys);
     }
 
     fn store_speculative(&self, pod: PodId, tier: TierId, keys: &[u64]) {
@@ -448,20 +461,13 @@ impl BlockIndex for RedisIndex {
 
     fn remove(&self, pod: PodId, tier: Option<TierId>, keys: &[u64]) {
         self.speculative.remove(pod, tier, keys);
-        self.invalidate(keys);
-        let Some(name) = self.pods.name(pod) else { return };
-        if keys.is_empty() || !self.writes_for(&name) {
-            return;
-        }
-        let epoch = self.epoch_of(&name);
-        let block_keys: Vec<String> = keys.iter().map(|&k| self.block_key(k)).collect();
-        let fields: Vec<String> = match tier {
-            Some(t) => vec![Self::field(&name, t)],
-            None => (0..MAX_TIERS as TierId).map(|t| Self::field(&name, t)).collect(),
-        };
-        let counts = self.counts_key();
-        self.with_conn(|c| REMOVE.key(&counts).key(&block_keys).arg(epoch).arg(&name).arg(&fields).invoke::<i64>(c));
-        self.invalidate(keys);
+        self.write_blocks(pod, keys, |c, name, epoch, counts, block_keys| {
+            let fields: Vec<String> = match tier {
+                Some(t) => vec![Self::field(name, t)],
+                None => (0..MAX_TIERS as TierId).map(|t| Self::field(name, t)).collect(),
+            };
+            REMOVE.key(counts).key(block_keys).arg(epoch).arg(name).arg(&fields).invoke::<i64>(c)
+        });
     }
 
     fn clear_pod(&self, pod: PodId) {
