@@ -259,7 +259,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     let applier = Arc::new(EventApplier::new(index, mode));
     let registry = prometheus::Registry::new();
-    let redis_watch = redis_index.clone();
     let metrics = Metrics::new(&registry)?;
     let ingestor = Ingestor::start(&cfg.ingest, applier.clone(), pods.clone(), metrics)
         .context("cannot start KV-event ingestion")?;
@@ -269,7 +268,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let (n, batches) = Ingestor::replay_dial_targets(&cfg.ingest, &applier, &pods, None);
         tracing::info!(pods = n, batches, "replayed buffered KV events before serving");
     }
-    if let Some(idx) = redis_watch {
+    if let Some(idx) = redis_index {
         let resync = ingestor.resync_handle();
         // Taking over a pod's writer lease: replay what the previous writer may have
         // missed (dialled pods at once; bound pods with their next message).

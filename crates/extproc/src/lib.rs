@@ -194,21 +194,7 @@ impl ExtProc {
 
     async fn route_headers_only(&self, tx: &Tx, s: &mut StreamState) -> Result<(), Status> {
         s.routed = true;
-        let subset = s.subset.as_deref();
-        let ready: Vec<_> = self
-            .gw
-            .pool
-            .backends
-            .iter()
-            .filter(|b| b.is_healthy())
-            .filter(|b| {
-                subset.is_none_or(|s| {
-                    let ip = b.name.rsplit_once(':').map_or(b.name.as_str(), |x| x.0);
-                    s.iter().any(|e| e == &b.name || e == ip)
-                })
-            })
-            .collect();
-        let Some(b) = ready.iter().min_by_key(|b| b.in_flight.load(std::sync::atomic::Ordering::Relaxed)) else {
+        let Some(b) = self.gw.any_ready(s.subset.as_deref()) else {
             let e = RouteError::new(kvroute_gateway::StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint");
             return self.refuse(tx, &e).await;
         };
@@ -251,8 +237,7 @@ impl ExtProc {
     }
 
     async fn pass_through(&self, tx: &Tx, s: &mut StreamState) -> Result<(), Status> {
-        let ready = self.gw.pool.backends.iter().find(|b| b.is_healthy()).map(|b| b.name.clone());
-        let Some(pod) = ready else {
+        let Some(pod) = self.gw.any_ready(s.subset.as_deref()).map(|b| b.name.clone()) else {
             let e = RouteError::new(kvroute_gateway::StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint");
             return self.refuse(tx, &e).await;
         };

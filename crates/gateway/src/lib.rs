@@ -272,6 +272,17 @@ impl Gateway {
         Some(tokens)
     }
 
+    /// The least-loaded healthy pod the subset hint admits, for requests with nothing to
+    /// route on (no body, or an API the gateway does not parse).
+    pub fn any_ready(&self, subset: Option<&[String]>) -> Option<Arc<Backend>> {
+        self.pool
+            .backends
+            .iter()
+            .filter(|b| b.is_healthy() && b.in_subset(subset))
+            .min_by_key(|b| b.in_flight.load(Relaxed))
+            .cloned()
+    }
+
     /// Sends the request to `routed.order[i]`: records the pick before the pod answers
     /// (speculative index entries, the approximate prefix, new blocks — a same-prefix
     /// request right behind this one must already see it) and counts it in flight.
@@ -304,14 +315,13 @@ impl Gateway {
             self.keys.keys(t, lora, salt, &mut keys);
         }
         let text_keys = approx::chunk_keys(&format!("{model}\0{}", salt.unwrap_or("")), &text);
-        let in_subset = |b: &Backend| {
-            req.subset.is_none_or(|s| {
-                let ip = b.name.rsplit_once(':').map_or(b.name.as_str(), |x| x.0);
-                s.iter().any(|e| e == &b.name || e == ip)
-            })
-        };
-        let backends: Vec<Arc<Backend>> =
-            self.pool.backends.iter().filter(|b| b.is_healthy() && b.serves(model) && in_subset(b)).cloned().collect();
+        let backends: Vec<Arc<Backend>> = self
+            .pool
+            .backends
+            .iter()
+            .filter(|b| b.is_healthy() && b.serves(model) && b.in_subset(req.subset))
+            .cloned()
+            .collect();
         if backends.is_empty() {
             return Err(RouteError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -108,6 +108,15 @@ impl Backend {
         Some(kvroute_schedule::decayed(g.0, g.1.elapsed().as_secs_f64()) / cap as f64)
     }
 
+    /// Whether Envoy's subset hint (`ip:port` or `ip` entries) admits this pod
+    /// (`None`: no hint, every pod).
+    pub fn in_subset(&self, subset: Option<&[String]>) -> bool {
+        subset.is_none_or(|s| {
+            let ip = self.name.rsplit_once(':').map_or(self.name.as_str(), |x| x.0);
+            s.iter().any(|e| e == &self.name || e == ip)
+        })
+    }
+
     pub fn serves(&self, model: &str) -> bool {
         let m = self.models.read();
         m.is_empty() || m.iter().any(|x| x.get("id").and_then(Value::as_str) == Some(model))
