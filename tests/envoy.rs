@@ -44,30 +44,10 @@ fn start_with(pods: usize, serve_extra: &[&str], sim_extra: &[&str], edit: impl 
     let ports = free_ports(pods + 6);
     let (router, zmq, grpc, health, listener, admin) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
     let sims: Vec<u16> = ports[6..].to_vec();
-    let mut children = Vec::new();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_kvroute"));
-    serve.args(["serve", "--listen", &format!("127.0.0.1:{router}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zmq}")]);
-    serve.args([
-        "--block-size",
-        "16",
-        "--hash-algo",
-        "sha256_cbor",
-        "--hash-seed",
-        "42",
-        "--health-interval-ms",
-        "100",
-    ]);
-    serve.args([
-        "--ext-proc-listen",
-        &format!("127.0.0.1:{grpc}"),
-        "--grpc-health-listen",
-        &format!("127.0.0.1:{health}"),
-    ]);
-    for p in &sims {
-        serve.args(["--backend", &format!("http://127.0.0.1:{p}")]);
-    }
-    children.push(serve.args(serve_extra).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap());
-    common::wait_healthy(&format!("http://127.0.0.1:{router}"));
+    let ext_proc = [&format!("127.0.0.1:{grpc}"), &format!("127.0.0.1:{health}")];
+    let mut extra = vec!["--ext-proc-listen", ext_proc[0], "--grpc-health-listen", ext_proc[1]];
+    extra.extend_from_slice(serve_extra);
+    let mut children = vec![common::serve(router, zmq, &sims, &extra)];
     for &p in &sims {
         children.push(sim(p, zmq, sim_extra));
     }
@@ -217,23 +197,11 @@ fn subset_hints_restrict_the_pick_and_grpc_health_serves() {
     };
     use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value as PbValue};
 
-    let ports = free_ports(5);
+    let ports = free_ports(6);
     let (router, zmq, grpc, health) = (ports[0], ports[1], ports[2], ports[3]);
-    let sims = vec![ports[4], free_ports(1)[0]];
-    let mut children = Vec::new();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_kvroute"));
-    serve.args(["serve", "--listen", &format!("127.0.0.1:{router}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zmq}")]);
-    serve.args([
-        "--ext-proc-listen",
-        &format!("127.0.0.1:{grpc}"),
-        "--grpc-health-listen",
-        &format!("127.0.0.1:{health}"),
-    ]);
-    for p in &sims {
-        serve.args(["--backend", &format!("http://127.0.0.1:{p}")]);
-    }
-    children.push(serve.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap());
-    common::wait_healthy(&format!("http://127.0.0.1:{router}"));
+    let sims = vec![ports[4], ports[5]];
+    let (g, h) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{health}"));
+    let mut children = vec![common::serve(router, zmq, &sims, &["--ext-proc-listen", &g, "--grpc-health-listen", &h])];
     for &p in &sims {
         children.push(sim(p, zmq, &[]));
     }

@@ -1,24 +1,13 @@
 //! Black-box tests of the gateway: `kvroute serve` routing to `kvroute sim` child
 //! processes that publish real KV events over ZMQ; real HTTP; the official `openai` client.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod common;
+
+use common::{free_ports, wait_healthy, words};
 use serde_json::{json, Value};
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-fn wait_healthy(base: &str) {
-    let t = Instant::now();
-    while ureq::get(&format!("{base}/health")).call().is_err() {
-        assert!(t.elapsed() < Duration::from_secs(15), "{base} not healthy");
-        std::thread::sleep(Duration::from_millis(30));
-    }
-}
 
 struct Fleet {
     router: String,
@@ -30,51 +19,9 @@ impl Fleet {
     fn start(n: usize, extra: &[&str]) -> Fleet {
         let ports = free_ports(n + 2);
         let (rp, zp) = (ports[0], ports[1]);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute"));
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{rp}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zp}")]);
-        cmd.args([
-            "--block-size",
-            "16",
-            "--hash-algo",
-            "sha256_cbor",
-            "--hash-seed",
-            "42",
-            "--health-interval-ms",
-            "100",
-        ]);
-        for p in &ports[2..] {
-            cmd.args(["--backend", &format!("http://127.0.0.1:{p}")]);
-        }
-        let serve = cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap();
+        let serve = common::serve(rp, zp, &ports[2..], extra);
         let router = format!("http://127.0.0.1:{rp}");
-        wait_healthy(&router);
-        let sims = ports[2..]
-            .iter()
-            .map(|&p| {
-                let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
-                    "endpoint": format!("tcp://127.0.0.1:{zp}"), "topic": format!("kv@127.0.0.1:{p}@m")});
-                let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-                    .args([
-                        "sim",
-                        "--port",
-                        &p.to_string(),
-                        "--model",
-                        "m",
-                        "--block-size",
-                        "16",
-                        "--hash-algo",
-                        "sha256_cbor",
-                    ])
-                    .args(["--speedup", "100", "--kv-events-config", &kv.to_string()])
-                    .env("PYTHONHASHSEED", "42")
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap();
-                wait_healthy(&format!("http://127.0.0.1:{p}"));
-                (p, Some(c))
-            })
-            .collect();
+        let sims = ports[2..].iter().map(|&p| (p, Some(common::sim(p, zp, &[])))).collect();
         std::thread::sleep(Duration::from_millis(500));
         Fleet { router, sims, serve }
     }
@@ -128,10 +75,6 @@ impl Drop for Fleet {
         let _ = self.serve.kill();
         let _ = self.serve.wait();
     }
-}
-
-fn words(tag: &str, n: usize) -> String {
-    (0..n).map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
 }
 
 #[test]

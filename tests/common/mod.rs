@@ -56,6 +56,21 @@ pub fn sim_publishing(port: u16, pub_port: u16, replay_port: u16) -> Child {
     c
 }
 
+/// `kvroute serve` on `port` with KV events bound on `zmq` and the sims on `backends`
+/// as backends, hashing like [`sim`] (block 16, `sha256_cbor`, seed 42), probing every
+/// 100 ms, plus `extra`; returns once `/health` answers.
+pub fn serve(port: u16, zmq: u16, backends: &[u16], extra: &[&str]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zmq}")]);
+    cmd.args(["--block-size", "16", "--hash-algo", "sha256_cbor", "--hash-seed", "42", "--health-interval-ms", "100"]);
+    for p in backends {
+        cmd.args(["--backend", &format!("http://127.0.0.1:{p}")]);
+    }
+    let child = cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{port}"));
+    child
+}
+
 /// Sum of a metric over the servers' `/metrics`.
 pub fn metric_sum(ports: &[u16], name: &str) -> f64 {
     ports
