@@ -28,7 +28,8 @@
 //!   backend: memory             # memory | redis (shared by router replicas)
 //!   capacity: 16777216          # memory: (block, pod) entries before LRU eviction
 //!   speculative_ttl_ms: 2000
-//!   url: redis://127.0.0.1:6379 # redis: server (Valkey alike)
+//!   url: redis://127.0.0.1:6379 # redis: server (Valkey alike); cluster: seeds, comma-separated
+//!   cluster: false              # redis: a Redis/Valkey Cluster (block keys spread over slots)
 //!   prefix: kvr                 # redis: key prefix (replicas sharing an index use the same)
 //!   ttl_s: 3600                 # redis: a block key expires this long after its last write
 //!   cache_ms: 0                 # redis: reuse values read this long (hot prefixes); 0 = off
@@ -131,6 +132,9 @@ pub struct IndexSection {
     pub speculative_ttl_ms: u64,
     /// Redis backend: server URL (`redis://host:port[/db]`; Valkey alike).
     pub url: String,
+    /// Redis backend: the server is a Redis/Valkey Cluster (`url` lists one or more seed
+    /// nodes, comma-separated); block keys spread over its slots.
+    pub cluster: bool,
     /// Redis backend: prefix of kvroute's keys (replicas sharing an index use the same).
     pub prefix: String,
     /// Redis backend: a block key expires this long after its last write.
@@ -150,6 +154,7 @@ impl Default for IndexSection {
             capacity: 16 << 20,
             speculative_ttl_ms: 2000,
             url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
             prefix: "kvr".into(),
             ttl_s: 3600,
             cache_ms: 0,

@@ -21,9 +21,13 @@ fn serve(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16]) -> 
 }
 
 fn serve_with(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16], extra: &[&str]) -> Child {
+    serve_on(port, &format!("redis://127.0.0.1:{redis_port}"), dial, sims, extra)
+}
+
+fn serve_on(port: u16, redis_url: &str, dial: &[(u16, u16, u16)], sims: &[u16], extra: &[&str]) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kvroute"));
     c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--health-interval-ms", "100", "--no-zmq-bind"]);
-    c.args(["--index-backend", "redis", "--redis-url", &format!("redis://127.0.0.1:{redis_port}")]);
+    c.args(["--index-backend", "redis", "--redis-url", redis_url]);
     for (p, z, r) in dial {
         c.args(["--zmq-connect", &format!("127.0.0.1:{p}=tcp://127.0.0.1:{z},replay=tcp://127.0.0.1:{r}")]);
     }
@@ -163,4 +167,43 @@ fn one_writer_per_pod_and_a_survivor_takes_over_with_a_replay() {
     fleet.push(ra);
     fleet.push(rb);
     let _fleet = Children(fleet);
+}
+
+#[test]
+fn replicas_share_the_index_on_a_redis_cluster() {
+    // Three masters on consecutive free ports (each also listens on port + 10000).
+    let base = loop {
+        let p = free_ports(1)[0];
+        if p < 50_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            break p;
+        }
+    };
+    let nodes = [base, base + 1, base + 2];
+    let mut children = kvroute_index_conformance::redis_cluster(&nodes);
+    let url = nodes.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let ports = free_ports(8);
+    let (a, b) = (ports[0], ports[1]);
+    let dial = [(ports[2], ports[3], ports[4]), (ports[5], ports[6], ports[7])];
+    let sims = [dial[0].0, dial[1].0];
+    children.extend(dial.iter().map(|&(p, z, r)| sim(p, z, r)));
+    children.push(serve_on(a, &url, &dial, &sims, &["--redis-cluster"]));
+    children.push(serve_on(b, &url, &[], &sims, &["--redis-cluster"]));
+    let _children = Children(children);
+    std::thread::sleep(Duration::from_millis(300));
+    // Events reach replica A only; replica B reads the blocks from the cluster's nodes.
+    let prompt = words("clustered", 160);
+    let (status, pod) = complete(a, &prompt);
+    assert_eq!(status, 200);
+    eventually("replica B sees the blocks replica A ingested", || matched(b, &prompt, &pod) == 10);
+    let (status, again) = complete(b, &prompt);
+    assert_eq!((status, again.as_str()), (200, pod.as_str()), "B routes to the pod holding the prefix");
+    // The ten blocks are spread over the nodes, not on one.
+    let holding = nodes
+        .iter()
+        .filter(|p| {
+            let out = Command::new("redis-cli").args(["-p", &p.to_string(), "dbsize"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0) > 0
+        })
+        .count();
+    assert!(holding >= 2, "block keys on {holding} of 3 nodes");
 }

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Redis/Valkey URL of the shared index [default: redis://127.0.0.1:6379].
     #[arg(long)]
     redis_url: Option<String>,
+    /// The shared index is a Redis/Valkey Cluster (--redis-url lists seed nodes,
+    /// comma-separated).
+    #[arg(long)]
+    redis_cluster: bool,
     /// Shared index: one writer per pod, elected by a Redis lease of this many ms
     /// [default: every replica writes the events it ingests].
     #[arg(long)]
@@ -177,6 +181,9 @@ impl ServeArgs {
         set!(self.max_queued_per_pod, c.saturation.max_queued_per_pod);
         set!(self.index_backend, c.index.backend);
         set!(self.redis_url, c.index.url);
+        if self.redis_cluster {
+            c.index.cluster = true;
+        }
         if self.redis_writer_lease_ms.is_some() {
             c.index.writer_lease_ms = self.redis_writer_lease_ms;
         }
@@ -239,6 +246,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         crate::config::IndexBackend::Redis => {
             let redis = kvroute_index_redis::RedisConfig {
                 url: cfg.index.url.clone(),
+                cluster: cfg.index.cluster,
                 prefix: cfg.index.prefix.clone(),
                 ttl: Duration::from_secs(cfg.index.ttl_s.max(1)),
                 speculative_ttl: Duration::from_millis(cfg.index.speculative_ttl_ms),

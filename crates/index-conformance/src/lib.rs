@@ -253,3 +253,57 @@ pub fn redis_server(port: u16) -> std::process::Child {
     }
     child
 }
+
+/// A real Redis Cluster of `ports.len()` masters (no replicas) on loopback: one
+/// `redis-server --cluster-enabled yes` per port in a scratch directory, joined by
+/// `redis-cli --cluster create`, returned once every slot is served. Kill the children to
+/// stop it.
+pub fn redis_cluster(ports: &[u16]) -> Vec<std::process::Child> {
+    let dir = std::env::temp_dir().join(format!("kvroute-cluster-{}-{}", std::process::id(), ports[0]));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory for the cluster");
+    let mut children = Vec::new();
+    for p in ports {
+        let conf = format!("nodes-{p}.conf");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &p.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "2000"])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("\n\n*** redis-server not found ({e}): apt-get install redis-server ***\n\n"));
+        children.push(child);
+    }
+    for p in ports {
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "redis-server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&nodes)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli (apt-get install redis-server brings it)");
+    assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+    // Wait until every node agrees the cluster is up.
+    let t = std::time::Instant::now();
+    for p in ports {
+        loop {
+            let info = std::process::Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "cluster", "info"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "cluster did not come up: {info}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    children
+}

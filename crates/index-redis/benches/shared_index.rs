@@ -6,7 +6,6 @@
 //!
 //! (`-- --test` runs each measurement once, as the CI smoke run does.)
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,16 +54,7 @@ fn run(name: &str, idx: &dyn BlockIndex, smoke: bool) {
 fn main() {
     let smoke = std::env::args().any(|a| a == "--test");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server (apt-get install redis-server)");
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut server = kvroute_index_conformance::redis_server(port);
     let pods = Arc::new(Pods::new());
     for i in 0..8 {
         pods.intern(&format!("10.0.0.{i}:8000")).unwrap();
@@ -149,6 +139,95 @@ fn main() {
         used / entries.max(1.0),
         mean_key
     );
+    ownership(&url, smoke);
     let _ = server.kill();
     let _ = server.wait();
+    cluster(smoke);
+}
+
+/// The two ways replicas share the index, by the load they put on Redis: every replica
+/// writes every event it ingests (active-active), or one writer per pod by lease. `n`
+/// replicas ingest the same stream of block events (each event applied by each replica,
+/// as when every replica subscribes to every pod); Redis' own counters say what it cost.
+fn ownership(url: &str, smoke: bool) {
+    fn info(c: &mut redis::Connection) -> (f64, f64, f64) {
+        let s: String = redis::cmd("INFO").query(c).unwrap();
+        let get = |k: &str| -> f64 {
+            s.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+        };
+        (get("used_cpu_user:") + get("used_cpu_sys:"), get("total_net_input_bytes:"), get("total_commands_processed:"))
+    }
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    println!("\n| writers | replicas | Redis CPU ms per 1k block events | KB sent to Redis per 1k events | commands per 1k events | stream time (s) |");
+    println!("|---|---|---|---|---|---|");
+    let prompts = if smoke { 2u64 } else { 200 };
+    for lease in [None, Some(Duration::from_secs(10))] {
+        for n in [1usize, 2, 4] {
+            let replicas: Vec<RedisIndex> = (0..n)
+                .map(|r| {
+                    let pods = Arc::new(Pods::new());
+                    for i in 0..8 {
+                        pods.intern(&format!("10.0.0.{i}:8000")).unwrap();
+                    }
+                    let cfg = RedisConfig {
+                        url: url.into(),
+                        prefix: format!("own-{}-{n}", lease.is_some()),
+                        writer_lease: lease,
+                        replica_id: format!("r{r}"),
+                        ..Default::default()
+                    };
+                    RedisIndex::new(cfg, pods).unwrap()
+                })
+                .collect();
+            for r in &replicas {
+                r.maintain_leases();
+            }
+            let (cpu0, in0, cmd0) = info(&mut c);
+            let t = Instant::now();
+            let mut events = 0usize;
+            for p in 0..prompts {
+                for chunk in keys(1_000_000 + p, 512).chunks(16) {
+                    for r in &replicas {
+                        r.store((p % 8) as u16, Tiers::GPU, chunk);
+                    }
+                    events += chunk.len();
+                }
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let (cpu1, in1, cmd1) = info(&mut c);
+            let k = events as f64 / 1000.0;
+            println!(
+                "| {} | {n} | {:.1} | {:.1} | {:.1} | {secs:.2} |",
+                if lease.is_some() { "one per pod (lease)" } else { "every replica" },
+                (cpu1 - cpu0) * 1000.0 / k,
+                (in1 - in0) / 1000.0 / k,
+                (cmd1 - cmd0) / k,
+            );
+        }
+    }
+}
+
+/// The same lookups and writes on a three-node Redis Cluster on loopback.
+fn cluster(smoke: bool) {
+    let base = loop {
+        let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if p < 50_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            break p;
+        }
+    };
+    let ports = [base, base + 1, base + 2];
+    let mut nodes = kvroute_index_conformance::redis_cluster(&ports);
+    let url = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let pods = Arc::new(Pods::new());
+    for i in 0..8 {
+        pods.intern(&format!("10.0.0.{i}:8000")).unwrap();
+    }
+    let idx = RedisIndex::new(RedisConfig { url, cluster: true, ..Default::default() }, pods).unwrap();
+    println!("\n| backend | lookup 512 blocks p50 (µs) | p99 (µs) | block events written /s |");
+    println!("|---|---|---|---|");
+    run("redis cluster, 3 nodes (loopback, no local cache)", &idx, smoke);
+    for n in &mut nodes {
+        let _ = n.kill();
+        let _ = n.wait();
+    }
 }

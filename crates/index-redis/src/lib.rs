@@ -21,6 +21,11 @@
 //! one `MGET` of every block key); a batch of stored or removed blocks is one Lua script call
 //! (atomic: the entry counts stay exact whatever other replicas do meanwhile).
 //!
+//! **Redis Cluster** (`cluster`): the block keys spread over the cluster's slots, so the
+//! index shards with it; a lookup is one pipeline of `GET`s sent to every node at once,
+//! a write one Lua call per slot (see `conn`), the epochs and counts hashes live on one
+//! node each. Moved slots are followed by the client.
+//!
 //! **Local cache** (opt-in, `cache_ttl`): the first `cache_prefix_blocks` (128) block
 //! values of a lookup are reused for `cache_ttl`: hot shared prefixes skip most of the
 //! transfer; this replica's writes invalidate at once, other replicas' show
@@ -46,41 +51,42 @@ use std::time::{Duration, Instant};
 use kvroute_index::{BlockIndex, InMemoryIndex, IndexConfig, IndexStats, PodEntry, PodId, Pods, TierId, MAX_TIERS};
 use parking_lot::Mutex;
 
+mod conn;
+
 /// Stores one pod/tier on many blocks atomically, counting entries that were not live
 /// (absent, or stored before the pod's current epoch). A block's value is a string of
-/// `field=epoch;` entries. KEYS: counts, block keys…; ARGV: field, epoch, ttl, pod name.
-static STORE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
+/// `field=epoch;` entries. KEYS: [counts], block keys…; ARGV: 1 if KEYS[1] is the counts
+/// key (one server) else 0 (cluster: the caller adds the returned change), pod name,
+/// field, epoch, ttl.
+const STORE_LUA: &str = r"
+local first = 1 + tonumber(ARGV[1])
 local added = 0
-local epoch = tonumber(ARGV[2])
-local pat = ARGV[1]:gsub('%p', '%%%0') .. '=(%d+);'
-local entry = ARGV[1] .. '=' .. ARGV[2] .. ';'
-for i = 2, #KEYS do
+local epoch = tonumber(ARGV[4])
+local pat = ARGV[3]:gsub('%p', '%%%0') .. '=(%d+);'
+local entry = ARGV[3] .. '=' .. ARGV[4] .. ';'
+for i = first, #KEYS do
   local v = redis.call('GET', KEYS[i]) or ''
   local old = string.match(';' .. v, ';' .. pat)
   if (not old) or tonumber(old) < epoch then added = added + 1 end
   if old then v = (';' .. v):gsub(';' .. pat, ';', 1):sub(2) end
-  redis.call('SET', KEYS[i], v .. entry, 'EX', ARGV[3])
+  redis.call('SET', KEYS[i], v .. entry, 'EX', ARGV[5])
 end
-if added > 0 then redis.call('HINCRBY', KEYS[1], ARGV[4], added) end
-return added",
-    )
-});
+if first == 2 and added > 0 then redis.call('HINCRBY', KEYS[1], ARGV[2], added) end
+return added";
+static STORE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(STORE_LUA));
 
-/// Removes fields from many blocks atomically, counting live entries removed.
-/// KEYS: counts, block keys…; ARGV: epoch, pod name, fields….
-static REMOVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
+/// Removes fields from many blocks atomically, returning minus the live entries removed.
+/// KEYS: [counts], block keys…; ARGV: counts flag (as for STORE), pod name, epoch, fields….
+const REMOVE_LUA: &str = r"
+local first = 1 + tonumber(ARGV[1])
 local removed = 0
-local epoch = tonumber(ARGV[1])
-for i = 2, #KEYS do
+local epoch = tonumber(ARGV[3])
+for i = first, #KEYS do
   local v = redis.call('GET', KEYS[i])
   if v then
     v = ';' .. v
     local changed = false
-    for j = 3, #ARGV do
+    for j = 4, #ARGV do
       local pat = ';' .. ARGV[j]:gsub('%p', '%%%0') .. '=(%d+);'
       local old = string.match(v, pat)
       if old then
@@ -94,10 +100,9 @@ for i = 2, #KEYS do
     end
   end
 end
-if removed > 0 then redis.call('HINCRBY', KEYS[1], ARGV[2], -removed) end
-return removed",
-    )
-});
+if first == 2 and removed > 0 then redis.call('HINCRBY', KEYS[1], ARGV[2], -removed) end
+return -removed";
+static REMOVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(REMOVE_LUA));
 
 /// Takes or renews a writer lease. KEYS: the lease; ARGV: replica id, lease ms.
 static LEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
@@ -115,8 +120,11 @@ return 0",
 /// Redis backend settings.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]` (Valkey speaks the same protocol).
+    /// `redis://host:port[/db]` (Valkey speaks the same protocol); with `cluster`, one or
+    /// more seed nodes separated by commas.
     pub url: String,
+    /// The server is a Redis (or Valkey) Cluster: block keys spread over its slots.
+    pub cluster: bool,
     /// Prefix of every key kvroute writes.
     pub prefix: String,
     /// Lifetime of a block key after its last write.
@@ -147,6 +155,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
             prefix: "kvr".into(),
             ttl: Duration::from_secs(3600),
             speculative_ttl: Duration::from_secs(2),
@@ -188,8 +197,8 @@ type CacheMap = HashMap<u64, (Instant, Option<Arc<str>>), std::hash::BuildHasher
 /// The shared index.
 pub struct RedisIndex {
     cfg: RedisConfig,
-    client: redis::Client,
-    conns: Mutex<Vec<redis::Connection>>,
+    client: conn::Client,
+    conns: Mutex<Vec<conn::Conn>>,
     pods: Arc<Pods>,
     speculative: InMemoryIndex,
     /// This replica's view of each pod's epoch (refreshed by lookups).
@@ -213,7 +222,7 @@ pub struct RedisIndex {
 impl RedisIndex {
     /// A backend on `cfg.url`; pod ids are this process's (`pods`), names go to Redis.
     pub fn new(cfg: RedisConfig, pods: Arc<Pods>) -> Result<Self, RedisIndexError> {
-        let client = redis::Client::open(cfg.url.as_str())?;
+        let client = conn::Client::open(&cfg.url, cfg.cluster, cfg.timeout)?;
         let speculative =
             InMemoryIndex::new(IndexConfig { speculative_ttl: cfg.speculative_ttl, ..Default::default() });
         Ok(Self {
@@ -317,19 +326,15 @@ impl RedisIndex {
     }
 
     /// Runs `f` on a pooled connection; on failure marks Redis down for 500 ms.
-    fn with_conn<T>(&self, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
+    fn with_conn<T>(&self, f: impl FnOnce(&mut conn::Conn) -> redis::RedisResult<T>) -> Option<T> {
         if self.down_until.lock().is_some_and(|t| Instant::now() < t) {
             return None;
         }
         let conn = self.conns.lock().pop();
         let mut conn = match conn {
             Some(c) => c,
-            None => match self.client.get_connection_with_timeout(self.cfg.timeout) {
-                Ok(c) => {
-                    let _ = c.set_read_timeout(Some(self.cfg.timeout));
-                    let _ = c.set_write_timeout(Some(self.cfg.timeout));
-                    c
-                }
+            None => match self.client.connect(self.cfg.timeout) {
+                Ok(c) => c,
                 Err(e) => return self.failed(e),
             },
         };
@@ -388,17 +393,9 @@ impl RedisIndex {
         let missing: Vec<usize> = (0..keys.len()).filter(|&i| values[i].is_none()).collect();
         self.cache_hits.fetch_add((keys.len() - missing.len()) as u64, Relaxed);
         let generation = self.writes.load(Relaxed);
-        let mut p = redis::pipe();
-        p.cmd("HGETALL").arg(self.epochs_key());
-        if !missing.is_empty() {
-            p.cmd("MGET").arg(missing.iter().map(|&i| self.block_key(keys[i])).collect::<Vec<_>>());
-        }
-        let (epochs, fetched): (HashMap<String, u64>, Vec<Option<String>>) = if missing.is_empty() {
-            let (e,): (HashMap<String, u64>,) = self.with_conn(|c| p.query(c))?;
-            (e, vec![])
-        } else {
-            self.with_conn(|c| p.query(c))?
-        };
+        let block_keys: Vec<String> = missing.iter().map(|&i| self.block_key(keys[i])).collect();
+        let epochs_key = self.epochs_key();
+        let (epochs, fetched) = self.with_conn(|c| c.fetch(&epochs_key, &block_keys))?;
         if fetched.len() != missing.len() {
             return None;
         }
@@ -418,25 +415,26 @@ impl RedisIndex {
         Some((epochs, values.into_iter().map(|v| v.flatten()).collect()))
     }
 
-    /// One batched write of `pod`'s blocks (a Lua call given the connection, the pod's
-    /// name and epoch, the counts key and the block keys), if this replica writes that
-    /// pod; cached values of the blocks are dropped before and after it (a read that ran
-    /// during the write must not stay cached).
+    /// One batched write of `pod`'s blocks (a block script given the pod's name and epoch,
+    /// returning its further arguments), if this replica writes that pod; cached values of
+    /// the blocks are dropped before and after it (a read that ran during the write must
+    /// not stay cached).
     fn write_blocks(
         &self,
         pod: PodId,
         keys: &[u64],
-        call: impl FnOnce(&mut redis::Connection, &str, u64, &str, &[String]) -> redis::RedisResult<i64>,
+        (script, code): (&redis::Script, &str),
+        args: impl FnOnce(&str, u64) -> Vec<String>,
     ) {
         self.invalidate(keys);
         let Some(name) = self.pods.name(pod) else { return };
         if keys.is_empty() || !self.writes_for(&name) {
             return;
         }
-        let epoch = self.epoch_of(&name);
+        let args = args(&name, self.epoch_of(&name));
         let block_keys: Vec<String> = keys.iter().map(|&k| self.block_key(k)).collect();
         let counts = self.counts_key();
-        self.with_conn(|c| call(c, &name, epoch, &counts, &block_keys));
+        self.with_conn(|c| c.write(script, code, &counts, &name, &block_keys, &args));
         self.invalidate(keys);
     }
 
@@ -449,9 +447,8 @@ impl BlockIndex for RedisIndex {
     fn store(&self, pod: PodId, tier: TierId, keys: &[u64]) {
         self.speculative.remove(pod, Some(tier), keys);
         let ttl = self.cfg.ttl.as_secs().max(1);
-        self.write_blocks(pod, keys, |c, name, epoch, counts, block_keys| {
-            let field = Self::field(name, tier);
-            STORE.key(counts).key(block_keys).arg(&field).arg(epoch).arg(ttl).arg(name).invoke::<i64>(c)
+        self.write_blocks(pod, keys, (&STORE, STORE_LUA), |name, epoch| {
+            vec![Self::field(name, tier), epoch.to_string(), ttl.to_string()]
         });
     }
 
@@ -461,12 +458,13 @@ impl BlockIndex for RedisIndex {
 
     fn remove(&self, pod: PodId, tier: Option<TierId>, keys: &[u64]) {
         self.speculative.remove(pod, tier, keys);
-        self.write_blocks(pod, keys, |c, name, epoch, counts, block_keys| {
-            let fields: Vec<String> = match tier {
-                Some(t) => vec![Self::field(name, t)],
-                None => (0..MAX_TIERS as TierId).map(|t| Self::field(name, t)).collect(),
-            };
-            REMOVE.key(counts).key(block_keys).arg(epoch).arg(name).arg(&fields).invoke::<i64>(c)
+        self.write_blocks(pod, keys, (&REMOVE, REMOVE_LUA), |name, epoch| {
+            let mut args = vec![epoch.to_string()];
+            match tier {
+                Some(t) => args.push(Self::field(name, t)),
+                None => args.extend((0..MAX_TIERS as TierId).map(|t| Self::field(name, t))),
+            }
+            args
         });
     }
 

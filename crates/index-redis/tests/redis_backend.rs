@@ -2,7 +2,7 @@
 //! command installs it): the shared conformance suite, two replicas sharing one server,
 //! and losing the server mid-run.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -133,4 +133,57 @@ fn losing_redis_keeps_lookups_fast_and_local_then_recovers() {
     });
     assert_eq!(n, 2);
     assert!(idx.is_up());
+}
+
+#[test]
+fn the_conformance_suite_passes_on_a_redis_cluster() {
+    let base = loop {
+        // Three consecutive free ports (the cluster bus uses port + 10000).
+        let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if p < 50_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            break p;
+        }
+    };
+    let ports = [base, base + 1, base + 2];
+    let mut nodes = kvroute_index_conformance::redis_cluster(&ports);
+    let url = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let n = AtomicU64::new(0);
+    let make = |cache_ttl: Duration| {
+        let pods = Arc::new(Pods::new());
+        for i in 0..5 {
+            pods.intern(&format!("pod-{i}")).unwrap();
+        }
+        let prefix = format!("k{}", n.fetch_add(1, Ordering::Relaxed));
+        let cfg = RedisConfig { url: url.clone(), cluster: true, prefix, cache_ttl, ..Default::default() };
+        Arc::new(RedisIndex::new(cfg, pods).unwrap()) as Arc<dyn BlockIndex>
+    };
+    let plain = || make(Duration::ZERO);
+    kvroute_index_conformance::behaviour(&plain);
+    kvroute_index_conformance::sequential_ops_match_the_reference(&plain, 40);
+    kvroute_index_conformance::concurrent_pods_match_the_reference(&plain, 20);
+    let cached = || make(Duration::from_secs(60));
+    kvroute_index_conformance::behaviour(&cached);
+    kvroute_index_conformance::sequential_ops_match_the_reference(&cached, 40);
+    // The block keys really spread: every node holds some.
+    let idx = plain();
+    let keys: Vec<u64> = (0..64u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    idx.store(1, Tiers::GPU, &keys);
+    let mut found = 0;
+    idx.prefix_lookup(&keys, &mut |_, e| {
+        found += usize::from(e.iter().any(|x| x.pod() == 1));
+        true
+    });
+    assert_eq!(found, 64, "every block stored across the cluster is found");
+    assert_eq!(idx.pod_entries(1), 64, "counts stay exact across slots");
+    for p in ports {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{p}")).unwrap();
+        let keys: i64 = redis::cmd("DBSIZE").query(&mut client.get_connection().unwrap()).unwrap();
+        assert!(keys > 5, "node {p} holds {keys} keys: the index is not sharded");
+    }
+    idx.remove(1, None, &keys[..10]);
+    assert_eq!(idx.pod_entries(1), 54);
+    for c in &mut nodes {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
