@@ -25,7 +25,7 @@ pub(crate) enum Client {
 
 pub(crate) enum Conn {
     Node(redis::Connection),
-    Cluster(ClusterConnection),
+    Cluster(Box<ClusterConnection>),
 }
 
 impl Client {
@@ -52,7 +52,7 @@ impl Client {
                 c.set_write_timeout(Some(timeout))?;
                 Ok(Conn::Node(c))
             }
-            Self::Cluster(c) => Ok(Conn::Cluster(c.get_connection()?)),
+            Self::Cluster(c) => Ok(Conn::Cluster(Box::new(c.get_connection()?))),
         }
     }
 }

@@ -194,6 +194,8 @@ impl std::hash::Hasher for KeyHasher {
 }
 type CacheMap = HashMap<u64, (Instant, Option<Arc<str>>), std::hash::BuildHasherDefault<KeyHasher>>;
 
+type OnAcquire = Box<dyn Fn(&str) + Send + Sync>;
+
 /// The shared index.
 pub struct RedisIndex {
     cfg: RedisConfig,
@@ -216,7 +218,7 @@ pub struct RedisIndex {
     /// Pod name → (last checked, held) of the writer leases.
     leases: Mutex<HashMap<String, (Instant, bool)>>,
     /// Called when this replica takes over a pod's lease (to replay what it skipped).
-    on_acquire: Mutex<Option<Box<dyn Fn(&str) + Send + Sync>>>,
+    on_acquire: Mutex<Option<OnAcquire>>,
 }
 
 impl RedisIndex {
