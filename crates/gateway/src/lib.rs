@@ -329,7 +329,11 @@ impl Gateway {
             ));
         }
         let ids: Vec<_> = backends.iter().map(|b| b.pod).collect();
-        let scores = thread_local_scratch(|s| self.scorer.score(self.applier.index(), &keys, Some(&ids), s));
+        let index = self.applier.index();
+        let score = || thread_local_scratch(|s| self.scorer.score(index, &keys, Some(&ids), s));
+        // A shared index answers over the network: keep that round trip off the async
+        // workers' run queue (other requests' tasks move to another worker meanwhile).
+        let scores = if index.blocks_on_network() { blocking(score) } else { score() };
         let approx_scores = thread_local_scratch(|s| self.approx.score(&text_keys, &ids, s));
         // Without token ids, estimate them (≈ 4 bytes a token) and the cached share from the
         // approximate index, so cost-based scorers still see a prefix.
@@ -415,6 +419,17 @@ impl Gateway {
         }
         let hit = views[pick].matched_blocks > 0;
         Ok(Routed { order, keys, text_keys, explain, hit, uncached })
+    }
+}
+
+/// Runs `f`, which may block, without stalling this worker's other tasks (multi-thread
+/// runtimes; elsewhere it just runs).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread) {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
     }
 }
 

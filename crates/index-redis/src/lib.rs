@@ -538,6 +538,10 @@ impl BlockIndex for RedisIndex {
             .max(0) as u64
     }
 
+    fn blocks_on_network(&self) -> bool {
+        true
+    }
+
     fn stats(&self) -> IndexStats {
         let counts = self.counts_key();
         let total: i64 = self

@@ -63,6 +63,11 @@ pub trait BlockIndex: Send + Sync {
     /// Entries currently held by `pod`.
     fn pod_entries(&self, pod: PodId) -> u64;
     fn stats(&self) -> IndexStats;
+    /// Lookups wait on the network (a shared index): callers on an async runtime should
+    /// run them where blocking is allowed.
+    fn blocks_on_network(&self) -> bool {
+        false
+    }
 }
 
 impl<T: BlockIndex + ?Sized> BlockIndex for std::sync::Arc<T> {
