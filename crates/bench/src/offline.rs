@@ -66,6 +66,8 @@ pub struct PolicyResult {
     pub ttft_mean_s: f64,
     /// Output tokens per second over the run.
     pub output_tokens_per_s: f64,
+    /// Running requests preempted for KV blocks (continuous engine; recomputed later).
+    pub preemptions: usize,
     /// Time series for plots: (virtual seconds, fraction of the window's prompt tokens
     /// served from cache).
     #[serde(skip)]
@@ -155,6 +157,7 @@ struct Tally {
     hit_blocks: usize,
     full_blocks: usize,
     rejected: usize,
+    preemptions: usize,
     output_tokens: usize,
     per_server_requests: Vec<f64>,
     per_server_prefill: Vec<f64>,
@@ -381,9 +384,11 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
             Ev::StepEnd(s) => {
                 let Some(b) = servers[s].batch.as_mut() else { continue };
                 let end = b.end_step();
-                for i in end.first_token {
+                for &i in &end.first_token {
                     tally.ttfts.push(secs - reqs[i].arrival_s);
                     router.first_token(i);
+                }
+                for i in end.first_token.into_iter().chain(end.recomputed) {
                     if let Some(keys) = created.remove(&i) {
                         deliveries.push((s, true, keys));
                         push(&mut heap, t + delay, Ev::Deliver(deliveries.len() - 1));
@@ -403,8 +408,17 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
         if let Some(b) = servers[s].batch.as_mut() {
             // Continuous batching: plan the next step.
             let step = b.begin_step();
+            tally.preemptions += step.preempted.len();
+            if !step.evicted.is_empty() {
+                deliveries.push((s, false, step.evicted));
+                push(&mut heap, t + delay, Ev::Deliver(deliveries.len() - 1));
+            }
             for a in step.admitted {
-                tally.admitted(s, secs, a.hit_blocks, a.cached_tokens, &reqs[a.id]);
+                // Hit rates count each request once (a recomputation after a preemption
+                // is the engine's cost, not a cache lookup of a new prompt).
+                if !a.resumed {
+                    tally.admitted(s, secs, a.hit_blocks, a.cached_tokens, &reqs[a.id]);
+                }
                 if !a.evicted.is_empty() {
                     deliveries.push((s, false, a.evicted));
                     push(&mut heap, t + delay, Ev::Deliver(deliveries.len() - 1));
@@ -482,6 +496,7 @@ fn finish(name: &str, reqs: &[SimRequest], mut t: Tally) -> PolicyResult {
         name: name.to_string(),
         requests: reqs.len(),
         rejected: t.rejected,
+        preemptions: t.preemptions,
         hit_rate_tokens: t.hit_tokens as f64 / t.prompt_tokens.max(1) as f64,
         hit_rate_blocks: t.hit_blocks as f64 / t.full_blocks.max(1) as f64,
         busiest_over_mean_requests: busiest(&t.per_server_requests),

@@ -1,17 +1,23 @@
 //! vLLM-style continuous batching on virtual time: one engine step at a time, a token
-//! budget per step (`max_num_batched_tokens`), running decodes first (one token each),
-//! then chunked prefill of admitted requests first-come first-served, then admission of
+//! budget per step (`max_num_batched_tokens`), running requests first in admission order
+//! (one token per decode, chunked prefill first-come first-served), then admission of
 //! waiting requests while sequences, budget and KV blocks last. The step's duration is
 //! `inter_token × load(batch) + batched_prefill_per_token × prefill tokens in the step`, so prefill
 //! work competes with decoding as it does on a GPU: a fleet that misses the cache slows
 //! down for everyone, which the per-request model of [`crate::engine`] (llm-d's simulator
 //! model: every request's prefill in parallel) cannot show.
 //!
+//! KV blocks are allocated as vLLM v1 allocates them: a request is admitted with the
+//! blocks of its prompt (shared with every other request holding the same prefix), and
+//! takes one more block each time its decoding fills the last one. When a running request
+//! needs a block and none is free, the most recently admitted running request is
+//! preempted (its blocks freed, recomputed later from the front of the queue; vLLM's
+//! recompute preemption), and no request is admitted in that step.
+//!
 //! The engine is a pure state machine; the caller owns the clock
 //! (`kvroute simulate` drives it on virtual time).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use crate::config::Latency;
@@ -36,6 +42,8 @@ pub struct Admitted {
     pub id: usize,
     pub hit_blocks: usize,
     pub cached_tokens: usize,
+    /// Admitted again after a preemption (its first admission was reported already).
+    pub resumed: bool,
     /// Hashes evicted to make room (announce as BlockRemoved now).
     pub evicted: Vec<u64>,
     /// Hashes newly cached (announce as BlockStored once the prefill is done).
@@ -49,6 +57,10 @@ pub struct Step {
     pub admitted: Vec<Admitted>,
     /// Requests larger than the whole cache, dropped.
     pub rejected: Vec<usize>,
+    /// Running requests preempted to free blocks (they wait again, to be recomputed).
+    pub preempted: Vec<usize>,
+    /// Cached blocks evicted for decode blocks (announce as BlockRemoved now).
+    pub evicted: Vec<u64>,
     pub prefill_tokens: usize,
     pub decodes: usize,
 }
@@ -58,14 +70,29 @@ pub struct Step {
 pub struct StepEnd {
     /// Requests whose first token came out of this step (TTFT).
     pub first_token: Vec<usize>,
+    /// Preempted requests whose recomputation finished in this step (their blocks are
+    /// cached again).
+    pub recomputed: Vec<usize>,
     /// Requests that produced their last token and gave their blocks back.
     pub finished: Vec<usize>,
 }
 
 struct Active {
-    keys: Vec<u64>,
+    job: Job,
+    /// Private blocks held (the prompt's partial last block, decode blocks).
     anon: usize,
-    output_tokens: usize,
+    /// Tokens generated so far.
+    generated: usize,
+    /// Prefill tokens left to compute (0: decoding).
+    left: usize,
+    first_sent: bool,
+}
+
+/// A waiting request and what it had generated before a preemption.
+struct Waiting {
+    job: Job,
+    generated: usize,
+    first_sent: bool,
 }
 
 /// One server's scheduler and KV cache.
@@ -74,17 +101,15 @@ pub struct BatchEngine {
     latency: Latency,
     block_size: usize,
     max_batched_tokens: usize,
-    waiting: VecDeque<Job>,
-    /// Admitted requests still prefilling: (id, prompt tokens left to compute).
-    prefilling: VecDeque<(usize, usize)>,
-    /// Decoding requests by the step in which they produce their last token.
-    decoding: BinaryHeap<Reverse<(u64, usize)>>,
+    waiting: VecDeque<Waiting>,
+    /// Running requests in admission order (preemption takes the last).
+    running: Vec<usize>,
     active: HashMap<usize, Active>,
-    /// Chunks scheduled in the current step: (id, tokens).
+    /// Work scheduled in the current step: (id, tokens).
     in_step: Vec<(usize, usize)>,
-    step_no: u64,
     /// The head of the queue did not fit and no blocks were freed since.
     blocked: bool,
+    preemptions: u64,
 }
 
 impl BatchEngine {
@@ -95,17 +120,16 @@ impl BatchEngine {
             block_size: block_size.max(1),
             max_batched_tokens: max_batched_tokens.max(1),
             waiting: VecDeque::new(),
-            prefilling: VecDeque::new(),
-            decoding: BinaryHeap::new(),
+            running: Vec::new(),
             active: HashMap::new(),
             in_step: Vec::new(),
-            step_no: 0,
             blocked: false,
+            preemptions: 0,
         }
     }
 
     pub fn submit(&mut self, job: Job) {
-        self.waiting.push_back(job);
+        self.waiting.push_back(Waiting { job, generated: 0, first_sent: false });
     }
 
     /// Nothing to do: the engine sleeps until the next submission.
@@ -123,6 +147,11 @@ impl BatchEngine {
         self.active.len()
     }
 
+    /// `vllm:num_preemptions` so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
     fn load(&self, seqs: usize) -> f64 {
         let max = self.latency.max_num_seqs;
         if max <= 1 {
@@ -131,88 +160,137 @@ impl BatchEngine {
         1.0 + (self.latency.load_factor - 1.0) * seqs.saturating_sub(1).min(max - 1) as f64 / (max - 1) as f64
     }
 
+    /// Frees the last admitted running request's blocks and queues it first again.
+    fn preempt_last(&mut self, step: &mut Step) -> Option<usize> {
+        let id = self.running.pop()?;
+        let a = self.active.remove(&id)?;
+        self.pool.release(&a.job.keys, a.anon);
+        self.blocked = false;
+        self.preemptions += 1;
+        step.preempted.push(id);
+        self.waiting.push_front(Waiting { job: a.job, generated: a.generated, first_sent: a.first_sent });
+        Some(id)
+    }
+
     /// Starts a step: schedules decodes, prefill chunks and admissions.
     pub fn begin_step(&mut self) -> Step {
-        let mut step = Step { decodes: self.decoding.len(), ..Default::default() };
-        let mut budget = self.max_batched_tokens.saturating_sub(step.decodes);
-        self.in_step.clear();
-        for (id, left) in &self.prefilling {
-            if budget == 0 {
-                break;
-            }
-            let chunk = (*left).min(budget);
-            budget -= chunk;
-            self.in_step.push((*id, chunk));
-        }
+        let mut step = Step::default();
+        let mut budget = self.max_batched_tokens;
         let bs = self.block_size;
-        while !self.blocked && budget > 0 && self.active.len() < self.latency.max_num_seqs {
-            let Some(job) = self.waiting.front() else { break };
-            let anon = (job.prompt_tokens + job.output_tokens).div_ceil(bs).saturating_sub(job.keys.len());
-            if job.keys.len() + anon > self.pool.capacity() {
-                if let Some(j) = self.waiting.pop_front() {
-                    step.rejected.push(j.id);
+        self.in_step.clear();
+        let mut k = 0;
+        while k < self.running.len() && budget > 0 {
+            let id = self.running[k];
+            let Some(a) = self.active.get(&id) else { break };
+            if a.left > 0 {
+                let chunk = a.left.min(budget);
+                budget -= chunk;
+                self.in_step.push((id, chunk));
+                k += 1;
+                continue;
+            }
+            // A decode: its KV grows by the token fed back; a new block when the last is full.
+            let need = (a.job.prompt_tokens + a.generated).div_ceil(bs).saturating_sub(a.job.keys.len());
+            let extra = need.saturating_sub(a.anon);
+            let mut scheduled = true;
+            while extra > 0 {
+                if let Ok(got) = self.pool.allocate(&[], extra) {
+                    step.evicted.extend(got.evicted);
+                    if let Some(a) = self.active.get_mut(&id) {
+                        a.anon += extra;
+                    }
+                    break;
+                }
+                if self.preempt_last(&mut step) == Some(id) || self.running.is_empty() {
+                    scheduled = false;
+                    break;
+                }
+            }
+            if scheduled {
+                budget -= 1;
+                self.in_step.push((id, 1));
+                step.decodes += 1;
+                k += 1;
+            }
+        }
+        // Admissions, unless this step had to preempt (vLLM's rule).
+        while step.preempted.is_empty() && !self.blocked && budget > 0 && self.active.len() < self.latency.max_num_seqs
+        {
+            let Some(w) = self.waiting.front() else { break };
+            let job = &w.job;
+            if (job.prompt_tokens + job.output_tokens).div_ceil(bs) > self.pool.capacity() {
+                if let Some(w) = self.waiting.pop_front() {
+                    step.rejected.push(w.job.id);
                 }
                 continue;
             }
+            // A resumed request recomputes what it had generated too.
+            let tokens = job.prompt_tokens + w.generated;
+            let anon = tokens.div_ceil(bs).saturating_sub(job.keys.len());
             let hit = self.pool.prefix_hits(&job.keys);
             let Ok(a) = self.pool.allocate(&job.keys, anon) else {
                 self.blocked = true;
                 break;
             };
-            let Some(job) = self.waiting.pop_front() else { break };
+            let Some(w) = self.waiting.pop_front() else { break };
             // vLLM always recomputes the last prompt token.
-            let cached = (hit * bs).min(job.prompt_tokens.saturating_sub(1) / bs * bs);
-            let left = (job.prompt_tokens - cached).max(1);
+            let cached = (hit * bs).min(tokens.saturating_sub(1) / bs * bs);
+            let left = (tokens - cached).max(1);
             let chunk = left.min(budget);
             budget -= chunk;
-            self.in_step.push((job.id, chunk));
-            self.prefilling.push_back((job.id, left));
+            self.in_step.push((w.job.id, chunk));
+            self.running.push(w.job.id);
             step.admitted.push(Admitted {
-                id: job.id,
+                id: w.job.id,
                 hit_blocks: hit,
                 cached_tokens: cached,
+                resumed: w.generated > 0 || w.first_sent,
                 evicted: a.evicted,
-                created: a.created.iter().map(|&i| job.keys[i]).collect(),
+                created: a.created.iter().map(|&i| w.job.keys[i]).collect(),
             });
-            self.active.insert(job.id, Active { keys: job.keys, anon, output_tokens: job.output_tokens.max(1) });
+            let id = w.job.id;
+            self.active.insert(id, Active { job: w.job, anon, generated: w.generated, left, first_sent: w.first_sent });
         }
-        step.prefill_tokens = self.in_step.iter().map(|x| x.1).sum();
-        let seqs = step.decodes + self.in_step.len();
-        step.duration = self.latency.inter_token.mul_f64(self.load(seqs))
+        step.prefill_tokens =
+            self.in_step.iter().filter(|x| self.active.get(&x.0).is_some_and(|a| a.left > 0)).map(|x| x.1).sum();
+        step.duration = self.latency.inter_token.mul_f64(self.load(self.in_step.len()))
             + self.latency.batched_prefill_per_token * step.prefill_tokens as u32;
         step
     }
 
-    /// Ends the step begun last: prefill progress, first tokens, finished requests.
+    /// Ends the step begun last: prefill progress, tokens, finished requests.
     pub fn end_step(&mut self) -> StepEnd {
         let mut out = StepEnd::default();
-        let now = self.step_no;
-        // The step's chunks went to the first `in_step.len()` prefilling requests, in order.
-        for (k, &(id, chunk)) in self.in_step.iter().enumerate() {
-            let left = &mut self.prefilling[k];
-            debug_assert_eq!(left.0, id);
-            left.1 -= chunk.min(left.1);
-            if left.1 == 0 {
-                out.first_token.push(id);
-                let outputs = self.active.get(&id).map_or(1, |a| a.output_tokens) as u64;
-                // The first token came out of this step; the rest take one step each.
-                self.decoding.push(Reverse((now + outputs - 1, id)));
+        for &(id, tokens) in &self.in_step {
+            let Some(a) = self.active.get_mut(&id) else { continue };
+            if a.left > 0 {
+                a.left -= tokens.min(a.left);
+                if a.left > 0 {
+                    continue;
+                }
+                // The prefill's last chunk yields a token.
+                if a.first_sent {
+                    out.recomputed.push(id);
+                } else {
+                    a.first_sent = true;
+                    out.first_token.push(id);
+                }
+            }
+            a.generated += 1;
+            if a.generated >= a.job.output_tokens.max(1) {
+                out.finished.push(id);
             }
         }
-        self.prefilling.retain(|x| x.1 > 0);
         self.in_step.clear();
-        while let Some(&Reverse((last, id))) = self.decoding.peek() {
-            if last > now {
-                break;
-            }
-            self.decoding.pop();
-            if let Some(a) = self.active.remove(&id) {
-                self.pool.release(&a.keys, a.anon);
+        for id in &out.finished {
+            if let Some(a) = self.active.remove(id) {
+                self.pool.release(&a.job.keys, a.anon);
                 self.blocked = false;
             }
-            out.finished.push(id);
         }
-        self.step_no += 1;
+        if !out.finished.is_empty() {
+            self.running.retain(|id| self.active.contains_key(id));
+        }
         out
     }
 }
@@ -280,6 +358,38 @@ mod tests {
         e.end_step();
         let (firsts, _, _) = run_to_end(&mut e);
         assert_eq!(firsts.last().map(|x| x.0), Some(2));
+    }
+
+    #[test]
+    fn decode_blocks_are_taken_as_tokens_come_and_the_newest_request_is_preempted() {
+        // 12 blocks: two 4-block prompts fit at once; their decodes (40 tokens each, a
+        // block per 16) then need 3 more blocks each, which the cache cannot give both.
+        let mut e = BatchEngine::new(12, 16, latency(8), 8192);
+        e.submit(Job { id: 0, keys: (0..4).collect(), prompt_tokens: 64, output_tokens: 40 });
+        e.submit(Job { id: 1, keys: (10..14).collect(), prompt_tokens: 64, output_tokens: 40 });
+        let s = e.begin_step();
+        assert_eq!(s.admitted.len(), 2, "only the prompts' blocks are needed to start");
+        assert_eq!(e.pool.used(), 8);
+        assert_eq!(e.end_step().first_token, vec![0, 1]);
+        let (mut firsts, mut done, mut preempted, mut resumed) = (vec![], vec![], vec![], vec![]);
+        let mut steps = 0;
+        while !e.idle() {
+            let s = e.begin_step();
+            preempted.extend(s.preempted);
+            resumed.extend(s.admitted.iter().filter(|a| a.resumed).map(|a| a.id));
+            assert!(e.pool.used() <= 12);
+            let end = e.end_step();
+            firsts.extend(end.first_token);
+            done.extend(end.finished);
+            steps += 1;
+            assert!(steps < 1000, "the engine makes progress");
+        }
+        assert_eq!(preempted, vec![1], "the newest running request gives its blocks up");
+        assert_eq!(resumed, vec![1], "and is recomputed later");
+        assert!(firsts.is_empty(), "first tokens came out of the first step only, once each");
+        assert_eq!(done, vec![0, 1]);
+        assert_eq!(e.preemptions(), 1);
+        assert_eq!(e.pool.used(), 0, "every block given back");
     }
 
     #[test]
