@@ -192,20 +192,20 @@ impl BatchEngine {
             // A decode: its KV grows by the token fed back; a new block when the last is full.
             let need = (a.job.prompt_tokens + a.generated).div_ceil(bs).saturating_sub(a.job.keys.len());
             let extra = need.saturating_sub(a.anon);
-            let mut scheduled = true;
-            while extra > 0 {
-                if let Ok(got) = self.pool.allocate(&[], extra) {
-                    step.evicted.extend(got.evicted);
-                    if let Some(a) = self.active.get_mut(&id) {
-                        a.anon += extra;
+            // Preempt from the newest until the block fits (or this request was the newest).
+            let scheduled = extra == 0
+                || loop {
+                    if let Ok(got) = self.pool.allocate(&[], extra) {
+                        step.evicted.extend(got.evicted);
+                        if let Some(a) = self.active.get_mut(&id) {
+                            a.anon += extra;
+                        }
+                        break true;
                     }
-                    break;
-                }
-                if self.preempt_last(&mut step) == Some(id) || self.running.is_empty() {
-                    scheduled = false;
-                    break;
-                }
-            }
+                    if self.preempt_last(&mut step) == Some(id) || self.running.is_empty() {
+                        break false;
+                    }
+                };
             if scheduled {
                 budget -= 1;
                 self.in_step.push((id, 1));
