@@ -222,25 +222,42 @@ pub struct PredictedTtftScorer {
     pub queued_tokens: f64,
     /// Weight of the pod's cache turnover on the cost of its uncached tokens.
     pub turnover_weight: f64,
+    /// Weight of the prefill the pod still owes earlier requests.
+    pub pending_weight: f64,
+    /// Weigh the pods' queue differences by how idle the least busy pod is,
+    /// `P / (P + q_min)` (`P` the prompt tokens, `q_min` the shortest queue in
+    /// token-equivalents): when every pod is backed up, moving a request off its cached
+    /// pod saves little wait and its recompute costs the saturated fleet; when some pod is
+    /// idle, queue differences count in full.
+    pub relative_queue: bool,
 }
 impl Scorer for PredictedTtftScorer {
     fn name(&self) -> &str {
         "predicted-ttft-scorer"
     }
     fn score(&self, r: &RequestView, pods: &[PodView]) -> Vec<f64> {
-        let costs: Vec<f64> = pods
+        let scale = r.prompt_tokens.max(1) as f64;
+        let queues: Vec<f64> = pods
             .iter()
             .map(|p| {
-                let cached = (p.matched_blocks * r.block_size).min(r.prompt_tokens) as f64;
-                let eviction = 1.0 + self.turnover_weight * p.cache_turnover.unwrap_or(0.0).max(0.0);
-                (r.prompt_tokens as f64 - cached) * (1.0 + self.recompute_penalty.max(0.0)) * eviction
-                    + p.pending_prefill_tokens.max(0.0)
+                self.pending_weight * p.pending_prefill_tokens.max(0.0)
                     + self.queue_tokens * p.in_flight as f64
                     + self.queued_tokens * p.queued as f64
             })
             .collect();
+        let qmin = queues.iter().copied().fold(f64::INFINITY, f64::min).max(0.0);
+        let damp = if self.relative_queue { scale / (scale + qmin) } else { 1.0 };
+        let costs: Vec<f64> = pods
+            .iter()
+            .zip(&queues)
+            .map(|(p, q)| {
+                let cached = (p.matched_blocks * r.block_size).min(r.prompt_tokens) as f64;
+                let eviction = 1.0 + self.turnover_weight * p.cache_turnover.unwrap_or(0.0).max(0.0);
+                (r.prompt_tokens as f64 - cached) * (1.0 + self.recompute_penalty.max(0.0)) * eviction
+                    + (q - qmin) * damp
+            })
+            .collect();
         let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
-        let scale = r.prompt_tokens.max(1) as f64;
         costs.iter().map(|c| scale / (scale + c - min)).collect()
     }
 }
@@ -420,6 +437,8 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
             recompute_penalty: f("recomputePenalty", 2.0),
             queued_tokens: f("queuedTokens", 0.0),
             turnover_weight: f("turnoverWeight", 4.0),
+            pending_weight: f("pendingWeight", 1.0),
+            relative_queue: params.get("relativeQueue").and_then(Value::as_bool).unwrap_or(true),
         })),
         "no-hit-lru-scorer" => Plugin::Scorer(Box::new(NoHitLruScorer::default())),
         "saturation-filter" => Plugin::Filter(Box::new(SaturationFilter { threshold: f("kvCacheThreshold", 0.95) })),
@@ -552,6 +571,8 @@ impl SchedulerConfig {
                         recompute_penalty: 2.0,
                         queued_tokens: 0.0,
                         turnover_weight: 4.0,
+                        pending_weight: 1.0,
+                        relative_queue: true,
                     }),
                     3.0,
                 ),
@@ -657,6 +678,39 @@ mod tests {
         assert_eq!(p.schedule(&req, &[idle("a"), b.clone(), idle("c")]).pick, Some(1));
         b.cache_turnover = Some(2.0);
         assert_ne!(p.schedule(&req, &[idle("a"), b, idle("c")]).pick, Some(1));
+    }
+
+    #[test]
+    fn a_backed_up_fleet_keeps_requests_on_their_cached_pod() {
+        let p = SchedulerConfig::default_profile();
+        let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+        // The cached pod owes 20 K tokens more than the others: with idle pods around,
+        // a recompute there is quicker (the test above); with every pod 60 K behind, the
+        // move saves a small share of a long wait and adds a recompute to a full fleet.
+        let backlog =
+            |n: &str, owed: f64, matched: usize| PodView { pending_prefill_tokens: owed, ..pod(n, 0, matched) };
+        let busy = [backlog("a", 60_000.0, 0), backlog("b", 80_000.0, 120), backlog("c", 60_000.0, 0)];
+        assert_eq!(p.schedule(&req, &busy).pick, Some(1));
+        let idle = [backlog("a", 0.0, 0), backlog("b", 20_000.0, 120), backlog("c", 0.0, 0)];
+        assert_ne!(p.schedule(&req, &idle).pick, Some(1));
+        // Off, the same difference moves the request however busy the fleet is.
+        let absolute = Profile {
+            name: "absolute".into(),
+            filters: vec![],
+            scorers: vec![(
+                Box::new(PredictedTtftScorer {
+                    queue_tokens: 128.0,
+                    recompute_penalty: 2.0,
+                    queued_tokens: 0.0,
+                    turnover_weight: 4.0,
+                    pending_weight: 1.0,
+                    relative_queue: false,
+                }),
+                1.0,
+            )],
+            picker: Box::new(MaxScorePicker { rng: seeded() }),
+        };
+        assert_ne!(absolute.schedule(&req, &busy).pick, Some(1));
     }
 
     #[test]
