@@ -343,3 +343,35 @@ fn offline_simulation_agrees_with_a_live_run_of_the_same_workload() {
     eprintln!("hit rate: live {l:.4}, offline {o:.4}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_burst_of_one_new_prompt_lands_on_one_pod() {
+    // Eight requests with the same never-seen prompt, sent at once: each decision sees
+    // the pick of the ones before it (no KV event can have arrived yet), so they share
+    // one pod's cache instead of each routing cold to a different pod.
+    let f = Fleet::start(4, &[]);
+    // Warm the gateway's connections (a cold first tokenization can miss its deadline and
+    // route on the approximate prefix instead, which this test is not about).
+    for i in 0..4 {
+        f.complete(&words(&format!("warm{i}x"), 50)).unwrap();
+    }
+    for round in 0..3 {
+        let prompt = words(&format!("burst{round}x"), 2000);
+        let start = std::sync::Barrier::new(8);
+        let pods: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        f.complete(&prompt).map(|(pod, _)| pod).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let m = ureq::get(&format!("{}/metrics", f.router)).call().unwrap().into_string().unwrap();
+        let counts: Vec<&str> =
+            m.lines().filter(|l| l.contains("decisions_total") || l.contains("tokenize_fallbacks_total")).collect();
+        assert!(pods.iter().all(|p| *p == pods[0]), "round {round}: {pods:?} {counts:?}");
+    }
+}

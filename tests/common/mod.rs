@@ -58,7 +58,8 @@ pub fn sim_publishing(port: u16, pub_port: u16, replay_port: u16) -> Child {
 
 /// `kvroute serve` on `port` with KV events bound on `zmq` and the sims on `backends`
 /// as backends, hashing like [`sim`] (block 16, `sha256_cbor`, seed 42), probing every
-/// 100 ms, plus `extra`; returns once `/health` answers.
+/// 100 ms, plus `extra`; returns once `/health` answers. `SERVE_LOG` sets the router's `RUST_LOG` (e.g. `kvroute_gateway=debug` logs every
+/// routing decision).
 pub fn serve(port: u16, zmq: u16, backends: &[u16], extra: &[&str]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zmq}")]);
@@ -66,7 +67,12 @@ pub fn serve(port: u16, zmq: u16, backends: &[u16], extra: &[&str]) -> Child {
     for p in backends {
         cmd.args(["--backend", &format!("http://127.0.0.1:{p}")]);
     }
-    let child = cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().unwrap();
+    let child = cmd
+        .args(extra)
+        .env("RUST_LOG", std::env::var("SERVE_LOG").unwrap_or("warn".into()))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     wait_healthy(&format!("http://127.0.0.1:{port}"));
     child
 }

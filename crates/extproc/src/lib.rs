@@ -221,7 +221,15 @@ impl ExtProc {
         };
         let session = s.header("x-session-id").or_else(|| s.header("x-session-token"));
         let sheddable = is_sheddable(|h| s.header(h));
-        let req = RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: s.subset.as_deref() };
+        let req = RouteRequest {
+            chat,
+            model: &model,
+            body: &v,
+            session,
+            sheddable,
+            subset: s.subset.as_deref(),
+            dry_run: false,
+        };
         let routed = match self.gw.route(&req).await {
             Ok(r) => r,
             Err(e) => return self.refuse(tx, &e).await,

@@ -71,12 +71,12 @@ pub fn usage(body: &[u8]) -> Option<(u64, u64)> {
         return from(&v);
     }
     text.lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("data:"))
         .map(str::trim)
         .filter(|d| *d != "[DONE]")
         .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .filter_map(|v| from(&v))
-        .last()
+        .find_map(|v| from(&v))
 }
 
 #[cfg(test)]

@@ -57,6 +57,11 @@ pub struct Gateway {
     pub tokenize_deadline: Duration,
     /// Exact prompt → tokens cache (repeated prompts are not re-tokenized).
     prompt_cache: parking_lot::Mutex<PromptCache>,
+    /// Decisions on one prefix are taken one at a time (shard = first block key): a
+    /// request right behind another with the same new prefix sees its pick.
+    route_locks: Vec<parking_lot::Mutex<()>>,
+    /// Prompts being tokenized now (hash → the result when it comes).
+    tokenizing: parking_lot::Mutex<HashMap<u64, tokio::sync::watch::Receiver<Tokens>>>,
     approx: approx::ApproxPrefix,
     tokenize_fallbacks: prometheus::IntCounter,
     /// Session → the pod it last went to (bounded: cleared when it reaches 100 k).
@@ -102,6 +107,8 @@ pub struct RouteRequest<'a> {
     pub sheddable: bool,
     /// Only these endpoints (`ip:port` or `ip`) are candidates (Envoy's subset hint).
     pub subset: Option<&'a [String]>,
+    /// Decide only (`/v1/route/explain`): leave no trace of the pick in the index.
+    pub dry_run: bool,
 }
 
 /// When a pod counts as saturated (llm-d's saturation detector, plus the router's own
@@ -187,6 +194,8 @@ impl Gateway {
             tokenize_permits: Arc::new(tokio::sync::Semaphore::new(2)),
             tokenize_deadline: Duration::from_millis(50),
             prompt_cache: parking_lot::Mutex::new((HashMap::new(), std::collections::VecDeque::new())),
+            route_locks: (0..64).map(|_| parking_lot::Mutex::new(())).collect(),
+            tokenizing: parking_lot::Mutex::new(HashMap::new()),
             approx: approx::ApproxPrefix::default(),
             tokenize_fallbacks,
             sessions: parking_lot::Mutex::new(HashMap::new()),
@@ -252,7 +261,24 @@ impl Gateway {
         if let Some(t) = self.prompt_cache.lock().0.get(&h) {
             return Some(t.clone());
         }
-        let permit = self.tokenize_permits.clone().try_acquire_owned().ok()?;
+        // One tokenization per prompt at a time: a burst of the same new prompt waits for
+        // the first one's result instead of queueing for the permits or falling back.
+        let lead = {
+            let mut running = self.tokenizing.lock();
+            match running.get(&h).cloned() {
+                Some(rx) => Err(rx),
+                None => {
+                    let permit = self.tokenize_permits.clone().try_acquire_owned().ok()?;
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    running.insert(h, rx);
+                    Ok((permit, tx, Tokenizing { running: &self.tokenizing, prompt: h }))
+                }
+            }
+        };
+        let (permit, tx, _leader) = match lead {
+            Ok(l) => l,
+            Err(rx) => return tokio::time::timeout(self.tokenize_deadline, first_value(rx)).await.ok().flatten(),
+        };
         let (tok, text_owned) = (self.tokenizer(model), text.to_string());
         // Completion prompts get the tokenizer's special tokens (as vLLM adds them);
         // rendered chats already contain theirs.
@@ -269,6 +295,8 @@ impl Gateway {
         }
         c.0.insert(h, tokens.clone());
         c.1.push_back(h);
+        drop(c);
+        let _ = tx.send(Some(tokens.clone()));
         Some(tokens)
     }
 
@@ -299,6 +327,7 @@ impl Gateway {
     /// Tokenize → keys → index scores → profile → candidates in order.
     pub async fn route(&self, req: &RouteRequest<'_>) -> Result<Routed, RouteError> {
         let (chat, model, v, session) = (req.chat, req.model, req.body, req.session);
+        let dry_run = req.dry_run;
         let t0 = Instant::now();
         let (text, given) = self.prompt(chat, model, v)?;
         let tokens = match given {
@@ -329,6 +358,10 @@ impl Gateway {
             ));
         }
         let ids: Vec<_> = backends.iter().map(|b| b.pod).collect();
+        // From the lookup to the speculative record of the pick, same-prefix decisions do
+        // not overlap (else concurrent cold requests of one prefix all route cold).
+        let shard = text_keys.first().or(keys.first()).map_or(0, |k| (*k % self.route_locks.len() as u64) as usize);
+        let _decision = (!dry_run).then(|| self.route_locks[shard].lock());
         let index = self.applier.index();
         let score = || thread_local_scratch(|s| self.scorer.score(index, &keys, Some(&ids), s));
         // A shared index answers over the network: keep that round trip off the async
@@ -338,6 +371,7 @@ impl Gateway {
         // Without token ids, estimate them (≈ 4 bytes a token) and the cached share from the
         // approximate index, so cost-based scorers still see a prefix.
         let est_tokens = tokens.as_ref().map_or(text.len().div_ceil(4), |t| t.len());
+        let precise_known = scores.iter().any(|s| s.matched_blocks > 0);
         let bs = self.keys.block_size();
         let session_pod = session.and_then(|s| self.sessions.lock().get(s).cloned());
         let views: Vec<PodView> = backends
@@ -345,9 +379,12 @@ impl Gateway {
             .map(|b| {
                 let s = scores.iter().find(|s| s.pod == b.pod);
                 let approx = approx_scores.iter().find(|s| s.pod == b.pod).map_or(0.0, |s| s.score);
+                // The router's own record of recent picks stands in where the index knows
+                // nothing of this prompt (a same-prompt request routed while tokenization
+                // was late, so without block keys).
                 let matched = match &tokens {
-                    Some(_) => s.map_or(0, |s| s.matched_blocks),
-                    None => (approx * est_tokens as f64) as usize / bs.max(1),
+                    Some(_) if precise_known => s.map_or(0, |s| s.matched_blocks),
+                    _ => (approx * est_tokens as f64) as usize / bs.max(1),
                 };
                 PodView {
                     name: b.name.clone(),
@@ -418,7 +455,35 @@ impl Gateway {
             m.insert(s.to_string(), views[pick].name.clone());
         }
         let hit = views[pick].matched_blocks > 0;
+        tracing::debug!(decision = %explain, "routed");
+        if !dry_run {
+            self.applier.index().store_speculative(backends[pick].pod, Tiers::GPU, &keys);
+            self.approx.record(backends[pick].pod, &text_keys);
+        }
         Ok(Routed { order, keys, text_keys, explain, hit, uncached })
+    }
+}
+
+type Tokens = Option<Arc<Vec<u32>>>;
+
+/// The first tokenization result a waiting request sees (`None` if the leader gave up).
+async fn first_value(mut rx: tokio::sync::watch::Receiver<Tokens>) -> Tokens {
+    loop {
+        if let Some(t) = rx.borrow_and_update().clone() {
+            return Some(t);
+        }
+        rx.changed().await.ok()?;
+    }
+}
+
+/// Marks a prompt as being tokenized until dropped (also when the request is cancelled).
+struct Tokenizing<'a> {
+    running: &'a parking_lot::Mutex<HashMap<u64, tokio::sync::watch::Receiver<Tokens>>>,
+    prompt: u64,
+}
+impl Drop for Tokenizing<'_> {
+    fn drop(&mut self) {
+        self.running.lock().remove(&self.prompt);
     }
 }
 
@@ -501,7 +566,7 @@ async fn explain(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
         Err(e) => return e.into_response(),
     };
     let chat = v.get("messages").is_some();
-    match gw.route(&RouteRequest { chat, model: &model, body: &v, ..Default::default() }).await {
+    match gw.route(&RouteRequest { chat, model: &model, body: &v, dry_run: true, ..Default::default() }).await {
         Ok(r) => Json(r.explain).into_response(),
         Err(e) => e.into_response(),
     }
@@ -556,7 +621,9 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
     let t0 = Instant::now();
     let session = ["x-session-id", "x-session-token"].iter().find_map(|h| headers.get(*h)?.to_str().ok());
     let sheddable = is_sheddable(|h| headers.get(h).and_then(|v| v.to_str().ok()));
-    let routed = match gw.route(&RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: None }).await
+    let routed = match gw
+        .route(&RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: None, dry_run: false })
+        .await
     {
         Ok(r) => r,
         Err(e) => return e.into_response(),
