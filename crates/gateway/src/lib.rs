@@ -312,14 +312,18 @@ impl Gateway {
     }
 
     /// Sends the request to `routed.order[i]`: records the pick before the pod answers
-    /// (speculative index entries, the approximate prefix, new blocks — a same-prefix
-    /// request right behind this one must already see it) and counts it in flight.
+    /// (new blocks; for a fallback `i > 0` also the speculative index entries and the
+    /// approximate prefix, which `route` recorded for the pick itself) and counts it in
+    /// flight.
     pub fn commit(&self, routed: &Routed, i: usize) -> InFlight {
         let b = &routed.order[i];
         let uncached = routed.uncached.get(i).copied().unwrap_or(0);
-        self.applier.index().store_speculative(b.pod, Tiers::GPU, &routed.keys);
+        if i > 0 {
+            // The pick (i = 0) was recorded while its decision held the prefix's lock.
+            self.applier.index().store_speculative(b.pod, Tiers::GPU, &routed.keys);
+            self.approx.record(b.pod, &routed.text_keys);
+        }
         b.add_new_blocks(uncached as usize / self.keys.block_size().max(1));
-        self.approx.record(b.pod, &routed.text_keys);
         self.decisions.with_label_values(&[&b.name]).inc();
         InFlight::new(b.clone(), uncached)
     }
