@@ -349,9 +349,10 @@ fn a_burst_of_one_new_prompt_lands_on_one_pod() {
     // Eight requests with the same never-seen prompt, sent at once: each decision sees
     // the pick of the ones before it (no KV event can have arrived yet), so they share
     // one pod's cache instead of each routing cold to a different pod.
-    let f = Fleet::start(4, &[]);
-    // Warm the gateway's connections (a cold first tokenization can miss its deadline and
-    // route on the approximate prefix instead, which this test is not about).
+    // A generous tokenize deadline: a slow (debug, shared) machine must not send some of
+    // the burst down the approximate-prefix path, which this test is not about.
+    let f = Fleet::start(4, &["--tokenize-deadline-ms", "2000"]);
+    // Warm the gateway's connections.
     for i in 0..4 {
         f.complete(&words(&format!("warm{i}x"), 50)).unwrap();
     }
