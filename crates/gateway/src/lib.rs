@@ -59,7 +59,7 @@ pub struct Gateway {
     prompt_cache: parking_lot::Mutex<PromptCache>,
     /// Decisions on one prefix are taken one at a time (shard = first block key): a
     /// request right behind another with the same new prefix sees its pick.
-    route_locks: Vec<parking_lot::Mutex<()>>,
+    route_locks: Vec<tokio::sync::Mutex<()>>,
     /// Prompts being tokenized now (hash → the result when it comes).
     tokenizing: parking_lot::Mutex<HashMap<u64, tokio::sync::watch::Receiver<Tokens>>>,
     approx: approx::ApproxPrefix,
@@ -194,7 +194,7 @@ impl Gateway {
             tokenize_permits: Arc::new(tokio::sync::Semaphore::new(2)),
             tokenize_deadline: Duration::from_millis(50),
             prompt_cache: parking_lot::Mutex::new((HashMap::new(), std::collections::VecDeque::new())),
-            route_locks: (0..64).map(|_| parking_lot::Mutex::new(())).collect(),
+            route_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             tokenizing: parking_lot::Mutex::new(HashMap::new()),
             approx: approx::ApproxPrefix::default(),
             tokenize_fallbacks,
@@ -365,7 +365,9 @@ impl Gateway {
         // From the lookup to the speculative record of the pick, same-prefix decisions do
         // not overlap (else concurrent cold requests of one prefix all route cold).
         let shard = text_keys.first().or(keys.first()).map_or(0, |k| (*k % self.route_locks.len() as u64) as usize);
-        let _decision = (!dry_run).then(|| self.route_locks[shard].lock());
+        // (An async lock: with a shared index the lookup under it is a network round trip,
+        // and same-prefix requests wait without holding a worker thread.)
+        let _decision = if dry_run { None } else { Some(self.route_locks[shard].lock().await) };
         let index = self.applier.index();
         let score = || thread_local_scratch(|s| self.scorer.score(index, &keys, Some(&ids), s));
         // A shared index answers over the network: keep that round trip off the async
