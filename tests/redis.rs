@@ -171,16 +171,9 @@ fn one_writer_per_pod_and_a_survivor_takes_over_with_a_replay() {
 
 #[test]
 fn replicas_share_the_index_on_a_redis_cluster() {
-    // Three masters on consecutive free ports (each also listens on port + 10000).
-    let base = loop {
-        let p = free_ports(1)[0];
-        if p < 50_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            break p;
-        }
-    };
-    let nodes = [base, base + 1, base + 2];
-    let mut children = kvroute_index_conformance::redis_cluster(&nodes);
-    let url = nodes.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let cluster = kvroute_index_conformance::LocalCluster::start();
+    let (nodes, url) = (cluster.ports, cluster.url.clone());
+    let mut children = Vec::new();
     let ports = free_ports(8);
     let (a, b) = (ports[0], ports[1]);
     let dial = [(ports[2], ports[3], ports[4]), (ports[5], ports[6], ports[7])];

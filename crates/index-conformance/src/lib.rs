@@ -327,3 +327,38 @@ pub fn redis_cluster(ports: &[u16]) -> Vec<std::process::Child> {
     }
     children
 }
+
+/// A three-master [`redis_cluster`] on free loopback ports, stopped when dropped.
+pub struct LocalCluster {
+    pub ports: [u16; 3],
+    /// The seed list kvroute takes: `redis://127.0.0.1:P,…`.
+    pub url: String,
+    children: Vec<std::process::Child>,
+}
+
+impl LocalCluster {
+    pub fn start() -> Self {
+        // Three consecutive free ports below 50,000 (each node's bus listens on port + 10000).
+        let base = loop {
+            let p = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
+            if let Ok(p) = p {
+                if p < 50_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+                    break p;
+                }
+            }
+        };
+        let ports = [base, base + 1, base + 2];
+        let children = redis_cluster(&ports);
+        let url = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        Self { ports, url, children }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -209,15 +209,8 @@ fn ownership(url: &str, smoke: bool) {
 
 /// The same lookups and writes on a three-node Redis Cluster on loopback.
 fn cluster(smoke: bool) {
-    let base = loop {
-        let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if p < 50_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            break p;
-        }
-    };
-    let ports = [base, base + 1, base + 2];
-    let mut nodes = kvroute_index_conformance::redis_cluster(&ports);
-    let url = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let cluster = kvroute_index_conformance::LocalCluster::start();
+    let url = cluster.url.clone();
     let pods = Arc::new(Pods::new());
     for i in 0..8 {
         pods.intern(&format!("10.0.0.{i}:8000")).unwrap();
@@ -226,8 +219,4 @@ fn cluster(smoke: bool) {
     println!("\n| backend | lookup 512 blocks p50 (µs) | p99 (µs) | block events written /s |");
     println!("|---|---|---|---|");
     run("redis cluster, 3 nodes (loopback, no local cache)", &idx, smoke);
-    for n in &mut nodes {
-        let _ = n.kill();
-        let _ = n.wait();
-    }
 }

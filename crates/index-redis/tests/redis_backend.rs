@@ -138,16 +138,8 @@ fn losing_redis_keeps_lookups_fast_and_local_then_recovers() {
 
 #[test]
 fn the_conformance_suite_passes_on_a_redis_cluster() {
-    let base = loop {
-        // Three consecutive free ports (the cluster bus uses port + 10000).
-        let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if p < 50_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            break p;
-        }
-    };
-    let ports = [base, base + 1, base + 2];
-    let mut nodes = kvroute_index_conformance::redis_cluster(&ports);
-    let url = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let cluster = kvroute_index_conformance::LocalCluster::start();
+    let url = cluster.url.clone();
     let n = AtomicU64::new(0);
     let make = |cache_ttl: Duration| {
         let pods = Arc::new(Pods::new());
@@ -176,17 +168,13 @@ fn the_conformance_suite_passes_on_a_redis_cluster() {
     });
     assert_eq!(found, 64, "every block stored across the cluster is found");
     assert_eq!(idx.pod_entries(1), 64, "counts stay exact across slots");
-    for p in ports {
+    for p in cluster.ports {
         let client = redis::Client::open(format!("redis://127.0.0.1:{p}")).unwrap();
         let keys: i64 = redis::cmd("DBSIZE").query(&mut client.get_connection().unwrap()).unwrap();
         assert!(keys > 5, "node {p} holds {keys} keys: the index is not sharded");
     }
     idx.remove(1, None, &keys[..10]);
     assert_eq!(idx.pod_entries(1), 54);
-    for c in &mut nodes {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
 }
 
 #[test]
