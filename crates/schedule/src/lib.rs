@@ -694,20 +694,12 @@ mod tests {
         let idle = [backlog("a", 0.0, 0), backlog("b", 20_000.0, 120), backlog("c", 0.0, 0)];
         assert_ne!(p.schedule(&req, &idle).pick, Some(1));
         // Off, the same difference moves the request however busy the fleet is.
+        let off = serde_json::json!({"relativeQueue": false});
+        let Ok(Plugin::Scorer(scorer)) = build_plugin("predicted-ttft-scorer", &off) else { panic!("a scorer") };
         let absolute = Profile {
             name: "absolute".into(),
             filters: vec![],
-            scorers: vec![(
-                Box::new(PredictedTtftScorer {
-                    queue_tokens: 128.0,
-                    recompute_penalty: 2.0,
-                    queued_tokens: 0.0,
-                    turnover_weight: 4.0,
-                    pending_weight: 1.0,
-                    relative_queue: false,
-                }),
-                1.0,
-            )],
+            scorers: vec![(scorer, 1.0)],
             picker: Box::new(MaxScorePicker { rng: seeded() }),
         };
         assert_ne!(absolute.schedule(&req, &busy).pick, Some(1));
