@@ -276,13 +276,22 @@ fn server(bin: &str, port: u16) -> std::process::Child {
 
 /// A real Redis Cluster of `ports.len()` masters (no replicas) on loopback: one
 /// `redis-server --cluster-enabled yes` per port in a scratch directory, joined by
-/// `redis-cli --cluster create`, returned once every slot is served. Kill the children to
-/// stop it.
-pub fn redis_cluster(ports: &[u16]) -> Vec<std::process::Child> {
+/// `redis-cli --cluster create`, returned once every slot is served; on failure every node
+/// started is stopped and the reason returned. Kill the children to stop it.
+pub fn redis_cluster(ports: &[u16]) -> Result<Vec<std::process::Child>, String> {
+    struct Nodes(Vec<std::process::Child>);
+    impl Drop for Nodes {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
     let dir = std::env::temp_dir().join(format!("kvroute-cluster-{}-{}", std::process::id(), ports[0]));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch directory for the cluster");
-    let mut children = Vec::new();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("scratch directory: {e}"))?;
+    let mut nodes = Nodes(Vec::new());
     for p in ports {
         let conf = format!("nodes-{p}.conf");
         let child = std::process::Command::new("redis-server")
@@ -292,23 +301,30 @@ pub fn redis_cluster(ports: &[u16]) -> Vec<std::process::Child> {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("\n\n*** redis-server not found ({e}): apt-get install redis-server ***\n\n"));
-        children.push(child);
+        nodes.0.push(child);
     }
-    for p in ports {
-        let t = std::time::Instant::now();
+    let t = std::time::Instant::now();
+    for (i, p) in ports.iter().enumerate() {
         while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
-            assert!(t.elapsed() < std::time::Duration::from_secs(10), "redis-server did not start");
+            if nodes.0[i].try_wait().ok().flatten().is_some() {
+                return Err(format!("node {p} exited (port or bus port taken?)"));
+            }
+            if t.elapsed() > std::time::Duration::from_secs(10) {
+                return Err(format!("node {p} did not start"));
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
-    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let out = std::process::Command::new("redis-cli")
         .args(["--cluster", "create"])
-        .args(&nodes)
+        .args(&addrs)
         .args(["--cluster-replicas", "0", "--cluster-yes"])
         .output()
-        .expect("redis-cli (apt-get install redis-server brings it)");
-    assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        .map_err(|e| format!("redis-cli (apt-get install redis-server brings it): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout)));
+    }
     // Wait until every node agrees the cluster is up.
     let t = std::time::Instant::now();
     for p in ports {
@@ -321,11 +337,13 @@ pub fn redis_cluster(ports: &[u16]) -> Vec<std::process::Child> {
             if info.contains("cluster_state:ok") {
                 break;
             }
-            assert!(t.elapsed() < std::time::Duration::from_secs(20), "cluster did not come up: {info}");
+            if t.elapsed() > std::time::Duration::from_secs(20) {
+                return Err(format!("cluster did not come up: {info}"));
+            }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
-    children
+    Ok(std::mem::take(&mut nodes.0))
 }
 
 /// A three-master [`redis_cluster`] on free loopback ports, stopped when dropped.
@@ -337,20 +355,33 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
+    /// Ports are drawn from 10,000–22,000 so that they and their cluster-bus ports
+    /// (+10,000) stay below the ephemeral range other tests' sockets use; a start that
+    /// collides anyway is retried on other ports.
     pub fn start() -> Self {
-        // Three consecutive free ports below 50,000 (each node's bus listens on port + 10000).
-        let base = loop {
-            let p = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
-            if let Ok(p) = p {
-                if p < 50_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-                    break p;
-                }
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(1)
+            ^ (std::process::id() as u64) << 20;
+        let mut last = String::new();
+        for _ in 0..20 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let base = 10_000 + ((seed >> 33) % 12_000) as u16;
+            let ports = [base, base + 1, base + 2];
+            let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+            if !ports.iter().all(|&p| free(p) && free(p + 10_000)) {
+                continue;
             }
-        };
-        let ports = [base, base + 1, base + 2];
-        let children = redis_cluster(&ports);
-        let url = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
-        Self { ports, url, children }
+            match redis_cluster(&ports) {
+                Ok(children) => {
+                    let url = ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+                    return Self { ports, url, children };
+                }
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not start a local Redis Cluster: {last}");
     }
 }
 
