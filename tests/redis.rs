@@ -16,10 +16,6 @@ fn redis(port: u16) -> Child {
 
 /// A router on the shared Redis; `dial` = (pod port, publisher port, replay port) of the
 /// sims whose events it ingests (none: it only reads the shared index).
-fn serve(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16]) -> Child {
-    serve_with(port, redis_port, dial, sims, &[])
-}
-
 fn serve_with(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16], extra: &[&str]) -> Child {
     serve_on(port, &format!("redis://127.0.0.1:{redis_port}"), dial, sims, extra)
 }
@@ -73,18 +69,25 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Two publishing sims; replica A ingests their events, replica B only reads the shared
+/// index at `url`. Returns (A, B, the sims' ports, the children to stop).
+fn two_replicas(url: &str, extra: &[&str]) -> (u16, u16, [u16; 2], Children) {
+    let ports = free_ports(8);
+    let (a, b) = (ports[0], ports[1]);
+    let dial = [(ports[2], ports[3], ports[4]), (ports[5], ports[6], ports[7])];
+    let sims = [dial[0].0, dial[1].0];
+    let mut children: Vec<Child> = dial.iter().map(|&(p, z, r)| sim(p, z, r)).collect();
+    children.push(serve_on(a, url, &dial, &sims, extra));
+    children.push(serve_on(b, url, &[], &sims, extra));
+    std::thread::sleep(Duration::from_millis(300));
+    (a, b, sims, Children(children))
+}
+
 #[test]
 fn replicas_share_the_index_and_survive_a_redis_restart() {
-    let ports = free_ports(9);
-    let (rp, a, b) = (ports[0], ports[1], ports[2]);
-    let dial = [(ports[3], ports[4], ports[5]), (ports[6], ports[7], ports[8])];
-    let sims = [dial[0].0, dial[1].0];
+    let rp = free_ports(1)[0];
     let mut redis_child = Some(redis(rp));
-    let mut children: Vec<Child> = dial.iter().map(|&(p, z, r)| sim(p, z, r)).collect();
-    children.push(serve(a, rp, &dial, &sims));
-    children.push(serve(b, rp, &[], &sims));
-    let _children = Children(children);
-    std::thread::sleep(Duration::from_millis(300));
+    let (a, b, sims, _children) = two_replicas(&format!("redis://127.0.0.1:{rp}"), &[]);
     // Events reach replica A only; replica B scores them from Redis.
     let prompt = words("shared", 160);
     let (status, pod) = complete(a, &prompt);
@@ -172,17 +175,7 @@ fn one_writer_per_pod_and_a_survivor_takes_over_with_a_replay() {
 #[test]
 fn replicas_share_the_index_on_a_redis_cluster() {
     let cluster = kvroute_index_conformance::LocalCluster::start();
-    let (nodes, url) = (cluster.ports, cluster.url.clone());
-    let mut children = Vec::new();
-    let ports = free_ports(8);
-    let (a, b) = (ports[0], ports[1]);
-    let dial = [(ports[2], ports[3], ports[4]), (ports[5], ports[6], ports[7])];
-    let sims = [dial[0].0, dial[1].0];
-    children.extend(dial.iter().map(|&(p, z, r)| sim(p, z, r)));
-    children.push(serve_on(a, &url, &dial, &sims, &["--redis-cluster"]));
-    children.push(serve_on(b, &url, &[], &sims, &["--redis-cluster"]));
-    let _children = Children(children);
-    std::thread::sleep(Duration::from_millis(300));
+    let (a, b, _sims, _children) = two_replicas(&cluster.url, &["--redis-cluster"]);
     // Events reach replica A only; replica B reads the blocks from the cluster's nodes.
     let prompt = words("clustered", 160);
     let (status, pod) = complete(a, &prompt);
@@ -191,7 +184,8 @@ fn replicas_share_the_index_on_a_redis_cluster() {
     let (status, again) = complete(b, &prompt);
     assert_eq!((status, again.as_str()), (200, pod.as_str()), "B routes to the pod holding the prefix");
     // The ten blocks are spread over the nodes, not on one.
-    let holding = nodes
+    let holding = cluster
+        .ports
         .iter()
         .filter(|p| {
             let out = Command::new("redis-cli").args(["-p", &p.to_string(), "dbsize"]).output().unwrap();
