@@ -5,7 +5,8 @@
 //! operation sequences (store / remove / clear / speculative-then-confirmed) checked
 //! against it through the real scorer, and behaviour checks. A backend passes by
 //! calling [`sequential_ops_match_the_reference`], [`concurrent_pods_match_the_reference`]
-//! and [`behaviour`] with a constructor of empty indexes whose pods 0..5 exist.
+//! and [`behaviour`] (or [`all`]) with a constructor of empty indexes whose pods 0..5
+//! exist.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -142,6 +143,14 @@ pub fn compare(idx: &dyn BlockIndex, reference: &Reference) -> Result<(), TestCa
         }
     }
     Ok(())
+}
+
+/// The whole suite: [`behaviour`], `cases` sequential and `cases / 2` concurrent random
+/// operation sequences.
+pub fn all(make: Make<'_>, cases: u32) {
+    behaviour(make);
+    sequential_ops_match_the_reference(make, cases);
+    concurrent_pods_match_the_reference(make, cases / 2);
 }
 
 /// Random sequences of operations give the scores (and entry counts) of the reference.

@@ -56,17 +56,13 @@ fn the_conformance_suite_passes_on_redis() {
     let n = AtomicU64::new(0);
     let make =
         || -> Arc<dyn BlockIndex> { Arc::new(index(&s.url(), &format!("t{}", n.fetch_add(1, Ordering::Relaxed)))) };
-    kvroute_index_conformance::behaviour(&make);
-    kvroute_index_conformance::sequential_ops_match_the_reference(&make, 60);
-    kvroute_index_conformance::concurrent_pods_match_the_reference(&make, 30);
+    kvroute_index_conformance::all(&make, 60);
     // With the local cache on, a replica still sees its own writes at once.
     let cached = || -> Arc<dyn BlockIndex> {
         let p = format!("c{}", n.fetch_add(1, Ordering::Relaxed));
         Arc::new(index_with(&s.url(), &p, Duration::from_secs(60)))
     };
-    kvroute_index_conformance::behaviour(&cached);
-    kvroute_index_conformance::sequential_ops_match_the_reference(&cached, 60);
-    kvroute_index_conformance::concurrent_pods_match_the_reference(&cached, 30);
+    kvroute_index_conformance::all(&cached, 60);
 }
 
 #[test]
@@ -151,12 +147,9 @@ fn the_conformance_suite_passes_on_a_redis_cluster() {
         Arc::new(RedisIndex::new(cfg, pods).unwrap()) as Arc<dyn BlockIndex>
     };
     let plain = || make(Duration::ZERO);
-    kvroute_index_conformance::behaviour(&plain);
-    kvroute_index_conformance::sequential_ops_match_the_reference(&plain, 40);
-    kvroute_index_conformance::concurrent_pods_match_the_reference(&plain, 20);
+    kvroute_index_conformance::all(&plain, 40);
     let cached = || make(Duration::from_secs(60));
-    kvroute_index_conformance::behaviour(&cached);
-    kvroute_index_conformance::sequential_ops_match_the_reference(&cached, 40);
+    kvroute_index_conformance::all(&cached, 40);
     // The block keys really spread: every node holds some.
     let idx = plain();
     let keys: Vec<u64> = (0..64u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
@@ -189,7 +182,5 @@ fn the_conformance_suite_passes_on_valkey() {
     let n = AtomicU64::new(0);
     let make =
         || -> Arc<dyn BlockIndex> { Arc::new(index(&s.url(), &format!("v{}", n.fetch_add(1, Ordering::Relaxed)))) };
-    kvroute_index_conformance::behaviour(&make);
-    kvroute_index_conformance::sequential_ops_match_the_reference(&make, 40);
-    kvroute_index_conformance::concurrent_pods_match_the_reference(&make, 20);
+    kvroute_index_conformance::all(&make, 40);
 }
