@@ -57,7 +57,7 @@ pub struct Gateway {
     pub tokenize_deadline: Duration,
     /// Exact prompt → tokens cache (repeated prompts are not re-tokenized).
     prompt_cache: parking_lot::Mutex<PromptCache>,
-    /// Decisions on one prefix are taken one at a time (shard = first block key): a
+    /// Decisions on one prefix are taken one at a time (shard = first text chunk): a
     /// request right behind another with the same new prefix sees its pick.
     route_locks: Vec<tokio::sync::Mutex<()>>,
     /// Prompts being tokenized now (hash → the result when it comes).
@@ -331,7 +331,6 @@ impl Gateway {
     /// Tokenize → keys → index scores → profile → candidates in order.
     pub async fn route(&self, req: &RouteRequest<'_>) -> Result<Routed, RouteError> {
         let (chat, model, v, session) = (req.chat, req.model, req.body, req.session);
-        let dry_run = req.dry_run;
         let t0 = Instant::now();
         let (text, given) = self.prompt(chat, model, v)?;
         let tokens = match given {
@@ -367,7 +366,7 @@ impl Gateway {
         let shard = text_keys.first().or(keys.first()).map_or(0, |k| (*k % self.route_locks.len() as u64) as usize);
         // (An async lock: with a shared index the lookup under it is a network round trip,
         // and same-prefix requests wait without holding a worker thread.)
-        let _decision = if dry_run { None } else { Some(self.route_locks[shard].lock().await) };
+        let decision = if req.dry_run { None } else { Some(self.route_locks[shard].lock().await) };
         let index = self.applier.index();
         let score = || thread_local_scratch(|s| self.scorer.score(index, &keys, Some(&ids), s));
         // A shared index answers over the network: keep that round trip off the async
@@ -428,6 +427,12 @@ impl Gateway {
         let Some(pick) = d.pick else {
             return Err(RouteError::new(StatusCode::SERVICE_UNAVAILABLE, "no pod left after filtering"));
         };
+        if let Some(lock) = decision {
+            // Record the pick, then let the next same-prefix decision see it.
+            index.store_speculative(backends[pick].pod, Tiers::GPU, &keys);
+            self.approx.record(backends[pick].pod, &text_keys);
+            drop(lock);
+        }
         let mut rest: Vec<(usize, f64)> =
             d.candidates.iter().zip(&d.totals).filter(|(i, _)| **i != pick).map(|(i, t)| (*i, *t)).collect();
         rest.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -462,10 +467,6 @@ impl Gateway {
         }
         let hit = views[pick].matched_blocks > 0;
         tracing::debug!(decision = %explain, "routed");
-        if !dry_run {
-            self.applier.index().store_speculative(backends[pick].pod, Tiers::GPU, &keys);
-            self.approx.record(backends[pick].pod, &text_keys);
-        }
         Ok(Routed { order, keys, text_keys, explain, hit, uncached })
     }
 }
