@@ -1,20 +1,28 @@
 //! # kvroute-index-conformance — what every index backend must do
 //!
 //! Test support shared by the backends' test suites (`kvroute-index`'s in-memory index,
-//! `kvroute-index-redis`): a naive reference model of `block → {(pod, tier)}`, random
-//! operation sequences (store / remove / clear / speculative-then-confirmed) checked
-//! against it through the real scorer, and behaviour checks. A backend passes by
-//! calling [`sequential_ops_match_the_reference`], [`concurrent_pods_match_the_reference`]
-//! and [`behaviour`] (or [`all`]) with a constructor of empty indexes whose pods 0..5
-//! exist.
+//! `kvroute-index-redis`): a naive reference model of `block → {(pod, tier) → copies}`,
+//! random operation sequences (store / remove / clear / speculative-then-confirmed)
+//! checked against it through the real scorer, behaviour checks, and a replay of vLLM's
+//! own `BlockPool` ([`vllm_pool_trace`]). A backend passes by calling
+//! [`sequential_ops_match_the_reference`], [`concurrent_pods_match_the_reference`],
+//! [`behaviour`] and [`vllm_pool_trace`] (or [`all`]) with a constructor of empty indexes
+//! whose pods 0..5 exist.
+//!
+//! The rule the reference encodes: vLLM does not de-duplicate cached blocks, so a pod can
+//! hold several copies of a block on a tier; a store adds a copy, a remove takes one away
+//! (on every tier when none is named), and the pod holds the block while any is left.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kvroute_index::{BlockIndex, PodId, TierId, Tiers};
+
+mod vllm_trace;
 use kvroute_score::{LongestPrefixScorer, Scratch};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+pub use vllm_trace::{held_prefix, vllm_pool_trace, vllm_pool_trace_runs, vllm_pool_trace_with, TraceRun, TraceStep};
 
 /// Makes an empty index (a fresh namespace for shared backends).
 pub type Make<'a> = &'a dyn Fn() -> Arc<dyn BlockIndex>;
@@ -40,22 +48,28 @@ pub fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// `block → (pod, tier) → copies`: what the index must report.
 #[derive(Default)]
-pub struct Reference(pub BTreeMap<u64, BTreeSet<(PodId, TierId)>>);
+pub struct Reference(pub BTreeMap<u64, BTreeMap<(PodId, TierId), u32>>);
 
 impl Reference {
     pub fn apply(&mut self, op: &Op) {
         match op {
             Op::Store(p, t, keys) => keys.iter().for_each(|k| {
-                self.0.entry(*k).or_default().insert((*p, *t));
+                *self.0.entry(*k).or_default().entry((*p, *t)).or_insert(0) += 1;
             }),
             Op::SpecThenStore(p, keys) => self.apply(&Op::Store(*p, Tiers::GPU, keys.clone())),
             Op::Remove(p, t, keys) => keys.iter().for_each(|k| {
                 if let Some(s) = self.0.get_mut(k) {
-                    s.retain(|(q, u)| !(q == p && t.is_none_or(|t| t == *u)));
+                    for ((q, u), n) in s.iter_mut() {
+                        if q == p && t.is_none_or(|t| t == *u) {
+                            *n -= 1;
+                        }
+                    }
+                    s.retain(|_, n| *n > 0);
                 }
             }),
-            Op::Clear(p) => self.0.values_mut().for_each(|s| s.retain(|(q, _)| q != p)),
+            Op::Clear(p) => self.0.values_mut().for_each(|s| s.retain(|(q, _), _| q != p)),
         }
     }
 
@@ -70,8 +84,8 @@ impl Reference {
                     .get(k)
                     .into_iter()
                     .flatten()
-                    .filter(|(q, _)| *q == p)
-                    .map(|(_, t)| w[*t as usize])
+                    .filter(|((q, _), _)| *q == p)
+                    .map(|((_, t), _)| w[*t as usize])
                     .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))));
                 match best {
                     Some(b) => {
@@ -149,6 +163,7 @@ pub fn compare(idx: &dyn BlockIndex, reference: &Reference) -> Result<(), TestCa
 /// operation sequences.
 pub fn all(make: Make<'_>, cases: u32) {
     behaviour(make);
+    vllm_pool_trace(make);
     sequential_ops_match_the_reference(make, cases);
     concurrent_pods_match_the_reference(make, cases / 2);
 }
@@ -244,6 +259,34 @@ pub fn behaviour(make: Make<'_>) {
     idx.store(4, Tiers::GPU, &[31]);
     assert_eq!(pods_of(&*idx, 31), vec![(4, false)]);
     assert_eq!(pods_of(&*idx, 32), vec![(4, true)]);
+    // Copies: stored n times, the block stays until removed n times (past the copies an
+    // entry counts inline), per tier; a clear forgets them all.
+    for n in [2u32, 7, 8, 20] {
+        let key = 40 + n as u64;
+        for _ in 0..n {
+            idx.store(3, Tiers::GPU, &[key]);
+        }
+        idx.store(3, Tiers::CPU, &[key]);
+        for left in (1..n).rev() {
+            idx.remove(3, Some(Tiers::GPU), &[key]);
+            // Still on the GPU (and on the CPU).
+            assert_eq!(pods_of(&*idx, key), vec![(3, false), (3, false)], "{n} copies, {left} left");
+        }
+        idx.remove(3, None, &[key]); // the last GPU copy and the CPU one
+        assert!(pods_of(&*idx, key).is_empty(), "{n} copies all removed");
+    }
+    for _ in 0..10 {
+        idx.store(3, Tiers::GPU, &[60]);
+    }
+    idx.clear_pod(3);
+    idx.store(3, Tiers::GPU, &[60]);
+    idx.remove(3, Some(Tiers::GPU), &[60]);
+    assert!(pods_of(&*idx, 60).is_empty(), "a clear resets the copies");
+    // A speculative entry confirmed by a store holds one copy.
+    idx.store_speculative(4, Tiers::GPU, &[70]);
+    idx.store(4, Tiers::GPU, &[70]);
+    idx.remove(4, Some(Tiers::GPU), &[70]);
+    assert!(pods_of(&*idx, 70).is_empty());
 }
 
 /// Starts a real `redis-server` on `port` (no persistence) and waits until it accepts

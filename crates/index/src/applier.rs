@@ -9,7 +9,10 @@
 //!   `engine hash → request key` to resolve parents and removals. Works with any engine
 //!   hash (xxhash, `builtin`, random seeds) — what llm-d does since v0.5.
 //!
-//! Events for one pod must be applied in order (the ingestion layer shards by pod).
+//! Events for one pod must be applied in order (the ingestion layer shards by pod), and
+//! each once: vLLM stores the same block again when it caches a second copy and removes
+//! it once per copy evicted, so the index counts copies and a repeated event would count
+//! twice (the ingestion layer skips batches already applied by sequence number).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -56,8 +59,30 @@ pub struct ApplySnapshot {
     pub mismatched_blocks: u64,
 }
 
-/// Per-pod `engine hash → (request key, tiers holding it)`.
-type EngineMap = HashMap<u64, (u64, u16)>;
+/// Copies of one engine block per tier (vLLM can cache a block more than once).
+#[derive(Default)]
+struct TierCopies(smallvec::SmallVec<[(TierId, u32); 2]>);
+
+impl TierCopies {
+    fn add(&mut self, tier: TierId) {
+        match self.0.iter_mut().find(|c| c.0 == tier) {
+            Some(c) => c.1 += 1,
+            None => self.0.push((tier, 1)),
+        }
+    }
+    /// One copy fewer on `tier`; false when there was none.
+    fn take(&mut self, tier: TierId) -> bool {
+        let Some(j) = self.0.iter().position(|c| c.0 == tier) else { return false };
+        self.0[j].1 -= 1;
+        if self.0[j].1 == 0 {
+            self.0.remove(j);
+        }
+        true
+    }
+}
+
+/// Per-pod `engine hash → (request key, copies per tier)`.
+type EngineMap = HashMap<u64, (u64, TierCopies)>;
 
 /// Feeds event batches into an index.
 pub struct EventApplier<I: BlockIndex> {
@@ -158,7 +183,7 @@ impl<I: BlockIndex> EventApplier<I> {
                     .iter()
                     .filter_map(|h| {
                         m.get_mut(h).map(|v| {
-                            v.1 |= 1 << tier;
+                            v.1.add(tier);
                             v.0
                         })
                     })
@@ -188,9 +213,11 @@ impl<I: BlockIndex> EventApplier<I> {
                 let extra = s.extra_keys.as_ref().and_then(|e| e.get(i)).and_then(Option::as_ref);
                 let parts = canonical_extras(extra, s.lora_name.as_deref(), s.lora_id);
                 parent = keyer.chain(&mut buf, parent, toks, &parts);
-                let entry = m.entry(h).or_insert((parent, 0));
-                *entry = (parent, entry.1 | (1 << tier));
-                keys.push(parent);
+                // Another copy of a known block keeps the key it was first stored under
+                // (its remove must reach the same index entry).
+                let entry = m.entry(h).or_insert_with(|| (parent, TierCopies::default()));
+                entry.1.add(tier);
+                keys.push(entry.0);
             }
             Some(keys)
         });
@@ -216,8 +243,10 @@ impl<I: BlockIndex> EventApplier<I> {
                         .filter_map(|h| {
                             let v = m.get_mut(h)?;
                             let key = v.0;
-                            v.1 &= !(1 << tier);
-                            if v.1 == 0 {
+                            if !v.1.take(tier) {
+                                return None; // no copy on that tier: nothing to remove
+                            }
+                            if v.1 .0.is_empty() {
                                 m.remove(h);
                             }
                             Some(key)

@@ -6,6 +6,14 @@
 //! `capacity` (block, pod) entries: past it, least-recently-used blocks are evicted
 //! (a lookup or store makes a block most recently used).
 //!
+//! **Copies.** vLLM does not de-duplicate cached blocks: a block-aligned prompt sent again
+//! (its last block is recomputed) or identical prompts prefilled together cache a second
+//! physical copy of a block and publish `BlockStored` for it again; evicting one copy
+//! publishes one `BlockRemoved` while the other stays usable. So an entry counts the
+//! copies its pod holds on its tier: a store adds one, a remove takes one away, and the
+//! entry goes at zero. Up to [`INLINE_COPIES`] are counted inside the 4-byte entry; the
+//! rare rest in a per-shard side table (empty in most fleets, so it costs nothing).
+//!
 //! Clearing a pod is instant for lookups: each pod has an 8-bit epoch stamped into its
 //! entries, and clearing bumps it, which makes every older entry invisible at once. The
 //! memory is then reclaimed by a sweep of the shards; shards remember up to which clear
@@ -21,7 +29,7 @@ use crate::slab::{PodList, Slab, Slot};
 use hashbrown::HashTable;
 use parking_lot::Mutex;
 
-use crate::entry::{PodEntry, PodId, TierId, MAX_PODS};
+use crate::entry::{PodEntry, PodId, TierId, INLINE_COPIES, MAX_PODS};
 use crate::{BlockIndex, IndexStats};
 
 /// Settings of an [`InMemoryIndex`].
@@ -57,6 +65,14 @@ struct Shard {
     /// Every clear with a sequence number below this has been swept from this shard, so
     /// when it equals the index's `clears`, no entry here can be stale.
     clean_upto: u64,
+    /// Copies beyond [`INLINE_COPIES`], by (block key, holder).
+    extra: hashbrown::HashMap<(u64, u32), u32>,
+}
+
+/// The (pod, tier) an entry belongs to, as a side-table key.
+#[inline]
+fn holder(e: PodEntry) -> u32 {
+    e.pod() as u32 | (e.tier() as u32) << 16
 }
 
 #[inline]
@@ -89,6 +105,7 @@ impl Shard {
             tail: NIL,
             entries: 0,
             clean_upto: 0,
+            extra: hashbrown::HashMap::new(),
         }
     }
 
@@ -165,8 +182,32 @@ impl Shard {
         self.free.push(i);
     }
 
+    /// Forgets the side-table copies of the entries of slot `i` that `dropped` selects
+    /// (call before dropping them).
+    fn forget_extra(&mut self, i: u32, dropped: impl Fn(PodEntry) -> bool) {
+        if self.extra.is_empty() {
+            return;
+        }
+        let Shard { slots, extra, .. } = self;
+        let slot = &slots[i];
+        for e in slot.pods.as_slice() {
+            if e.copies() == INLINE_COPIES && dropped(*e) {
+                extra.remove(&(slot.key, holder(*e)));
+            }
+        }
+    }
+
+    /// Copies an entry counts, side table included.
+    fn copies(&self, key: u64, e: PodEntry) -> u32 {
+        match e.copies() {
+            INLINE_COPIES => INLINE_COPIES + self.extra.get(&(key, holder(e))).copied().unwrap_or(0),
+            n => n,
+        }
+    }
+
     /// Drops a slot and all its entries (eviction, sweeps).
     fn drop_slot(&mut self, i: u32, pods: &PodState) {
+        self.forget_extra(i, |_| true);
         for e in self.slots[i].pods.as_slice() {
             if pods.valid(*e) {
                 pods.counts[e.pod() as usize].fetch_sub(1, Relaxed);
@@ -178,6 +219,7 @@ impl Shard {
 
     /// Drops entries of cleared pods from a slot.
     fn purge_stale(&mut self, i: u32, pods: &PodState) {
+        self.forget_extra(i, |e| !pods.valid(e));
         self.entries -= self.slots[i].pods.retain(|e| pods.valid(e));
     }
 }
@@ -247,14 +289,19 @@ impl InMemoryIndex {
             if s.clean_upto != clears {
                 s.purge_stale(i, &self.pods);
             }
-            let list = &mut s.slots[i].pods;
+            let Shard { slots, extra, .. } = &mut *s;
+            let list = &mut slots[i].pods;
             let mut grew = false;
             match list.as_slice().iter().position(|e| e.same_holder(pod, tier)) {
-                Some(j) if list.as_slice()[j].speculative() && !speculative => {
-                    let slot = &mut list.as_mut_slice()[j];
-                    *slot = slot.confirmed();
+                Some(_) if speculative => {}
+                Some(j) => {
+                    let e = &mut list.as_mut_slice()[j];
+                    match e.copies() {
+                        _ if e.speculative() => *e = e.confirmed(),
+                        INLINE_COPIES => *extra.entry((key, holder(*e))).or_insert(0) += 1,
+                        n => *e = e.with_copies(n + 1),
+                    }
                 }
-                Some(_) => {}
                 None if speculative && list.as_slice().iter().any(|e| e.pod() == pod) => {}
                 None => {
                     list.push(fresh);
@@ -304,7 +351,9 @@ impl InMemoryIndex {
             let mut s = shard.lock();
             let live: Vec<u32> = s.table.iter().copied().collect();
             for i in live {
-                let removed = s.slots[i].pods.retain(|e| self.pods.valid(e) && Some(e.pod()) != drop_pod);
+                let keep = |e: PodEntry| self.pods.valid(e) && Some(e.pod()) != drop_pod;
+                s.forget_extra(i, |e| !keep(e));
+                let removed = s.slots[i].pods.retain(keep);
                 s.entries -= removed;
                 if s.slots[i].pods.is_empty() {
                     s.free_slot(i);
@@ -337,9 +386,36 @@ impl BlockIndex for InMemoryIndex {
             let mut s = self.shard(h).lock();
             let Some(i) = s.find(key, h) else { continue };
             let hit = |e: PodEntry| e.pod() == pod && tier.is_none_or(|t| e.tier() == t);
-            let valid_removed =
-                s.slots[i].pods.as_slice().iter().filter(|e| hit(**e) && self.pods.valid(**e)).count() as i64;
-            let removed = s.slots[i].pods.retain(|e| !hit(e));
+            // One copy fewer of each matching entry; an entry goes with its last copy
+            // (a speculative or stale one at once).
+            let mut gone: smallvec::SmallVec<[PodEntry; 4]> = smallvec::SmallVec::new();
+            for j in 0..s.slots[i].pods.len() {
+                let e = s.slots[i].pods.as_slice()[j];
+                if !hit(e) {
+                    continue;
+                }
+                let n = if self.pods.valid(e) { s.copies(key, e) } else { 0 };
+                match n {
+                    0 | 1 => gone.push(e),
+                    n if n > INLINE_COPIES => {
+                        let k = (key, holder(e));
+                        match n - INLINE_COPIES {
+                            1 => s.extra.remove(&k),
+                            _ => s.extra.get_mut(&k).map(|x| {
+                                *x -= 1;
+                                *x
+                            }),
+                        };
+                    }
+                    n => s.slots[i].pods.as_mut_slice()[j] = e.with_copies(n - 1),
+                }
+            }
+            if gone.is_empty() {
+                continue;
+            }
+            let valid_removed = gone.iter().filter(|e| self.pods.valid(**e)).count() as i64;
+            s.forget_extra(i, |e| gone.contains(&e));
+            let removed = s.slots[i].pods.retain(|e| !gone.contains(&e));
             s.entries -= removed;
             self.pods.counts[pod as usize].fetch_sub(valid_removed, Relaxed);
             if s.slots[i].pods.is_empty() {

@@ -24,3 +24,11 @@ fn concurrent_pods_match_the_reference() {
 fn conformance_behaviour() {
     kvroute_index_conformance::behaviour(&make(4));
 }
+
+/// vLLM 0.33's own `BlockPool`, recorded (`scripts/vllm-pool-trace.py`): after every step
+/// each prompt's cached prefix in the index equals the pool's, with copies stored twice
+/// and removed once, in engine-key and request-key mode.
+#[test]
+fn matches_vllm_block_pool_after_every_step() {
+    kvroute_index_conformance::vllm_pool_trace(&make(4));
+}
