@@ -33,7 +33,7 @@
 //!   prefix: kvr                 # redis: key prefix (replicas sharing an index use the same)
 //!   ttl_s: 3600                 # redis: a block key expires this long after its last write
 //!   cache_ms: 0                 # redis: reuse values read this long (hot prefixes); 0 = off
-//!   writer_lease_ms: null       # redis: one writer per pod (lease length); null = all write
+//!   writer_lease_ms: null       # redis: one writer per pod, lease length; null = 3000
 //! ingest:
 //!   bind: ["tcp://*:5557"]      # SUB sockets vLLM servers connect to
 //!   connect:                    # publishers to dial
@@ -142,8 +142,9 @@ pub struct IndexSection {
     /// Redis backend: reuse block values read for this long (0 = off; other replicas'
     /// writes show within this bound).
     pub cache_ms: u64,
-    /// Redis backend: one writer per pod, elected by a lease of this length (null: every
-    /// replica writes the events it ingests).
+    /// Redis backend: each pod's events are written by one replica, elected by a lease of
+    /// this length (null: 3000 ms). Copies of a block are counted, so replicas cannot all
+    /// write the same events (each copy would count once per replica).
     pub writer_lease_ms: Option<u64>,
 }
 

@@ -65,8 +65,9 @@ pub struct ServeArgs {
     /// comma-separated).
     #[arg(long)]
     redis_cluster: bool,
-    /// Shared index: one writer per pod, elected by a Redis lease of this many ms
-    /// [default: every replica writes the events it ingests].
+    /// Shared index: each pod's events are written by one replica, elected by a Redis
+    /// lease of this many ms (a pod's events pause this long when its writer dies)
+    /// [default: 3000].
     #[arg(long)]
     redis_writer_lease_ms: Option<u64>,
     /// Do not bind any SUB socket (dial mode only).
@@ -251,7 +252,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 ttl: Duration::from_secs(cfg.index.ttl_s.max(1)),
                 speculative_ttl: Duration::from_millis(cfg.index.speculative_ttl_ms),
                 cache_ttl: Duration::from_millis(cfg.index.cache_ms),
-                writer_lease: cfg.index.writer_lease_ms.map(Duration::from_millis),
+                writer_lease: Duration::from_millis(cfg.index.writer_lease_ms.unwrap_or(3000).max(1)),
                 replica_id: format!("{}#{}", cfg.listen, std::process::id()),
                 ..Default::default()
             };

@@ -163,7 +163,7 @@ pub fn compare(idx: &dyn BlockIndex, reference: &Reference) -> Result<(), TestCa
 /// operation sequences.
 pub fn all(make: Make<'_>, cases: u32) {
     behaviour(make);
-    vllm_pool_trace(make);
+    vllm_pool_trace_with(make, 25);
     sequential_ops_match_the_reference(make, cases);
     concurrent_pods_match_the_reference(make, cases / 2);
 }

@@ -145,8 +145,8 @@ fn main() {
     cluster(smoke);
 }
 
-/// The two ways replicas share the index, by the load they put on Redis: every replica
-/// writes every event it ingests (active-active), or one writer per pod by lease. `n`
+/// The load replicas put on Redis: one writer per pod by lease (the only mode since copies
+/// are counted; every replica writing cost n× and would now count each copy n times). `n`
 /// replicas ingest the same stream of block events (each event applied by each replica,
 /// as when every replica subscribes to every pod); Redis' own counters say what it cost.
 fn ownership(url: &str, smoke: bool) {
@@ -161,7 +161,7 @@ fn ownership(url: &str, smoke: bool) {
     println!("\n| writers | replicas | Redis CPU ms per 1k block events | KB sent to Redis per 1k events | commands per 1k events | stream time (s) |");
     println!("|---|---|---|---|---|---|");
     let prompts = if smoke { 2u64 } else { 200 };
-    for lease in [None, Some(Duration::from_secs(10))] {
+    for lease in [Duration::from_secs(10)] {
         for n in [1usize, 2, 4] {
             let replicas: Vec<RedisIndex> = (0..n)
                 .map(|r| {
@@ -171,7 +171,7 @@ fn ownership(url: &str, smoke: bool) {
                     }
                     let cfg = RedisConfig {
                         url: url.into(),
-                        prefix: format!("own-{}-{n}", lease.is_some()),
+                        prefix: format!("own-{n}"),
                         writer_lease: lease,
                         replica_id: format!("r{r}"),
                         ..Default::default()
@@ -198,7 +198,7 @@ fn ownership(url: &str, smoke: bool) {
             let k = events as f64 / 1000.0;
             println!(
                 "| {} | {n} | {:.1} | {:.1} | {:.1} | {secs:.2} |",
-                if lease.is_some() { "one per pod (lease)" } else { "every replica" },
+                "one per pod (lease)",
                 (cpu1 - cpu0) * 1000.0 / k,
                 (in1 - in0) / 1000.0 / k,
                 (cmd1 - cmd0) / k,

@@ -6,8 +6,10 @@
 //!
 //! **Layout** (`P` = the key prefix, default `kvr`):
 //! * `P:b:<key as 16 hex digits>` — a STRING per block: `<pod name>|<tier id>=<epoch>;` per
-//!   pod holding it (the pod's epoch when stored), so a whole prompt is one `MGET`; the
-//!   Lua scripts that store and remove keep it well formed. Every write refreshes the
+//!   pod holding it (the pod's epoch when stored), `…=<epoch>:<copies>;` when the pod holds
+//!   more than one copy (vLLM does not de-duplicate cached blocks: a store adds a copy, a
+//!   remove takes one away, the entry goes with the last), so a whole prompt is one `MGET`;
+//!   the Lua scripts that store and remove keep it well formed. Every write refreshes the
 //!   key's TTL (`ttl`, default 1 h),
 //!   so blocks no event mentions any more leave by themselves: memory is bounded by the
 //!   fleet's recent working set, not by history.
@@ -16,6 +18,10 @@
 //!   expire with their TTL — no `KEYS`/`SCAN` over the data.
 //! * `P:counts` — HASH pod name → live entries (from `HSET`/`HDEL` replies; blocks that
 //!   expire by TTL are not subtracted, so it is an upper bound after expiry).
+//! * `P:seq` — HASH pod name → sequence number of the last event batch applied (since the
+//!   pod's last clear). Copies are counted, so a batch applied twice would count twice:
+//!   a replica replaying a pod's buffer (at start, after a Redis outage, on taking a
+//!   lease over) skips the batches at or below it.
 //!
 //! **Round trips**: a lookup of a whole prompt is one pipeline (`HGETALL` of the epochs and
 //! one `MGET` of every block key); a batch of stored or removed blocks is one Lua script call
@@ -31,9 +37,13 @@
 //! transfer; this replica's writes invalidate at once, other replicas' show
 //! within the bound (`cache_capacity` values at most).
 //!
-//! **Writers**: every replica writes the events it ingests, or (`writer_lease`) only the
-//! replica holding a pod's lease in Redis writes that pod's events; a replica that takes
-//! a lease over replays the pods' buffers (what it skipped while another one wrote).
+//! **Writers**: one per pod — only the replica holding a pod's lease in Redis
+//! (`writer_lease`) writes that pod's events. Counting copies is not idempotent: if every
+//! replica applied the same events, each copy would count once per replica (this was the
+//! "active-active" mode before copies were counted). A replica that takes a lease over
+//! replays the pod's buffer from the last batch the previous writer recorded in `P:seq`.
+//! The one gap: a writer that dies between a batch's block writes and its `P:seq` update
+//! leaves that batch to be applied again by its successor.
 //!
 //! **Speculative entries** (a replica's own routing decisions, seconds long) stay in a
 //! local in-memory index and are merged into lookups; they are not shared.
@@ -62,20 +72,23 @@ const STORE_LUA: &str = r"
 local first = 1 + tonumber(ARGV[1])
 local added = 0
 local epoch = tonumber(ARGV[4])
-local pat = ARGV[3]:gsub('%p', '%%%0') .. '=(%d+);'
-local entry = ARGV[3] .. '=' .. ARGV[4] .. ';'
+local pat = ARGV[3]:gsub('%p', '%%%0') .. '=(%d+):?(%d*);'
 for i = first, #KEYS do
   local v = redis.call('GET', KEYS[i]) or ''
-  local old = string.match(';' .. v, ';' .. pat)
-  if (not old) or tonumber(old) < epoch then added = added + 1 end
+  local old, n = string.match(';' .. v, ';' .. pat)
+  local copies = 1
+  if old and tonumber(old) >= epoch then copies = (tonumber(n) or 1) + 1 else added = added + 1 end
   if old then v = (';' .. v):gsub(';' .. pat, ';', 1):sub(2) end
+  local entry = ARGV[3] .. '=' .. ARGV[4] .. ';'
+  if copies > 1 then entry = ARGV[3] .. '=' .. ARGV[4] .. ':' .. copies .. ';' end
   redis.call('SET', KEYS[i], v .. entry, 'EX', ARGV[5])
 end
 if first == 2 and added > 0 then redis.call('HINCRBY', KEYS[1], ARGV[2], added) end
 return added";
 static STORE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(STORE_LUA));
 
-/// Removes fields from many blocks atomically, returning minus the live entries removed.
+/// Takes one copy of each field away from many blocks atomically (an entry goes with its
+/// last copy, a stale one at once), returning minus the live entries removed.
 /// KEYS: [counts], block keys…; ARGV: counts flag (as for STORE), pod name, epoch, fields….
 const REMOVE_LUA: &str = r"
 local first = 1 + tonumber(ARGV[1])
@@ -87,11 +100,20 @@ for i = first, #KEYS do
     v = ';' .. v
     local changed = false
     for j = 4, #ARGV do
-      local pat = ';' .. ARGV[j]:gsub('%p', '%%%0') .. '=(%d+);'
-      local old = string.match(v, pat)
+      local pat = ';' .. ARGV[j]:gsub('%p', '%%%0') .. '=(%d+):?(%d*);'
+      local old, n = string.match(v, pat)
       if old then
-        if tonumber(old) >= epoch then removed = removed + 1 end
-        v = v:gsub(pat, ';', 1)
+        local live = tonumber(old) >= epoch
+        local left = 0
+        if live then left = (tonumber(n) or 1) - 1 end
+        if left > 0 then
+          local e = ';' .. ARGV[j] .. '=' .. old .. ';'
+          if left > 1 then e = ';' .. ARGV[j] .. '=' .. old .. ':' .. left .. ';' end
+          v = v:gsub(pat, function() return e end, 1)
+        else
+          if live then removed = removed + 1 end
+          v = v:gsub(pat, ';', 1)
+        end
         changed = true
       end
     end
@@ -144,9 +166,9 @@ pub struct RedisConfig {
     /// prompts, few-shot examples) sit at the start; tails are mostly unique.
     pub cache_prefix_blocks: usize,
     /// One writer per pod: a replica writes a pod's events only while it holds the pod's
-    /// lease in Redis (`P:owner:<pod>`, renewed every third of this); `None`: every
-    /// replica writes what it ingests.
-    pub writer_lease: Option<Duration>,
+    /// lease in Redis (`P:owner:<pod>`, renewed every third of this). Default 3 s: a pod's
+    /// events pause for up to this long when its writer dies.
+    pub writer_lease: Duration,
     /// This replica's name in the leases.
     pub replica_id: String,
 }
@@ -163,7 +185,7 @@ impl Default for RedisConfig {
             cache_ttl: Duration::ZERO,
             cache_capacity: 1 << 18,
             cache_prefix_blocks: 128,
-            writer_lease: None,
+            writer_lease: Duration::from_secs(3),
             replica_id: format!("replica-{}", std::process::id()),
         }
     }
@@ -219,6 +241,9 @@ pub struct RedisIndex {
     leases: Mutex<HashMap<String, (Instant, bool)>>,
     /// Called when this replica takes over a pod's lease (to replay what it skipped).
     on_acquire: Mutex<Option<OnAcquire>>,
+    /// Pod name → last batch applied (`P:seq`), as this replica last read or wrote it;
+    /// dropped when Redis fails or a lease changes hands.
+    seqs: Mutex<HashMap<String, Option<u64>>>,
 }
 
 impl RedisIndex {
@@ -243,6 +268,7 @@ impl RedisIndex {
             writes: AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
             on_acquire: Mutex::new(None),
+            seqs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -273,7 +299,7 @@ impl RedisIndex {
 
     /// Whether this replica writes `name`'s events (always, without writer leases).
     fn writes_for(&self, name: &str) -> bool {
-        let Some(lease) = self.cfg.writer_lease else { return true };
+        let lease = self.cfg.writer_lease;
         let now = Instant::now();
         if let Some(&(at, held)) = self.leases.lock().get(name) {
             if now.duration_since(at) < lease / 3 {
@@ -287,6 +313,7 @@ impl RedisIndex {
         let before = self.leases.lock().insert(name.to_string(), (now, held));
         if held && !before.is_some_and(|b| b.1) {
             tracing::info!(pod = name, replica = %self.cfg.replica_id, "writer lease acquired");
+            self.seqs.lock().remove(name); // the previous writer moved it on
             if let Some(f) = self.on_acquire.lock().as_ref() {
                 f(name);
             }
@@ -327,6 +354,10 @@ impl RedisIndex {
         format!("{}:counts", self.cfg.prefix)
     }
 
+    fn seq_key(&self) -> String {
+        format!("{}:seq", self.cfg.prefix)
+    }
+
     /// Runs `f` on a pooled connection; on failure marks Redis down for 500 ms.
     fn with_conn<T>(&self, f: impl FnOnce(&mut conn::Conn) -> redis::RedisResult<T>) -> Option<T> {
         if self.down_until.lock().is_some_and(|t| Instant::now() < t) {
@@ -354,6 +385,7 @@ impl RedisIndex {
 
     fn failed<T>(&self, e: redis::RedisError) -> Option<T> {
         self.errors.fetch_add(1, Relaxed);
+        self.seqs.lock().clear(); // Redis may come back with less (or nothing)
         self.up.store(false, Relaxed);
         *self.down_until.lock() = Some(Instant::now() + Duration::from_millis(500));
         let mut last = self.last_warning.lock();
@@ -477,13 +509,16 @@ impl BlockIndex for RedisIndex {
         if !self.writes_for(&name) {
             return;
         }
-        let (epochs, counts) = (self.epochs_key(), self.counts_key());
+        let (epochs, counts, seqs) = (self.epochs_key(), self.counts_key(), self.seq_key());
+        self.seqs.lock().remove(&name);
         if let Some(e) = self.with_conn(|c| {
             let e: u64 = redis::cmd("HINCRBY").arg(&epochs).arg(&name).arg(1).query(c)?;
             redis::cmd("HSET").arg(&counts).arg(&name).arg(0).query::<i64>(c)?;
+            redis::cmd("HDEL").arg(&seqs).arg(&name).query::<i64>(c)?;
             Ok(e)
         }) {
-            self.epochs.lock().insert(name, e);
+            self.epochs.lock().insert(name.clone(), e);
+            self.seqs.lock().insert(name, None);
         }
     }
 
@@ -509,8 +544,9 @@ impl BlockIndex for RedisIndex {
         for (i, value) in values.iter().enumerate() {
             entries.clear();
             for entry in value.as_deref().unwrap_or_default().split(';').filter(|e| !e.is_empty()) {
-                let Some((field, epoch)) = entry.rsplit_once('=') else { continue };
+                let Some((field, value)) = entry.rsplit_once('=') else { continue };
                 let Some((name, tier)) = field.rsplit_once('|') else { continue };
+                let epoch = value.split_once(':').map_or(value, |(e, _copies)| e);
                 let Ok(epoch) = epoch.parse::<u64>() else { continue };
                 if epoch < epochs.get(name).copied().unwrap_or(0) {
                     continue; // stored before the pod was cleared
@@ -540,6 +576,38 @@ impl BlockIndex for RedisIndex {
 
     fn blocks_on_network(&self) -> bool {
         true
+    }
+
+    fn tracks_applied_seq(&self) -> bool {
+        true
+    }
+
+    fn applied_seq(&self, pod: PodId) -> Option<u64> {
+        let name = self.pods.name(pod)?;
+        // A replica that does not write the pod applies nothing to Redis anyway; checking
+        // the lease first also drops a stale cached value when the lease just came here.
+        if !self.writes_for(&name) {
+            return None;
+        }
+        if let Some(&s) = self.seqs.lock().get(&name) {
+            return s;
+        }
+        let key = self.seq_key();
+        // Unreachable: nothing is written either, so nothing counts twice.
+        let s = self.with_conn(|c| redis::cmd("HGET").arg(&key).arg(&name).query::<Option<u64>>(c))?;
+        self.seqs.lock().insert(name, s);
+        s
+    }
+
+    fn set_applied_seq(&self, pod: PodId, seq: u64) {
+        let Some(name) = self.pods.name(pod) else { return };
+        if !self.writes_for(&name) {
+            return;
+        }
+        let key = self.seq_key();
+        if self.with_conn(|c| redis::cmd("HSET").arg(&key).arg(&name).arg(seq).query::<i64>(c)).is_some() {
+            self.seqs.lock().insert(name, Some(seq));
+        }
     }
 
     fn stats(&self) -> IndexStats {

@@ -45,6 +45,8 @@ pub struct ApplyCounters {
     /// BlockStored whose block size differs from the configured one (request mode), or
     /// whose token count is not `block_size × hashes`: skipped.
     pub mismatched_blocks: AtomicU64,
+    /// Batches skipped because they had been applied already (a replay repeating them).
+    pub repeated_batches: AtomicU64,
 }
 
 /// A snapshot of [`ApplyCounters`].
@@ -57,6 +59,7 @@ pub struct ApplySnapshot {
     pub clears: u64,
     pub orphan_blocks: u64,
     pub mismatched_blocks: u64,
+    pub repeated_batches: u64,
 }
 
 /// Copies of one engine block per tier (vLLM can cache a block more than once).
@@ -90,6 +93,8 @@ pub struct EventApplier<I: BlockIndex> {
     mode: KeyMode,
     tiers: Tiers,
     maps: RwLock<HashMap<PodId, Mutex<EngineMap>>>,
+    /// Last batch applied per pod (when the index does not keep that record itself).
+    seqs: Mutex<HashMap<PodId, u64>>,
     counters: ApplyCounters,
 }
 
@@ -100,6 +105,7 @@ impl<I: BlockIndex> EventApplier<I> {
             mode,
             tiers: Tiers::default(),
             maps: RwLock::new(HashMap::new()),
+            seqs: Mutex::new(HashMap::new()),
             counters: ApplyCounters::default(),
         }
     }
@@ -126,7 +132,37 @@ impl<I: BlockIndex> EventApplier<I> {
             clears: c.clears.load(Relaxed),
             orphan_blocks: c.orphan_blocks.load(Relaxed),
             mismatched_blocks: c.mismatched_blocks.load(Relaxed),
+            repeated_batches: c.repeated_batches.load(Relaxed),
         }
+    }
+
+    /// The last batch of `pod` applied (by sequence number) since its last clear.
+    pub fn applied_seq(&self, pod: PodId) -> Option<u64> {
+        if self.index.tracks_applied_seq() {
+            self.index.applied_seq(pod)
+        } else {
+            self.seqs.lock().get(&pod).copied()
+        }
+    }
+
+    /// Applies batch `seq` of `pod` unless a batch at or after `seq` has been applied since
+    /// the pod's last clear (a replay repeating what a live stream, an earlier replay or —
+    /// on a shared index — another replica already applied): copies are counted, so
+    /// applying a batch twice would count its blocks twice. Returns whether it applied.
+    /// A pod's batches must come in sequence order; a clear (restart, `AllBlocksCleared`)
+    /// starts its sequence afresh.
+    pub fn apply_seq(&self, pod: PodId, model: &str, seq: u64, batch: &EventBatch) -> bool {
+        if self.applied_seq(pod).is_some_and(|a| seq <= a) {
+            self.counters.repeated_batches.fetch_add(1, Relaxed);
+            return false;
+        }
+        self.apply(pod, model, batch);
+        if self.index.tracks_applied_seq() {
+            self.index.set_applied_seq(pod, seq);
+        } else {
+            self.seqs.lock().insert(pod, seq);
+        }
+        true
     }
 
     /// Applies one batch from `pod`, whose topic named `model` (used as the key root in
@@ -149,6 +185,7 @@ impl<I: BlockIndex> EventApplier<I> {
     /// Forgets everything about `pod` (AllBlocksCleared, engine restart, pod gone).
     pub fn clear_pod(&self, pod: PodId) {
         self.counters.clears.fetch_add(1, Relaxed);
+        self.seqs.lock().remove(&pod);
         self.index.clear_pod(pod);
         if let Some(m) = self.maps.read().get(&pod) {
             m.lock().clear();

@@ -68,6 +68,21 @@ pub trait BlockIndex: Send + Sync {
     fn blocks_on_network(&self) -> bool {
         false
     }
+    /// The index itself records which event batch of each pod it holds the effects of
+    /// (a shared index: another replica, or an earlier run, may have applied batches this
+    /// process is about to replay). Copies are counted, so a batch applied twice would
+    /// count twice: [`EventApplier::apply_seq`] skips batches at or below
+    /// [`BlockIndex::applied_seq`]. `false` (the default): the applier keeps that record.
+    fn tracks_applied_seq(&self) -> bool {
+        false
+    }
+    /// The sequence number of the last batch of `pod` applied (`None`: none since the
+    /// pod's last clear).
+    fn applied_seq(&self, _pod: PodId) -> Option<u64> {
+        None
+    }
+    /// Records that batch `seq` of `pod` has been applied.
+    fn set_applied_seq(&self, _pod: PodId, _seq: u64) {}
 }
 
 impl<T: BlockIndex + ?Sized> BlockIndex for std::sync::Arc<T> {
@@ -91,5 +106,17 @@ impl<T: BlockIndex + ?Sized> BlockIndex for std::sync::Arc<T> {
     }
     fn stats(&self) -> IndexStats {
         (**self).stats()
+    }
+    fn blocks_on_network(&self) -> bool {
+        (**self).blocks_on_network()
+    }
+    fn tracks_applied_seq(&self) -> bool {
+        (**self).tracks_applied_seq()
+    }
+    fn applied_seq(&self, pod: PodId) -> Option<u64> {
+        (**self).applied_seq(pod)
+    }
+    fn set_applied_seq(&self, pod: PodId, seq: u64) {
+        (**self).set_applied_seq(pod, seq)
     }
 }

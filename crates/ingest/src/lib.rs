@@ -202,10 +202,11 @@ impl Ingestor {
                 let name = if r == 0 { t.pod.clone() } else { format!("{}#dp{r}", t.pod) };
                 let Ok(pod) = pods.intern(&name) else { continue };
                 let ep = offset_endpoint(ep, r);
-                let res = replay::replay(&ctx, &ep, 0, idle, total, |_, payload| {
+                // Batches the index already holds (a shared index written by another
+                // replica, or an earlier replay) are skipped by sequence number.
+                let res = replay::replay(&ctx, &ep, 0, idle, total, |seq, payload| {
                     if let Ok(b) = kvroute_events::decode_batch(payload) {
-                        applier.apply(pod, "", &b);
-                        batches += 1;
+                        batches += applier.apply_seq(pod, "", seq, &b) as usize;
                     }
                 });
                 match res {

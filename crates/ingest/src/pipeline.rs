@@ -143,8 +143,14 @@ impl<I: BlockIndex> Worker<I> {
         }
     }
 
-    fn apply(&self, pod: PodId, model: &str, batch: &EventBatch, c: &PodCounters) {
-        self.applier.apply(pod, model, batch);
+    /// Applies batch `seq` unless it was applied already (the applier — or a shared index —
+    /// keeps the last applied sequence number per pod: copies are counted, so a replay that
+    /// repeats a batch must not apply it twice).
+    fn apply(&self, pod: PodId, model: &str, seq: u64, batch: &EventBatch, c: &PodCounters) {
+        if !self.applier.apply_seq(pod, model, seq, batch) {
+            c.duplicates.fetch_add(1, Relaxed);
+            return;
+        }
         c.applied_batches.fetch_add(1, Relaxed);
         self.metrics.applied_batches.inc();
         self.metrics.applied_events.inc_by(batch.events.len() as u64);
@@ -226,7 +232,7 @@ impl<I: BlockIndex> Worker<I> {
             }
         }
         if verdict != Verdict::Duplicate && tracker.last_applied().is_none_or(|a| m.seq > a) {
-            self.apply(pod, &m.model, &batch, &c);
+            self.apply(pod, &m.model, m.seq, &batch, &c);
             tracker.applied(m.seq);
         }
         self.streams.insert(name, tracker);
@@ -245,7 +251,7 @@ impl<I: BlockIndex> Worker<I> {
                 return;
             }
             match decode_batch(payload) {
-                Ok(b) => self.apply(pod, model, &b, c),
+                Ok(b) => self.apply(pod, model, seq, &b, c),
                 Err(_) => {
                     c.malformed.fetch_add(1, Relaxed);
                     self.metrics.malformed.inc();
