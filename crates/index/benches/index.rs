@@ -9,12 +9,16 @@ use kvroute_keys::RequestKeyer;
 use kvroute_score::{LongestPrefixScorer, Scratch};
 
 /// Batches like an engine publishes under load: each stores 32 new blocks chained on the
-/// previous batch and removes 32 old ones (64 block-events).
+/// previous batch and removes the 32 stored 62 batches earlier (64 block-events). The
+/// `n` batches form a cycle (batch i removes what batch i − 62 mod n stored), so applying
+/// them over and over is a steady state: every block is stored and removed once a cycle,
+/// as a pool that evicts what it caches (copies are counted: a stream that only stored
+/// would pile copies up).
 fn batches(n: usize, fmt: WireFormat) -> Vec<Vec<u8>> {
     let mut next = 1u64;
     let mut prev: Option<u64> = None;
     (0..n)
-        .map(|_| {
+        .map(|i| {
             let hashes: Vec<u64> = (0..32)
                 .map(|_| {
                     next += 1;
@@ -32,7 +36,8 @@ fn batches(n: usize, fmt: WireFormat) -> Vec<Vec<u8>> {
                 ..Default::default()
             })];
             prev = hashes.last().copied();
-            let old = next.saturating_sub(2000);
+            // Batch r stored the block numbers 2 + 32r .. 2 + 32r + 31.
+            let old = 2 + 32 * ((i + n - 62) % n) as u64;
             events.extend((0..32u64).map(|i| {
                 KvEvent::BlockRemoved(BlockRemoved {
                     block_hashes: vec![(old + i).wrapping_mul(0x9E37_79B9_7F4A_7C15)],
