@@ -184,3 +184,71 @@ fn the_conformance_suite_passes_on_valkey() {
         || -> Arc<dyn BlockIndex> { Arc::new(index(&s.url(), &format!("v{}", n.fetch_add(1, Ordering::Relaxed)))) };
     kvroute_index_conformance::all(&make, 40);
 }
+
+/// Copies are counted, so a batch must reach Redis once however many replicas replay it:
+/// replica A writes the first 60 batches of vLLM's own `BlockPool` trace and dies; B takes the
+/// pod's lease over and replays the pod's whole buffer from 0, as `kvroute serve` does on
+/// a takeover. B skips what `P:seq` says A applied, and from then on every prompt's cached
+/// prefix in the shared index equals vLLM's pool (applying A's half again would leave
+/// extra copies behind every removal).
+#[test]
+fn a_replica_taking_a_pod_over_replays_only_what_was_not_applied() {
+    use kvroute_index::{EventApplier, KeyMode};
+    use kvroute_index_conformance::{held_prefix, vllm_pool_trace_runs};
+    let s = Server::start();
+    let runs = vllm_pool_trace_runs();
+    let run = &runs[0];
+    let lease = Duration::from_millis(300);
+    let replica = |id: &str| {
+        let pods = Arc::new(Pods::new());
+        for i in 0..5 {
+            pods.intern(&format!("pod-{i}")).unwrap();
+        }
+        let cfg = RedisConfig {
+            url: s.url(),
+            prefix: "takeover".into(),
+            writer_lease: lease,
+            replica_id: id.into(),
+            ..Default::default()
+        };
+        EventApplier::new(Arc::new(RedisIndex::new(cfg, pods).unwrap()), KeyMode::Engine)
+    };
+    let batches: Vec<(usize, kvroute_events::EventBatch)> = run
+        .steps
+        .iter()
+        .enumerate()
+        .filter_map(|(n, st)| st.payload.as_ref().map(|p| (n, kvroute_events::decode_batch(p).unwrap())))
+        .collect();
+    // Before the trace's first clear (seed 1: batch 83): a replay that re-applied A's
+    // batches would not be healed by a clear it re-applies too.
+    let half = 60;
+    let a = replica("a");
+    for (seq, (_, b)) in batches[..half].iter().enumerate() {
+        assert!(a.apply_seq(1, "m", seq as u64, b));
+    }
+    drop(a); // dies: its lease runs out
+    std::thread::sleep(lease + Duration::from_millis(200));
+    let b = replica("b");
+    let mut expect = vec![0usize; run.prompts.len()];
+    let mut next = 0;
+    for (n, step) in run.steps.iter().enumerate() {
+        for &(i, v) in &step.changed {
+            expect[i] = v;
+        }
+        if batches.get(next).is_some_and(|x| x.0 == n) {
+            b.apply_seq(1, "m", next as u64, &batches[next].1);
+            next += 1;
+        }
+        if next > half {
+            for i in 0..step.known {
+                let got = held_prefix(&**b.index(), 1, &run.prompts[i].1);
+                assert_eq!(
+                    got, expect[i],
+                    "step {n}: prompt {i}: vLLM {} cached blocks, shared index {got}",
+                    expect[i]
+                );
+            }
+        }
+    }
+    assert_eq!(b.counters().repeated_batches, half as u64, "B skipped exactly A's batches");
+}
