@@ -13,8 +13,9 @@ use kvroute_score::{LongestPrefixScorer, Scratch};
 /// `n` batches form a cycle (batch i removes what batch i − 62 mod n stored), so applying
 /// them over and over is a steady state: every block is stored and removed once a cycle,
 /// as a pool that evicts what it caches (copies are counted: a stream that only stored
-/// would pile copies up).
-fn batches(n: usize, fmt: WireFormat) -> Vec<Vec<u8>> {
+/// would pile copies up). With `copies` > 0, the first `copies` blocks of each batch are
+/// stored a second time (vLLM caching a second copy) and removed twice later.
+fn batches(n: usize, fmt: WireFormat, copies: u64) -> Vec<Vec<u8>> {
     let mut next = 1u64;
     let mut prev: Option<u64> = None;
     (0..n)
@@ -35,10 +36,21 @@ fn batches(n: usize, fmt: WireFormat) -> Vec<Vec<u8>> {
                 group_idx: Some(0),
                 ..Default::default()
             })];
+            if copies > 0 {
+                events.push(KvEvent::BlockStored(BlockStored {
+                    block_hashes: hashes[..copies as usize].to_vec(),
+                    parent_block_hash: prev,
+                    token_ids: (0..16 * copies as u32).collect(),
+                    block_size: 16,
+                    medium: Some("GPU".into()),
+                    group_idx: Some(0),
+                    ..Default::default()
+                }));
+            }
             prev = hashes.last().copied();
             // Batch r stored the block numbers 2 + 32r .. 2 + 32r + 31.
             let old = 2 + 32 * ((i + n - 62) % n) as u64;
-            events.extend((0..32u64).map(|i| {
+            events.extend((0..32u64).chain(0..copies).map(|i| {
                 KvEvent::BlockRemoved(BlockRemoved {
                     block_hashes: vec![(old + i).wrapping_mul(0x9E37_79B9_7F4A_7C15)],
                     medium: Some("GPU".into()),
@@ -52,7 +64,7 @@ fn batches(n: usize, fmt: WireFormat) -> Vec<Vec<u8>> {
 }
 
 fn decode_apply(c: &mut Criterion) {
-    let payloads = batches(256, WireFormat::Map);
+    let payloads = batches(256, WireFormat::Map, 0);
     let mut g = c.benchmark_group("decode_apply");
     g.throughput(Throughput::Elements(64 * payloads.len() as u64));
     let applier = EventApplier::new(InMemoryIndex::new(IndexConfig::default()), KeyMode::Engine);
@@ -68,6 +80,19 @@ fn decode_apply(c: &mut Criterion) {
     g.bench_function("request_keys", |b| {
         b.iter(|| {
             applier.clear_pod(0);
+            for p in &payloads {
+                applier.apply(0, "m", &decode_batch(p).unwrap());
+            }
+        })
+    });
+    g.finish();
+    // A quarter of the blocks cached twice: 8 more stores and removes per batch.
+    let payloads = batches(256, WireFormat::Map, 8);
+    let mut g = c.benchmark_group("decode_apply_copies");
+    g.throughput(Throughput::Elements(80 * payloads.len() as u64));
+    let applier = EventApplier::new(InMemoryIndex::new(IndexConfig::default()), KeyMode::Engine);
+    g.bench_function("engine_keys", |b| {
+        b.iter(|| {
             for p in &payloads {
                 applier.apply(0, "m", &decode_batch(p).unwrap());
             }

@@ -28,6 +28,12 @@ unsafe impl GlobalAlloc for Counting {
 static A: Counting = Counting;
 
 fn measure(entries: usize, pods_per_block: usize) {
+    measure_copies(entries, pods_per_block, 0);
+}
+
+/// With `every` > 0, every `every`-th block is stored 9 times by each pod (9 copies:
+/// 7 counted in the entry, 2 in the side table) — an upper bound on what copies cost.
+fn measure_copies(entries: usize, pods_per_block: usize, every: usize) {
     let before = LIVE.load(Relaxed);
     let idx = InMemoryIndex::new(IndexConfig { capacity: entries * 2, ..Default::default() });
     let blocks = entries / pods_per_block;
@@ -37,11 +43,20 @@ fn measure(entries: usize, pods_per_block: usize) {
         for chunk in keys.chunks(4096) {
             idx.store(p, Tiers::GPU, chunk);
         }
+        if every > 0 {
+            let many: Vec<u64> = keys.iter().step_by(every).copied().collect();
+            for _ in 1..9 {
+                for chunk in many.chunks(4096) {
+                    idx.store(p, Tiers::GPU, chunk);
+                }
+            }
+        }
     }
     let st = idx.stats();
     let used = LIVE.load(Relaxed) - before - keys_bytes;
+    let copies = if every > 0 { format!(", every {every}th block in 9 copies") } else { String::new() };
     println!(
-        "memory: {} entries ({} blocks × {} pods each): {:.1} MiB, {:.1} bytes per (block, pod) entry",
+        "memory: {} entries ({} blocks × {} pods each{copies}): {:.1} MiB, {:.1} bytes per (block, pod) entry",
         st.entries,
         st.blocks,
         pods_per_block,
@@ -57,4 +72,5 @@ fn main() {
     for per in [1, 2, 4, 8] {
         measure(n, per);
     }
+    measure_copies(n, 1, 10);
 }
