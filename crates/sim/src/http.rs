@@ -441,11 +441,11 @@ impl Ctx {
         let mut body = match self.kind {
             Kind::Completion => {
                 json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
             }
             Kind::Chat => {
                 json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}]})
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
             }
         };
         body["usage"] = self.usage(generated, cached);
