@@ -282,8 +282,19 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
     assert_eq!(matched(&f), 0, "the router forgot the pods' blocks at once");
     let (_, direct, _) = post(&f.sim_url(holder), "/v1/completions", body.clone());
     assert_eq!(direct["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "the pod's cache is empty");
-    let (_, pods) = get(r, "/v1/kv/pods");
-    assert!(pods.to_string().contains(&pod), "{pods}");
+    // A pod reset directly (not through the gateway) reaches the router by its
+    // AllBlocksCleared event.
+    let t = Instant::now();
+    while matched(&f) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the router never saw the re-cached blocks");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(post(&f.sim_url(holder), "/reset_prefix_cache", json!({})).0, 200);
+    let t = Instant::now();
+    while matched(&f) > 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "AllBlocksCleared never reached the router");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // A model nobody serves; then a dead pod: a clear error naming it.
     assert_eq!(post(r, "/reset_prefix_cache?model=nope", json!({})).0, 404);
     let victim = f.sims[1 - holder];
@@ -305,11 +316,15 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
 fn a_reset_during_a_running_request_is_refused_by_the_sim_and_reported_by_the_gateway() {
     let f = Fleet::start(1);
     let r = f.router.clone();
-    // 2,000 tokens at 12 ms ÷ 100 each: ~240 ms of decoding holds the request's blocks.
+    // 5,000 tokens at 12 ms ÷ 100 each: ~600 ms of decoding holds the request's blocks.
     let long = std::thread::spawn(move || {
-        post(&r, "/v1/completions", json!({"model": "m", "prompt": "x", "max_tokens": 2000})).0
+        post(&r, "/v1/completions", json!({"model": "m", "prompt": "x", "max_tokens": 5000})).0
     });
-    std::thread::sleep(Duration::from_millis(60));
+    let t = Instant::now();
+    while common::metric_sum(&f.sims, "vllm:num_requests_running") < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the long request never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let (code, e, _) = post(&f.sim_url(0), "/reset_prefix_cache", json!({}));
     assert_eq!(code, 409, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("not freed yet"), "{e}");
