@@ -8,12 +8,15 @@
 //! chunk by chunk. A pod that fails before the first byte (connection error, 429, 5xx) is
 //! retried on the next best pod; two failures (requests or probes) take a pod out until a
 //! probe succeeds. The chosen pod gets speculative index entries for the request's blocks.
-//! `POST /v1/route/explain` shows the decision without forwarding.
+//! `POST /v1/route/explain` shows the decision without forwarding. vLLM's other endpoints
+//! (`/v1/models`, `/tokenize`, `/detokenize`, `/v1/embeddings`, `/version`,
+//! `/reset_prefix_cache`) are in [`passthrough`].
 
 // Handlers return `Result<_, Response>` to bail out with an HTTP error early.
 #![allow(clippy::result_large_err)]
 
 pub mod approx;
+pub mod passthrough;
 pub mod pool;
 
 use std::collections::HashMap;
@@ -25,7 +28,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use kvroute_api::{RequestKeys, SharedIndex};
@@ -549,8 +552,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/completions", post(|s, h, b| proxy(s, h, b, false)))
         .route("/v1/chat/completions", post(|s, h, b| proxy(s, h, b, true)))
-        .route("/v1/models", get(models))
         .route("/v1/route/explain", post(explain))
+        .merge(passthrough::routes())
         .layer(axum::extract::DefaultBodyLimit::max(32 << 20))
         .with_state(gw)
 }
@@ -577,18 +580,6 @@ async fn explain(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
         Ok(r) => Json(r.explain).into_response(),
         Err(e) => e.into_response(),
     }
-}
-
-async fn models(State(gw): State<Arc<Gateway>>) -> Response {
-    let mut seen = std::collections::BTreeMap::new();
-    for b in gw.pool.backends.iter().filter(|b| b.is_healthy()) {
-        for m in b.models.read().iter() {
-            if let Some(id) = m.get("id").and_then(Value::as_str) {
-                seen.entry(id.to_string()).or_insert_with(|| m.clone());
-            }
-        }
-    }
-    Json(json!({"object": "list", "data": seen.into_values().collect::<Vec<_>>()})).into_response()
 }
 
 /// A request in flight to a pod: counted in `in_flight` until the response (stream) is

@@ -180,9 +180,11 @@ pub struct SimArgs {
     /// Seconds during which every endpoint answers 503 (startup).
     #[arg(long, default_value_t = 0.0)]
     pub startup_delay: f64,
-    /// Random seed (failures, generated text).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the generated text and the failure injection [default: random per process,
+    /// as vLLM's sampling is]. A request's own `seed` field fixes its text on any pod.
+    /// Response ids are unique either way.
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 impl SimArgs {

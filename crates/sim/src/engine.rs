@@ -346,6 +346,24 @@ impl Engine {
         Ok(Running { engine: self, _permit: permit, hashes, anon, timing, started: Instant::now(), generated: 0 })
     }
 
+    /// vLLM's `reset_prefix_cache()`: forgets every cached block and publishes
+    /// `AllBlocksCleared` — only when no running request holds blocks (else, as vLLM
+    /// logs, "some blocks are not freed yet": `Err(blocks in use)`, nothing changes).
+    pub fn reset_prefix_cache(&self) -> Result<(), usize> {
+        {
+            let mut p = self.pool.lock();
+            if !p.reset() {
+                return Err(p.used());
+            }
+            self.metrics.kv_usage.set(p.usage());
+            // Published under the pool's lock: a request allocating right after the reset
+            // announces its blocks after the clear, never before it.
+            self.publish(vec![KvEvent::AllBlocksCleared]);
+        }
+        self.space.notify_waiters();
+        Ok(())
+    }
+
     /// Moves a LoRA request between waiting (`+1`/`-1`) and running (`+1`/`-1`) and
     /// republishes `vllm:lora_requests_info`.
     pub fn lora_activity(&self, adapter: &str, waiting: i32, running: i32) {

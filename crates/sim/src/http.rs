@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use kvroute_keys::{LoraRef, RequestExtras};
-use kvroute_tokenize::{normalize_messages, Tokenizer};
+use kvroute_tokenize::{normalize_messages, IncrementalDetokenizer, Tokenizer};
 use parking_lot::Mutex;
 use prometheus::{Encoder, TextEncoder};
 use rand::Rng;
@@ -36,7 +36,12 @@ pub struct Sim {
     pub failure_rate: f64,
     pub ready_at: Instant,
     pub tokenizer: Box<dyn Tokenizer>,
+    /// Generated text and failure injection (seeded by `--seed`, else per process).
     pub rng: Mutex<rand::rngs::StdRng>,
+    /// Response ids (never seeded: unique across pods and restarts).
+    pub ids: Mutex<rand::rngs::StdRng>,
+    /// `/version`.
+    pub version: String,
     pub created: u64,
 }
 
@@ -45,13 +50,16 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
-        .route("/tokenize", post(tokenize))
+        .route("/tokenize", post(crate::admin::tokenize))
+        .route("/detokenize", post(crate::admin::detokenize))
+        .route("/version", get(crate::admin::version))
+        .route("/reset_prefix_cache", post(crate::admin::reset_prefix_cache))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(sim)
 }
 
-fn error(status: StatusCode, msg: impl Into<String>, kind: &str) -> Response {
+pub(crate) fn error(status: StatusCode, msg: impl Into<String>, kind: &str) -> Response {
     let body = json!({"error": {"message": msg.into(), "type": kind, "code": status.as_u16()}});
     (status, Json(body)).into_response()
 }
@@ -78,17 +86,35 @@ async fn metrics(State(sim): State<Arc<Sim>>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf).into_response()
 }
 
+/// vLLM's `ModelCard`, with its one default `ModelPermission`.
+fn model_card(sim: &Sim, id: &str, root: &str, parent: Option<&str>) -> Value {
+    let created = now_secs();
+    let perm = format!("modelperm-{}", uuid_hex(&mut sim.ids.lock()));
+    json!({"id": id, "object": "model", "created": created, "owned_by": "vllm", "root": root, "parent": parent,
+        "max_model_len": sim.max_model_len,
+        "permission": [{"id": perm, "object": "model_permission", "created": created,
+            "allow_create_engine": false, "allow_sampling": true, "allow_logprobs": true,
+            "allow_search_indices": false, "allow_view": true, "allow_fine_tuning": false,
+            "organization": "*", "group": null, "is_blocking": false}]})
+}
+
+/// 128 random bits as vLLM's `random_uuid()` writes them (`uuid4().hex`).
+pub fn uuid_hex(rng: &mut rand::rngs::StdRng) -> String {
+    let mut b: u128 = rng.random();
+    b = (b & !(0xf << 76)) | (0x4 << 76); // version 4
+    b = (b & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
+    format!("{b:032x}")
+}
+
 async fn models(State(sim): State<Arc<Sim>>) -> Response {
-    let mut data = vec![json!({"id": sim.model, "object": "model", "created": sim.created, "owned_by": "vllm",
-        "root": sim.model, "parent": null, "max_model_len": sim.max_model_len, "permission": []})];
+    let mut data = vec![model_card(&sim, &sim.model, &sim.model, None)];
     for (name, path, _) in &sim.loras {
-        data.push(json!({"id": name, "object": "model", "created": sim.created, "owned_by": "vllm",
-            "root": path, "parent": sim.model, "max_model_len": sim.max_model_len, "permission": []}));
+        data.push(model_card(&sim, name, path, Some(&sim.model)));
     }
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-fn parse(body: &Bytes) -> Result<Value, Response> {
+pub(crate) fn parse(body: &Bytes) -> Result<Value, Response> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"), "BadRequestError"))?;
     if !v.is_object() {
@@ -98,7 +124,7 @@ fn parse(body: &Bytes) -> Result<Value, Response> {
 }
 
 /// Renders and encodes a chat request's `messages` (and `tools`) with the model's template.
-fn chat_tokens(sim: &Sim, v: &Value, add_generation_prompt: bool) -> Result<Vec<u32>, Response> {
+pub(crate) fn chat_tokens(sim: &Sim, v: &Value, add_generation_prompt: bool) -> Result<Vec<u32>, Response> {
     let Some(messages) = v.get("messages").filter(|m| m.is_array()) else {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -111,7 +137,7 @@ fn chat_tokens(sim: &Sim, v: &Value, add_generation_prompt: bool) -> Result<Vec<
         .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), "BadRequestError"))
 }
 
-fn prompt_tokens(sim: &Sim, v: &Value) -> Result<Vec<u32>, Response> {
+pub(crate) fn prompt_tokens(sim: &Sim, v: &Value) -> Result<Vec<u32>, Response> {
     let bad =
         || error(StatusCode::BAD_REQUEST, "`prompt` must be a string or an array of token ids", "BadRequestError");
     match v.get("prompt") {
@@ -124,25 +150,6 @@ fn prompt_tokens(sim: &Sim, v: &Value) -> Result<Vec<u32>, Response> {
         }
         _ => Err(bad()),
     }
-}
-
-async fn tokenize(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let v = match parse(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let tokens = if v.get("messages").is_some() {
-        match chat_tokens(&sim, &v, v.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true)) {
-            Ok(t) => t,
-            Err(r) => return r,
-        }
-    } else {
-        match prompt_tokens(&sim, &v) {
-            Ok(t) => t,
-            Err(r) => return r,
-        }
-    };
-    Json(json!({"count": tokens.len(), "max_model_len": sim.max_model_len, "tokens": tokens})).into_response()
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -216,7 +223,18 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
         );
     }
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    // vLLM: usage in every chunk only together with the final usage chunk.
     let include_usage = v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let continuous_usage =
+        include_usage && v.pointer("/stream_options/continuous_usage_stats").and_then(Value::as_bool).unwrap_or(false);
+    // A request's own seed fixes its text (on any pod); else the server's generator.
+    let seed = match v.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(s) => match s.as_i64().map(|x| x as u64).or_else(|| s.as_u64()) {
+            Some(x) => Some(x),
+            None => return error(StatusCode::BAD_REQUEST, "`seed` must be an integer", "BadRequestError"),
+        },
+    };
     let kvp = v.get("kv_transfer_params").cloned().unwrap_or(Value::Null);
     let remote_decode = kvp.get("do_remote_decode").and_then(Value::as_bool).unwrap_or(false);
     let remote_prefill = kvp.get("do_remote_prefill").and_then(Value::as_bool).unwrap_or(false);
@@ -240,9 +258,24 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
     if let Err(e) = sim.engine.check_admission() {
         return error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError");
     }
-    let id =
-        format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, sim.rng.lock().random::<u64>());
-    let ctx = Ctx { sim: sim.clone(), kind, id, model, include_usage, remote_decode, job };
+    // vLLM's ids: `cmpl-`/`chatcmpl-` and the X-Request-Id header, else a random uuid.
+    let base = match headers.get("x-request-id").and_then(|h| h.to_str().ok()).filter(|h| !h.is_empty()) {
+        Some(h) => h.to_string(),
+        None => uuid_hex(&mut sim.ids.lock()),
+    };
+    let id = format!("{}-{base}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    let ctx = Ctx {
+        sim: sim.clone(),
+        kind,
+        id,
+        model,
+        include_usage,
+        continuous_usage,
+        seed,
+        remote_decode,
+        job,
+        created: now_secs(),
+    };
     if stream {
         let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
         tokio::spawn(async move { ctx.run(Some(tx)).await });
@@ -287,8 +320,11 @@ struct Ctx {
     id: String,
     model: String,
     include_usage: bool,
+    continuous_usage: bool,
+    seed: Option<u64>,
     remote_decode: bool,
     job: Job,
+    created: u64,
 }
 
 impl Ctx {
@@ -298,25 +334,27 @@ impl Ctx {
                "prompt_tokens_details": {"cached_tokens": cached}})
     }
 
-    fn chunk(&self, text: Option<&str>, first: bool, finish: Option<&str>) -> Value {
-        let created = self.sim.created;
-        match self.kind {
+    /// One SSE chunk: `text` (the delta; for chat with `role` on the first chunk), the
+    /// finish reason on the last one, usage so far with `continuous_usage_stats`.
+    fn chunk(&self, text: &str, role: bool, finish: Option<&str>, usage: Option<Value>) -> Value {
+        let mut c = match self.kind {
             Kind::Completion => {
-                json!({"id": self.id, "object": "text_completion", "created": created, "model": self.model,
-                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
+                json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
             }
             Kind::Chat => {
-                let mut delta = json!({});
-                if first {
+                let mut delta = json!({"content": text});
+                if role {
                     delta["role"] = json!("assistant");
                 }
-                if let Some(t) = text {
-                    delta["content"] = json!(t);
-                }
-                json!({"id": self.id, "object": "chat.completion.chunk", "created": created, "model": self.model,
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                     "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
             }
+        };
+        if let Some(u) = usage {
+            c["usage"] = u;
         }
+        c
     }
 
     /// Runs the request; streams chunks to `tx` if given, else returns the response.
@@ -338,47 +376,76 @@ impl Ctx {
             Err(e) => return Err(error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError")),
         };
         let cached = running.timing.cached_tokens;
-        let seed: u64 = self.sim.rng.lock().random();
-        let mut text_ids = Vec::with_capacity(self.job.max_tokens);
-        let mut generated = 0;
-        for k in 0..self.job.max_tokens {
-            tokio::time::sleep_until(engine.token_due(&running, k).into()).await;
-            let id = self.sim.tokenizer.output_token(seed.wrapping_add(k as u64));
-            text_ids.push(id);
-            generated += 1;
-            if let Some(tx) = &tx {
-                let piece = self.sim.tokenizer.decode(&[id]);
-                let piece = if k == 0 { piece } else { format!(" {piece}") };
-                let c = self.chunk(Some(&piece), k == 0, None);
-                if tx.send(c.to_string()).await.is_err() {
-                    engine.finish(running, generated, "abort");
-                    return Ok(StatusCode::OK.into_response());
-                }
+        let seed = match self.seed {
+            Some(s) => kvroute_tokenize::mix64(s),
+            None => self.sim.rng.lock().random(),
+        };
+        let tok = self.sim.tokenizer.as_ref();
+        // Text comes out as vLLM streams it: each token's delta decoded in context.
+        let mut detok = IncrementalDetokenizer::new(tok, &self.job.tokens);
+        let finish = "length";
+        let n = self.job.max_tokens;
+        let mut running = Some(running);
+        if n == 0 {
+            if let Some(r) = running.take() {
+                engine.finish(r, 0, finish);
             }
         }
-        let finish = "length";
+        let mut role = self.kind == Kind::Chat;
+        for k in 0..n {
+            if let Some(r) = &running {
+                tokio::time::sleep_until(engine.token_due(r, k).into()).await;
+            }
+            let delta = detok.push(tok, tok.output_token(seed.wrapping_add(k as u64)));
+            let generated = k + 1;
+            let last = generated == n;
+            if last {
+                // Done: the blocks are free before the client sees the end.
+                if let Some(r) = running.take() {
+                    engine.finish(r, generated, finish);
+                }
+            }
+            let Some(tx) = &tx else { continue };
+            let usage = |g| self.continuous_usage.then(|| self.usage(g, cached));
+            let mut sent = true;
+            if std::mem::take(&mut role) {
+                // vLLM's first chat chunk: the role and empty content.
+                sent &= tx.send(self.chunk("", true, None, usage(0)).to_string()).await.is_ok();
+            }
+            if !delta.is_empty() || last {
+                let c = self.chunk(&delta, false, last.then_some(finish), usage(generated));
+                sent &= tx.send(c.to_string()).await.is_ok();
+            }
+            if !sent {
+                if let Some(r) = running.take() {
+                    engine.finish(r, generated, "abort");
+                }
+                return Ok(StatusCode::OK.into_response());
+            }
+        }
+        let generated = n;
         if let Some(tx) = &tx {
-            let _ = tx.send(self.chunk(None, generated == 0, Some(finish)).to_string()).await;
+            if n == 0 {
+                let _ = tx.send(self.chunk("", role, Some(finish), None).to_string()).await;
+            }
             if self.include_usage {
-                let mut u = self.chunk(None, false, None);
+                let mut u = self.chunk("", false, None, None);
                 u["choices"] = json!([]);
                 u["usage"] = self.usage(generated, cached);
                 let _ = tx.send(u.to_string()).await;
             }
             let _ = tx.send("[DONE]".into()).await;
-            engine.finish(running, generated, finish);
             return Ok(StatusCode::OK.into_response());
         }
-        engine.finish(running, generated, finish);
-        let text = self.sim.tokenizer.decode(&text_ids);
+        let text = detok.text().to_string();
         let mut body = match self.kind {
             Kind::Completion => {
-                json!({"id": self.id, "object": "text_completion", "created": self.sim.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
+                json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
             }
             Kind::Chat => {
-                json!({"id": self.id, "object": "chat.completion", "created": self.sim.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}]})
+                json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
             }
         };
         body["usage"] = self.usage(generated, cached);

@@ -1,13 +1,15 @@
 //! # kvroute-sim — a vLLM-compatible model-server simulator
 //!
 //! Behaves on the wire like `vllm serve --enable-prefix-caching --kv-events-config …`:
-//! the OpenAI API (completions and chat, streamed as SSE), `/v1/models`, `/tokenize`,
-//! `/health`, `/metrics` with vLLM's metric names; a prefix cache whose blocks are hashed
-//! exactly as vLLM hashes them (`kvroute-keys`), ref-counted while in use and evicted
+//! the OpenAI API (completions and chat, streamed as SSE with vLLM's incremental
+//! detokenization), `/v1/models`, `/tokenize`, `/detokenize`, `/version`,
+//! `/reset_prefix_cache`, `/health`, `/metrics` with vLLM's metric names; a prefix cache
+//! whose blocks are hashed exactly as vLLM hashes them (`kvroute-keys`), ref-counted while in use and evicted
 //! least-recently-freed first; KV events over ZMQ in vLLM's framing and encodings, with a
 //! replay endpoint; a latency model in model time (`--speedup` divides the real delays).
 //! Tokens come from `kvroute-tokenize`, the router's own tokenizer code.
 
+pub mod admin;
 pub mod batch;
 pub mod config;
 pub mod engine;
@@ -64,10 +66,28 @@ fn hasher(a: &SimArgs) -> Result<BlockHasher, SimError> {
     }
 }
 
+/// 32 bytes no other process gets: std's per-process random hash keys (drawn from the
+/// OS), the clock and the process id, mixed.
+pub fn entropy() -> [u8; 32] {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut out = [0u8; 32];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        h.write_usize(i);
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
+}
+
 /// Runs the simulator until interrupted.
 pub fn run(a: SimArgs) -> Result<(), SimError> {
     let hasher = hasher(&a)?;
     let tokenizer = kvroute_tokenize::load(a.tokenizer.as_deref()).map_err(|e| SimError::Config(e.to_string()))?;
+    // Builds the generated-word table now rather than on the first request.
+    let _ = tokenizer.output_token(0);
     let latency = a.latency();
     let metrics = SimMetrics::new(
         &a.model,
@@ -119,7 +139,12 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
         failure_rate: a.failure_rate,
         ready_at: Instant::now() + Duration::from_secs_f64(a.startup_delay.max(0.0)),
         tokenizer,
-        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(a.seed)),
+        rng: Mutex::new(match a.seed {
+            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+            None => rand::rngs::StdRng::from_seed(entropy()),
+        }),
+        ids: Mutex::new(rand::rngs::StdRng::from_seed(entropy())),
+        version: a.vllm_version.to_string(),
         created: http::created_now(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

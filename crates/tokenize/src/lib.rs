@@ -16,6 +16,7 @@
 //!   per message, then `<|im_start|>assistant\n` when a generation prompt is asked for —
 //!   and `<|im_start|>` / `<|im_end|>` are the special ids 1 and 2.
 
+pub mod detok;
 mod hf;
 pub mod prefix;
 
@@ -24,6 +25,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use detok::IncrementalDetokenizer;
 pub use hf::{py_json_dumps, HfTokenizer};
 
 /// One chat message (OpenAI shape; `content` as plain text).
@@ -66,7 +68,13 @@ pub trait Tokenizer: Send + Sync {
     }
     /// Text of token ids (special tokens skipped).
     fn decode(&self, ids: &[u32]) -> String;
-    /// The `n`-th token a simulated model generates.
+    /// The vocabulary entry of a token id (`Ġword` for byte-level BPE), as vLLM's
+    /// `/tokenize` returns in `token_strs`.
+    fn token_str(&self, id: u32) -> Option<String>;
+    /// A token a simulated model generates, chosen by `n` (any u64: equal `n`, equal
+    /// token). Generated tokens are whole words with their leading space, each of which
+    /// the tokenizer encodes back to that one token, so any sequence of them decodes to
+    /// text that re-tokenizes to the same ids.
     fn output_token(&self, n: u64) -> u32;
 }
 
@@ -189,9 +197,25 @@ impl Tokenizer for BuiltinTokenizer {
         s
     }
 
-    fn output_token(&self, n: u64) -> u32 {
-        token_id(WORDS[(n % WORDS.len() as u64) as usize])
+    fn token_str(&self, id: u32) -> Option<String> {
+        match id {
+            IM_START => Some(SPECIAL[0].0.to_string()),
+            IM_END => Some(SPECIAL[1].0.to_string()),
+            _ => Some(self.decode(&[id])),
+        }
     }
+
+    fn output_token(&self, n: u64) -> u32 {
+        token_id(WORDS[(mix64(n) % WORDS.len() as u64) as usize])
+    }
+}
+
+/// SplitMix64's finalizer: spreads consecutive `n` over the whole range.
+pub fn mix64(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -217,6 +241,10 @@ mod tests {
         assert_eq!(ids[0], IM_START);
         assert_eq!(ids[4], IM_END);
         assert_eq!(ids.len(), 7);
-        assert_eq!(t.decode(&[t.output_token(0), t.output_token(1)]), "the cache");
+        let out: Vec<u32> = (0..8).map(|n| t.output_token(n)).collect();
+        let text = t.decode(&out);
+        assert_eq!(text.split(' ').count(), 8, "{text}");
+        assert_eq!(t.encode(&text, true), out, "generated words re-tokenize to themselves");
+        assert_eq!(t.output_token(3), out[3], "deterministic");
     }
 }

@@ -108,3 +108,37 @@ fn prefix_store_is_exact_across_long_pretokens() {
         }
     }
 }
+
+#[test]
+fn generated_words_stream_and_re_tokenize_to_themselves() {
+    use kvroute_tokenize::IncrementalDetokenizer;
+    for name in ["qwen3", "llama3", "llama3_1", "deepseek_v3", "gpt4o"] {
+        let t = tokenizer(name);
+        assert!(t.words().len() >= 1000, "{name}: {} generatable words", t.words().len());
+        let ids: Vec<u32> = (0..300u64).map(|n| t.output_token(n.wrapping_mul(7919))).collect();
+        let prompt = t.encode("The router sends each request to the pod that holds its prefix.", true);
+        let mut d = IncrementalDetokenizer::new(&t, &prompt);
+        let deltas: Vec<String> = ids.iter().map(|&i| d.push(&t, i)).collect();
+        let text = deltas.concat();
+        assert_eq!(text, t.decode(&ids), "{name}: streamed text = decoded text");
+        assert!(deltas.iter().all(|s| s.starts_with(' ') && !s.starts_with("  ") && s.len() > 1), "{name}");
+        assert_eq!(t.tokenizer_only(&text, false), ids, "{name}: the text re-tokenizes to the generated ids");
+        assert_eq!(d.text(), text);
+    }
+}
+
+#[test]
+fn incremental_detokenization_holds_back_incomplete_characters() {
+    use kvroute_tokenize::IncrementalDetokenizer;
+    let t = tokenizer("qwen3");
+    // Byte-level BPE splits rare characters into byte tokens: the text of a partial
+    // character is held back until the character is complete.
+    let s = " 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and 漢字 done";
+    let ids = t.tokenizer_only(s, false);
+    let mut d = IncrementalDetokenizer::new(&t, &[]);
+    let deltas: Vec<String> = ids.iter().map(|&i| d.push(&t, i)).collect();
+    assert!(ids.len() > s.split(' ').count(), "multi-token characters: {ids:?}");
+    assert!(deltas.iter().any(String::is_empty), "some token completes no character: {deltas:?}");
+    assert!(deltas.iter().all(|x| !x.contains('\u{FFFD}')), "{deltas:?}");
+    assert_eq!(deltas.concat(), s);
+}
