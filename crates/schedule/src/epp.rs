@@ -276,7 +276,6 @@ fn note(kind: &str) -> Option<&'static str> {
         "disagg-headers-handler" | "prefill-header-handler" => {
             "the P/D handler's prefill pick goes to the decode pod as x-prefiller-host-port"
         }
-        "utilization-detector" | "concurrency-detector" => "kvroute's saturation.* settings decide 429s",
         _ => return None,
     })
 }
@@ -348,6 +347,12 @@ impl SchedulerConfig {
             }
             if PRECISE_KINDS.contains(&p.kind.as_str()) {
                 precise_settings(&name, &p.parameters, &mut settings, &mut warnings)?;
+            }
+            if matches!(p.kind.as_str(), "utilization-detector" | "concurrency-detector") {
+                warnings.push(format!(
+                    "plugin {name:?} ({}) is ignored: kvroute's saturation.* settings decide 429s",
+                    p.kind
+                ));
             }
             if let Some(n) = note(&p.kind) {
                 notes.push(format!("plugin {name:?} ({}): {n}", p.kind));
