@@ -339,6 +339,9 @@ impl ServeConfig {
             }
             for b in &self.backends {
                 let pod = b.url().trim_end_matches('/').trim_start_matches("http://").to_string();
+                if self.ingest.connect.iter().any(|t| t.pod == pod) {
+                    continue; // its own `zmq:` endpoint is dialled already
+                }
                 let host = pod.rsplit_once(':').map_or(pod.as_str(), |x| x.0).to_string();
                 let replay = d.replay_port.map(|p| format!("tcp://{host}:{p}"));
                 let endpoint = format!("tcp://{host}:{}", d.socket_port);

@@ -23,7 +23,7 @@ pub struct ServeArgs {
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
     /// Bind a SUB socket here for vLLM publishers to connect to (repeatable)
-    /// [default: tcp://*:5557].
+    /// [default: tcp://*:5557, or the scheduler config's kvEventsConfig.zmqEndpoint].
     #[arg(long = "zmq-bind", value_name = "ENDPOINT")]
     zmq_bind: Vec<String>,
     /// A vLLM server to route to, `http://HOST:PORT` (repeatable); it is the pod `HOST:PORT`.
@@ -78,7 +78,8 @@ pub struct ServeArgs {
     /// (repeatable). POD is the pod's identity, e.g. its `host:port`.
     #[arg(long = "zmq-connect", value_name = "POD=ENDPOINT", value_parser = parse_dial)]
     zmq_connect: Vec<DialTarget>,
-    /// Topic prefix the bound socket subscribes to [default: "" = all].
+    /// Topic prefix the bound socket subscribes to [default: "" = all, or the scheduler
+    /// config's kvEventsConfig.topicFilter].
     #[arg(long)]
     topic_filter: Option<String>,
     /// Bind mode: each pod's replay endpoint is tcp://<pod host>:<PORT> [default: none].
@@ -91,13 +92,15 @@ pub struct ServeArgs {
     /// settings) or `vllm` (index vLLM's own hashes) [default: request].
     #[arg(long, value_enum)]
     key_mode: Option<KeyModeName>,
-    /// Tokens per block, as vLLM's --block-size [default: 16].
+    /// Tokens per block, as vLLM's --block-size [default: 16, or the scheduler config's
+    /// tokenProcessorConfig.blockSize].
     #[arg(long)]
     block_size: Option<usize>,
     /// vLLM's --prefix-caching-hash-algo (key-mode vllm) [default: sha256].
     #[arg(long)]
     hash_algo: Option<HashAlgo>,
-    /// The servers' PYTHONHASHSEED (key-mode vllm) [default: unset].
+    /// The servers' PYTHONHASHSEED (key-mode vllm) [default: unset, or the scheduler config's
+    /// tokenProcessorConfig.hashSeed].
     #[arg(long)]
     hash_seed: Option<String>,
     /// vLLM release of the servers (key-mode vllm) [default: 0.33.0].
@@ -106,10 +109,11 @@ pub struct ServeArgs {
     /// Index capacity in (block, pod) entries before LRU eviction [default: 16777216].
     #[arg(long)]
     capacity: Option<usize>,
-    /// Lifetime of speculative index entries, ms [default: 2000].
+    /// Lifetime of speculative index entries, ms [default: 2000, or the scheduler config's
+    /// speculativeTTL].
     #[arg(long)]
     speculative_ttl_ms: Option<u64>,
-    /// Event worker threads [default: 2].
+    /// Event worker threads [default: 2, or the scheduler config's kvEventsConfig.concurrency].
     #[arg(long)]
     workers: Option<usize>,
     /// Messages queued per worker before dropping [default: 65536].
