@@ -232,6 +232,128 @@ impl Default for ServeConfig {
     }
 }
 
+/// Settings given explicitly (on the command line or in the `--config` file), each with
+/// where it came from: an llm-d scheduler config that says otherwise is refused.
+#[derive(Clone, Debug, Default)]
+pub struct Explicit {
+    pub block_size: Option<String>,
+    pub hash_seed: Option<String>,
+    pub speculative_ttl_ms: Option<String>,
+    pub topic_filter: Option<String>,
+    pub workers: Option<String>,
+    pub bind: Option<String>,
+    pub connect: Option<String>,
+}
+
+impl ServeConfig {
+    /// Applies the settings an llm-d `EndpointPickerConfig` (`epp`, named `file`) keeps in
+    /// its precise-prefix plugin: set where nothing explicit says otherwise, an error
+    /// where an explicit setting contradicts it. Returns what was applied, for the log.
+    pub fn apply_epp(
+        &mut self,
+        s: &kvroute_schedule::EppSettings,
+        explicit: &Explicit,
+        file: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut applied = Vec::new();
+        let clash = |param: &str, v: &dyn std::fmt::Display, src: &str, what: &str| {
+            anyhow::anyhow!(
+                "the scheduler config {file} sets {param} {v} but {src}: they must agree ({what}); \
+                 change one of them or drop the explicit setting"
+            )
+        };
+        fn check<T: PartialEq + Clone + std::fmt::Display>(
+            slot: &mut T,
+            v: Option<&T>,
+            explicit: &Option<String>,
+            name: &str,
+            applied: &mut Vec<String>,
+        ) -> Result<(), (T, String)> {
+            let Some(v) = v else { return Ok(()) };
+            match explicit {
+                Some(src) if slot != v => return Err((v.clone(), src.clone())),
+                Some(_) => {}
+                None => {
+                    *slot = v.clone();
+                    applied.push(format!("{name} = {v}"));
+                }
+            }
+            Ok(())
+        }
+        check(&mut self.hash.block_size, s.block_size.as_ref(), &explicit.block_size, "hash.block_size", &mut applied)
+            .map_err(|(v, src)| clash("tokenProcessorConfig.blockSize", &v, &src, "vLLM's --block-size"))?;
+        if let Some(seed) = &s.hash_seed {
+            match &explicit.hash_seed {
+                Some(src) if self.hash.seed.as_deref() != Some(seed.as_str()) => {
+                    return Err(clash(
+                        "tokenProcessorConfig.hashSeed",
+                        &format!("{seed:?}"),
+                        src,
+                        "the servers' PYTHONHASHSEED",
+                    ))
+                }
+                Some(_) => {}
+                None => {
+                    self.hash.seed = Some(seed.clone());
+                    applied.push(format!("hash.seed = {seed:?}"));
+                }
+            }
+        }
+        check(
+            &mut self.index.speculative_ttl_ms,
+            s.speculative_ttl_ms.as_ref(),
+            &explicit.speculative_ttl_ms,
+            "index.speculative_ttl_ms",
+            &mut applied,
+        )
+        .map_err(|(v, src)| clash("speculativeTTL (ms)", &v, &src, "lifetime of speculative entries"))?;
+        check(
+            &mut self.ingest.topic_filter,
+            s.topic_filter.as_ref(),
+            &explicit.topic_filter,
+            "ingest.topic_filter",
+            &mut applied,
+        )
+        .map_err(|(v, src)| {
+            clash("kvEventsConfig.topicFilter", &format!("{v:?}"), &src, "the KV-event topic prefix")
+        })?;
+        check(&mut self.ingest.workers, s.concurrency.as_ref(), &explicit.workers, "ingest.workers", &mut applied)
+            .map_err(|(v, src)| clash("kvEventsConfig.concurrency", &v, &src, "event worker threads"))?;
+        if let Some(ep) = &s.zmq_endpoint {
+            match &explicit.bind {
+                Some(src) if self.ingest.bind != [ep.clone()] => {
+                    return Err(clash("kvEventsConfig.zmqEndpoint", ep, src, "where KV-event publishers connect"))
+                }
+                Some(_) => {}
+                None => {
+                    self.ingest.bind = vec![ep.clone()];
+                    applied.push(format!("ingest.bind = [{ep}]"));
+                }
+            }
+        }
+        if let Some(d) = &s.discover_pods {
+            if let Some(src) = &explicit.connect {
+                return Err(clash("kvEventsConfig.discoverPods", &true, src, "who names the publishers to dial"));
+            }
+            if s.zmq_endpoint.is_none() && explicit.bind.is_none() {
+                self.ingest.bind.clear();
+            }
+            for b in &self.backends {
+                let pod = b.url().trim_end_matches('/').trim_start_matches("http://").to_string();
+                if self.ingest.connect.iter().any(|t| t.pod == pod) {
+                    continue; // its own `zmq:` endpoint is dialled already
+                }
+                let host = pod.rsplit_once(':').map_or(pod.as_str(), |x| x.0).to_string();
+                let replay = d.replay_port.map(|p| format!("tcp://{host}:{p}"));
+                let endpoint = format!("tcp://{host}:{}", d.socket_port);
+                applied.push(format!("ingest.connect += {pod}={endpoint}"));
+                self.ingest.connect.push(kvroute_ingest::DialTarget { pod, endpoint, replay });
+            }
+        }
+        Ok(applied)
+    }
+}
+
 /// (De)serialises a `FromStr + Display` value as a string.
 mod as_str {
     use super::*;
@@ -280,5 +402,45 @@ mod tests {
         );
         assert!(serde_yaml::from_str::<ServeConfig>("listne: x").is_err());
         assert!(serde_yaml::from_str::<ServeConfig>("hash: {algo: md5}").is_err());
+    }
+
+    #[test]
+    fn epp_settings_apply_unless_an_explicit_setting_contradicts_them() {
+        let s = kvroute_schedule::EppSettings {
+            block_size: Some(64),
+            hash_seed: Some("42".into()),
+            topic_filter: Some("kv@".into()),
+            zmq_endpoint: Some("tcp://*:5557".into()),
+            concurrency: Some(4),
+            speculative_ttl_ms: Some(1500),
+            ..Default::default()
+        };
+        let mut c = ServeConfig::default();
+        let applied = c.apply_epp(&s, &Explicit::default(), "epp.yaml").unwrap();
+        assert_eq!((c.hash.block_size, c.hash.seed.as_deref(), c.ingest.workers), (64, Some("42"), 4));
+        assert_eq!((c.ingest.topic_filter.as_str(), c.index.speculative_ttl_ms), ("kv@", 1500));
+        assert_eq!(applied.len(), 6);
+        // Explicitly the same: fine. Explicitly different: refused, naming both.
+        let same = Explicit { block_size: Some("--block-size 64".into()), ..Default::default() };
+        let mut c = ServeConfig { hash: HashSection { block_size: 64, ..Default::default() }, ..Default::default() };
+        assert!(c.apply_epp(&s, &same, "epp.yaml").is_ok());
+        let other = Explicit { block_size: Some("--block-size 16 was given".into()), ..Default::default() };
+        let e = ServeConfig::default().apply_epp(&s, &other, "epp.yaml").unwrap_err().to_string();
+        assert!(e.contains("tokenProcessorConfig.blockSize 64 but --block-size 16 was given"), "{e}");
+        let seed = Explicit { hash_seed: Some("--hash-seed 7 was given".into()), ..Default::default() };
+        let mut c =
+            ServeConfig { hash: HashSection { seed: Some("7".into()), ..Default::default() }, ..Default::default() };
+        assert!(c.apply_epp(&s, &seed, "f").unwrap_err().to_string().contains("hashSeed"));
+        // discoverPods: dial every backend's publisher.
+        let d = kvroute_schedule::EppSettings {
+            discover_pods: Some(kvroute_schedule::DiscoverPods { socket_port: 5556, replay_port: Some(5559) }),
+            ..Default::default()
+        };
+        let mut c =
+            ServeConfig { backends: vec![BackendSpec::Url("http://10.0.0.1:8000".into())], ..Default::default() };
+        c.apply_epp(&d, &Explicit::default(), "f").unwrap();
+        assert!(c.ingest.bind.is_empty());
+        assert_eq!(c.ingest.connect[0].endpoint, "tcp://10.0.0.1:5556");
+        assert_eq!(c.ingest.connect[0].replay.as_deref(), Some("tcp://10.0.0.1:5559"));
     }
 }

@@ -11,7 +11,7 @@ use kvroute_index::{EventApplier, InMemoryIndex, IndexConfig, KeyMode, Pods};
 use kvroute_ingest::{DialTarget, Ingestor, Metrics};
 use kvroute_keys::{BlockHasher, HashAlgo, HashConfig, RequestKeyer, VllmVersion};
 
-use crate::config::{KeyModeName, ServeConfig};
+use crate::config::{Explicit, KeyModeName, ServeConfig};
 
 /// Flags override the YAML file (`--config`), which overrides the defaults.
 #[derive(Args, Debug, Default)]
@@ -23,7 +23,7 @@ pub struct ServeArgs {
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
     /// Bind a SUB socket here for vLLM publishers to connect to (repeatable)
-    /// [default: tcp://*:5557].
+    /// [default: tcp://*:5557, or the scheduler config's kvEventsConfig.zmqEndpoint].
     #[arg(long = "zmq-bind", value_name = "ENDPOINT")]
     zmq_bind: Vec<String>,
     /// A vLLM server to route to, `http://HOST:PORT` (repeatable); it is the pod `HOST:PORT`.
@@ -33,7 +33,9 @@ pub struct ServeArgs {
     /// (repeatable) [default: the built-in tokenizer, as `kvroute sim` uses].
     #[arg(long = "model", value_name = "NAME=DIR")]
     models: Vec<String>,
-    /// Scheduling profile from an llm-d EndpointPickerConfig YAML [default: kvroute's].
+    /// An llm-d EndpointPickerConfig YAML: its scheduling profiles, plus the block size,
+    /// hash seed and KV-event settings of its precise-prefix plugin (start is refused
+    /// when they contradict a flag given) [default: kvroute's profile].
     #[arg(long)]
     scheduler_config: Option<PathBuf>,
     /// Health-probe and metric-scrape interval, ms [default: 1000].
@@ -77,7 +79,8 @@ pub struct ServeArgs {
     /// (repeatable). POD is the pod's identity, e.g. its `host:port`.
     #[arg(long = "zmq-connect", value_name = "POD=ENDPOINT", value_parser = parse_dial)]
     zmq_connect: Vec<DialTarget>,
-    /// Topic prefix the bound socket subscribes to [default: "" = all].
+    /// Topic prefix the bound socket subscribes to [default: "" = all, or the scheduler
+    /// config's kvEventsConfig.topicFilter].
     #[arg(long)]
     topic_filter: Option<String>,
     /// Bind mode: each pod's replay endpoint is tcp://<pod host>:<PORT> [default: none].
@@ -90,13 +93,15 @@ pub struct ServeArgs {
     /// settings) or `vllm` (index vLLM's own hashes) [default: request].
     #[arg(long, value_enum)]
     key_mode: Option<KeyModeName>,
-    /// Tokens per block, as vLLM's --block-size [default: 16].
+    /// Tokens per block, as vLLM's --block-size [default: 16, or the scheduler config's
+    /// tokenProcessorConfig.blockSize].
     #[arg(long)]
     block_size: Option<usize>,
     /// vLLM's --prefix-caching-hash-algo (key-mode vllm) [default: sha256].
     #[arg(long)]
     hash_algo: Option<HashAlgo>,
-    /// The servers' PYTHONHASHSEED (key-mode vllm) [default: unset].
+    /// The servers' PYTHONHASHSEED (key-mode vllm) [default: unset, or the scheduler config's
+    /// tokenProcessorConfig.hashSeed].
     #[arg(long)]
     hash_seed: Option<String>,
     /// vLLM release of the servers (key-mode vllm) [default: 0.33.0].
@@ -105,10 +110,11 @@ pub struct ServeArgs {
     /// Index capacity in (block, pod) entries before LRU eviction [default: 16777216].
     #[arg(long)]
     capacity: Option<usize>,
-    /// Lifetime of speculative index entries, ms [default: 2000].
+    /// Lifetime of speculative index entries, ms [default: 2000, or the scheduler config's
+    /// speculativeTTL].
     #[arg(long)]
     speculative_ttl_ms: Option<u64>,
-    /// Event worker threads [default: 2].
+    /// Event worker threads [default: 2, or the scheduler config's kvEventsConfig.concurrency].
     #[arg(long)]
     workers: Option<usize>,
     /// Messages queued per worker before dropping [default: 65536].
@@ -206,6 +212,43 @@ impl ServeArgs {
     }
 }
 
+impl ServeArgs {
+    /// Which settings an llm-d scheduler config may not override: given as a flag, or
+    /// present in the `--config` file.
+    fn explicit(&self) -> anyhow::Result<Explicit> {
+        let file: serde_yaml::Value = match &self.config {
+            Some(p) => serde_yaml::from_str(&std::fs::read_to_string(p)?)?,
+            None => serde_yaml::Value::Null,
+        };
+        let path = self.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let in_file = |section: &str, key: &str| {
+            let v = file.get(section)?.get(key)?;
+            let v = serde_yaml::to_string(v).unwrap_or_default();
+            Some(format!("{section}.{key} is {} in {path}", v.trim()))
+        };
+        let flag = |name: &str, v: Option<String>| v.map(|v| format!("--{name} {v} was given"));
+        Ok(Explicit {
+            block_size: flag("block-size", self.block_size.map(|v| v.to_string()))
+                .or_else(|| in_file("hash", "block_size")),
+            hash_seed: flag("hash-seed", self.hash_seed.clone()).or_else(|| in_file("hash", "seed")),
+            speculative_ttl_ms: flag("speculative-ttl-ms", self.speculative_ttl_ms.map(|v| v.to_string()))
+                .or_else(|| in_file("index", "speculative_ttl_ms")),
+            topic_filter: flag("topic-filter", self.topic_filter.as_ref().map(|v| format!("{v:?}")))
+                .or_else(|| in_file("ingest", "topic_filter")),
+            workers: flag("workers", self.workers.map(|v| v.to_string())).or_else(|| in_file("ingest", "workers")),
+            bind: if self.no_zmq_bind {
+                Some("--no-zmq-bind was given".into())
+            } else {
+                flag("zmq-bind", (!self.zmq_bind.is_empty()).then(|| self.zmq_bind.join(" ")))
+                    .or_else(|| in_file("ingest", "bind"))
+            },
+            connect: (!self.zmq_connect.is_empty())
+                .then(|| "--zmq-connect was given".to_string())
+                .or_else(|| in_file("ingest", "connect")),
+        })
+    }
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = a.config()?;
     // Backends with their own KV-event endpoints are dialled under their pod identity.
@@ -219,6 +262,28 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    // An llm-d EndpointPickerConfig: its profiles, and the settings it keeps in plugin
+    // parameters (block size, hash seed, KV-event subscription), checked against explicit
+    // settings before anything uses them.
+    let profile = match &cfg.scheduler_config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let loaded =
+                kvroute_schedule::SchedulerConfig::load(&text).with_context(|| format!("in {}", p.display()))?;
+            let file = p.display().to_string();
+            for w in &loaded.warnings {
+                tracing::warn!(config = %file, "{w}");
+            }
+            for n in &loaded.notes {
+                tracing::info!(config = %file, "{n}");
+            }
+            for s in cfg.apply_epp(&loaded.settings, &a.explicit()?, &file)? {
+                tracing::info!(config = %file, "applied {s}");
+            }
+            loaded.profile
+        }
+        None => kvroute_schedule::SchedulerConfig::default_profile(),
+    };
     let hash_cfg = HashConfig {
         algo: cfg.hash.algo,
         vllm_version: cfg.hash.vllm_version,
@@ -317,13 +382,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         });
     }
     let keys = Arc::new(keys);
-    let profile = match &cfg.scheduler_config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-            kvroute_schedule::SchedulerConfig::from_yaml(&text).with_context(|| format!("in {}", p.display()))?
-        }
-        None => kvroute_schedule::SchedulerConfig::default_profile(),
-    };
     let mut tokenizers: std::collections::HashMap<String, Box<dyn kvroute_tokenize::Tokenizer>> = Default::default();
     for (name, dir) in &cfg.models {
         let t = kvroute_tokenize::load(Some(dir)).with_context(|| format!("tokenizer of model {name}"))?;
@@ -350,6 +408,14 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         kv_cache_utilization: cfg.saturation.kv_cache_utilization,
     };
     let gateway = Arc::new(gateway);
+    let block_mismatch = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "kvroute_pod_block_size_mismatch",
+            "1 while the pod's vllm:cache_config_info{block_size} differs from kvroute's block size",
+        ),
+        &["pod"],
+    )?;
+    registry.register(Box::new(block_mismatch.clone()))?;
     let ext_proc = match cfg.ext_proc.listen {
         Some(_) => Some(kvroute_extproc::ExtProc::new(gateway.clone(), &registry)?),
         None => None,
@@ -368,6 +434,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             "kvroute serving"
         );
         pool.spawn_probes(gateway.client.clone(), Duration::from_millis(cfg.health_interval_ms.max(50)));
+        watch_block_sizes(pool.clone(), block_mismatch, cfg.hash.block_size, cfg.health_interval_ms.max(50));
         if let (Some(addr), Some(svc)) = (cfg.ext_proc.listen, ext_proc) {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -421,6 +488,32 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("HTTP server failed")
     })
+}
+
+/// Compares each pod's scraped block size with kvroute's: a gauge per pod, and one warning
+/// each time a pod starts to differ (its blocks would never match kvroute's keys).
+fn watch_block_sizes(pool: Arc<kvroute_gateway::Pool>, gauge: prometheus::IntGaugeVec, ours: usize, every_ms: u64) {
+    tokio::spawn(async move {
+        let mut warned = std::collections::HashSet::new();
+        loop {
+            for b in &pool.backends {
+                let Some(theirs) = b.block_size() else { continue };
+                let differs = theirs != ours as u64;
+                gauge.with_label_values(&[b.name.as_str()]).set(differs as i64);
+                if differs && warned.insert(b.name.clone()) {
+                    tracing::warn!(
+                        pod = %b.name,
+                        "pod reports block size {theirs} (vllm:cache_config_info) but kvroute's is {ours}: \
+                         its KV events will not match requests; set --block-size (or the scheduler config's \
+                         tokenProcessorConfig.blockSize) to the servers' --block-size"
+                    );
+                } else if !differs {
+                    warned.remove(&b.name);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(every_ms)).await;
+        }
+    });
 }
 
 #[cfg(test)]

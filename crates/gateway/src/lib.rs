@@ -459,6 +459,7 @@ impl Gateway {
             }).collect::<Vec<_>>(),
             "profile": self.profile.name,
             "pick": views[pick].name,
+            "prefill": d.prefill.map(|j| views[j].name.clone()),
             "decision_us": t0.elapsed().as_secs_f64() * 1e6,
         });
         if let Some(s) = session {
@@ -636,6 +637,10 @@ async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, 
             if let Some(val) = headers.get(h) {
                 req = req.header(h, val);
             }
+        }
+        // P/D (llm-d's disagg-profile-handler): the decode pod's sidecar prefills there.
+        if let Some(p) = routed.explain["prefill"].as_str() {
+            req = req.header("x-prefiller-host-port", p);
         }
         match req.send().await {
             Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS || resp.status().is_server_error() => {

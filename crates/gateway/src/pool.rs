@@ -29,6 +29,8 @@ pub struct Backend {
     new_blocks: parking_lot::Mutex<(f64, Instant)>,
     /// KV capacity in blocks, from `vllm:cache_config_info{num_gpu_blocks}` (0: unknown).
     gpu_blocks: AtomicU64,
+    /// The pod's block size, from `vllm:cache_config_info{block_size}` (0: unknown).
+    block_size: AtomicU64,
     /// Models (and LoRA adapters) the pod serves, from `/v1/models`.
     pub models: RwLock<Vec<Value>>,
     /// Scraped `vllm:kv_cache_usage_perc` and `vllm:num_requests_waiting` (f64 bits),
@@ -55,6 +57,7 @@ impl Backend {
             queued: AtomicU32::new(0),
             new_blocks: parking_lot::Mutex::new((0.0, Instant::now())),
             gpu_blocks: AtomicU64::new(0),
+            block_size: AtomicU64::new(0),
             models: RwLock::new(Vec::new()),
             kv_usage: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
@@ -106,6 +109,11 @@ impl Backend {
         }
         let g = self.new_blocks.lock();
         Some(kvroute_schedule::decayed(g.0, g.1.elapsed().as_secs_f64()) / cap as f64)
+    }
+
+    /// The block size the pod reports in `vllm:cache_config_info{block_size}`, once scraped.
+    pub fn block_size(&self) -> Option<u64> {
+        Some(self.block_size.load(Relaxed)).filter(|&n| n > 0)
     }
 
     /// Whether Envoy's subset hint (`ip:port` or `ip` entries) admits this pod
@@ -193,6 +201,9 @@ impl Pool {
                     if let Ok(r) = client.get(format!("{}/metrics", b.url)).timeout(Duration::from_secs(1)).send().await
                     {
                         if let Ok(text) = r.text().await {
+                            if let Some(n) = label_value(&text, "vllm:cache_config_info", "block_size") {
+                                b.block_size.store(n, Relaxed);
+                            }
                             if let Some(u) = metric(&text, "vllm:kv_cache_usage_perc") {
                                 b.kv_usage.store(u.to_bits(), Relaxed);
                                 b.waiting.store(

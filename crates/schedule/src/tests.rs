@@ -1,0 +1,250 @@
+//! Unit tests of profiles and of loading llm-d configurations.
+
+use crate::pickers::{seeded, MaxScorePicker};
+use crate::*;
+
+fn pod(name: &str, in_flight: u32, matched: usize) -> PodView {
+    PodView {
+        name: name.into(),
+        in_flight,
+        pending_prefill_tokens: 0.0,
+        queued: 0,
+        cache_turnover: None,
+        matched_blocks: matched,
+        prefix_score: matched as f64 / 10.0,
+        approx_prefix_score: matched as f64 / 10.0,
+        kv_usage: None,
+        session_pod: false,
+        waiting: None,
+        lora_active: None,
+        labels: Default::default(),
+    }
+}
+
+#[test]
+fn default_profile_prefers_the_cached_pod_until_it_is_much_busier() {
+    let p = SchedulerConfig::default_profile();
+    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+    let pods = vec![pod("a", 0, 0), pod("b", 1, 120), pod("c", 0, 0)];
+    assert_eq!(p.schedule(&req, &pods).pick, Some(1), "a hit outweighs one request in flight");
+    let pods = vec![pod("a", 0, 0), pod("b", 60, 120), pod("c", 0, 0)];
+    let pick = p.schedule(&req, &pods).pick.unwrap();
+    assert_ne!(pick, 1, "a hot prefix does not pile onto one pod");
+}
+
+#[test]
+fn queued_prefill_and_cache_turnover_move_requests_off_a_cached_pod() {
+    let p = SchedulerConfig::default_profile();
+    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+    // The cached pod owes 20 K tokens of prefill to earlier requests: a full
+    // recompute elsewhere (3 × 2048 with the recompute penalty) is cheaper.
+    let mut b = pod("b", 1, 120);
+    b.pending_prefill_tokens = 20_000.0;
+    assert_ne!(p.schedule(&req, &[pod("a", 0, 0), b.clone(), pod("c", 0, 0)]).pick, Some(1));
+    b.pending_prefill_tokens = 2_000.0;
+    assert_eq!(p.schedule(&req, &[pod("a", 0, 0), b, pod("c", 0, 0)]).pick, Some(1));
+    // Only a shared system prompt (40 of 128 blocks) is cached on b: with b's cache
+    // rewritten twice a minute already, the new 88 blocks go elsewhere.
+    let idle = |n: &str| PodView { cache_turnover: Some(0.0), ..pod(n, 0, 0) };
+    let mut b = PodView { cache_turnover: Some(0.0), ..pod("b", 0, 40) };
+    assert_eq!(p.schedule(&req, &[idle("a"), b.clone(), idle("c")]).pick, Some(1));
+    b.cache_turnover = Some(2.0);
+    assert_ne!(p.schedule(&req, &[idle("a"), b, idle("c")]).pick, Some(1));
+}
+
+#[test]
+fn a_backed_up_fleet_keeps_requests_on_their_cached_pod() {
+    let p = SchedulerConfig::default_profile();
+    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+    // The cached pod owes 20 K tokens more than the others: with idle pods around,
+    // a recompute there is quicker (the test above); with every pod 60 K behind, the
+    // move saves a small share of a long wait and adds a recompute to a full fleet.
+    let backlog = |n: &str, owed: f64, matched: usize| PodView { pending_prefill_tokens: owed, ..pod(n, 0, matched) };
+    let busy = [backlog("a", 60_000.0, 0), backlog("b", 80_000.0, 120), backlog("c", 60_000.0, 0)];
+    assert_eq!(p.schedule(&req, &busy).pick, Some(1));
+    let idle = [backlog("a", 0.0, 0), backlog("b", 20_000.0, 120), backlog("c", 0.0, 0)];
+    assert_ne!(p.schedule(&req, &idle).pick, Some(1));
+    // Off, the same difference moves the request however busy the fleet is.
+    let off = serde_json::json!({"relativeQueue": false});
+    let Ok(Plugin::Scorer(scorer)) = build_plugin("predicted-ttft-scorer", &off) else { panic!("a scorer") };
+    let absolute = Profile::new("absolute", vec![], vec![(scorer, 1.0)], Box::new(MaxScorePicker { rng: seeded() }));
+    assert_ne!(absolute.schedule(&req, &busy).pick, Some(1));
+}
+
+#[test]
+fn llm_d_endpoint_picker_config_loads() {
+    let yaml = r#"
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+  parameters: {hashBlockSize: 64, maxPrefixBlocksToMatch: 256}
+- type: kv-cache-utilization-scorer
+- type: queue-scorer
+- type: no-hit-lru-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: no-hit-lru-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+"#;
+    let p = SchedulerConfig::from_yaml(yaml).unwrap();
+    assert_eq!(p.scorers.iter().map(|s| s.1).collect::<Vec<_>>(), vec![3.0, 2.0, 2.0, 2.0]);
+    let req = RequestView { prompt_tokens: 160, block_size: 16, total_blocks: 10 };
+    let d = p.schedule(&req, &[pod("a", 0, 10), pod("b", 0, 0)]);
+    assert_eq!(d.pick, Some(0));
+    assert_eq!(d.scores.len(), 4);
+    // no-hit-lru spreads cold requests: after a miss went to `a`, the next goes elsewhere.
+    let p = SchedulerConfig::default_profile();
+    let cold = [pod("a", 0, 0), pod("b", 0, 0), pod("c", 0, 0)];
+    let first = p.schedule(&req, &cold).pick.unwrap();
+    let second = p.schedule(&req, &cold).pick.unwrap();
+    assert_ne!(first, second);
+    assert!(matches!(
+        SchedulerConfig::from_yaml(
+            "plugins: [{type: nope}]\nschedulingProfiles: [{name: x, plugins: [{pluginRef: nope}]}]"
+        ),
+        Err(ConfigError::UnknownPlugin(_))
+    ));
+    assert!(matches!(
+        SchedulerConfig::from_yaml("schedulingProfiles: [{name: x, plugins: [{pluginRef: ghost}]}]"),
+        Err(ConfigError::UndefinedRef { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------
+// llm-d configurations as published (fixtures in tests/fixtures/llmd)
+// ---------------------------------------------------------------------------------
+
+const ONRAMP: &str = include_str!("../../../tests/fixtures/llmd/onramp-precise.yaml");
+const PRECISE_GUIDE: &str = include_str!("../../../tests/fixtures/llmd/precise-guide.yaml");
+const KSERVE_DEFAULT: &str = include_str!("../../../tests/fixtures/llmd/kserve-default.yaml");
+const KSERVE_PD: &str = include_str!("../../../tests/fixtures/llmd/kserve-pd.yaml");
+
+fn role(name: &str, matched: usize, role: Option<&str>) -> PodView {
+    let mut p = pod(name, 0, matched);
+    if let Some(r) = role {
+        p.labels.insert(ROLE.into(), r.into());
+    }
+    p
+}
+
+#[test]
+fn guide_configs_route_on_a_fleet_without_role_labels() {
+    let req = RequestView { prompt_tokens: 640, block_size: 64, total_blocks: 10 };
+    let fleet = [pod("a", 0, 0), pod("b", 0, 8), pod("c", 0, 0)];
+    for (name, text) in [("on-ramp", ONRAMP), ("precise guide", PRECISE_GUIDE), ("kserve", KSERVE_DEFAULT)] {
+        let l = SchedulerConfig::load(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let d = l.profile.schedule(&req, &fleet);
+        assert_eq!(d.candidates, vec![0, 1, 2], "{name}: no pod is filtered out");
+        assert_eq!(d.pick, Some(1), "{name}: the pod holding the prefix wins");
+    }
+    let l = SchedulerConfig::load(KSERVE_PD).unwrap();
+    assert_eq!(l.profile.name, "decode", "P/D: the decode profile is primary");
+    let d = l.profile.schedule(&req, &fleet);
+    assert_eq!((d.pick, d.prefill), (Some(1), None), "no pod carries a prefill role: decode only");
+}
+
+#[test]
+fn precise_producer_means_precise_scoring_and_maps_its_settings() {
+    let l = SchedulerConfig::load(ONRAMP).unwrap();
+    let names: Vec<&str> = l.profile.scorers.iter().map(|(s, _)| s.name()).collect();
+    assert_eq!(names, ["precise-prefix-cache-scorer", "kv-cache-utilization-scorer", "queue-scorer"]);
+    let s = &l.settings;
+    assert!(s.precise);
+    assert_eq!((s.block_size, s.hash_seed.as_deref()), (Some(64), Some("42")));
+    assert_eq!((s.speculative_indexing, s.speculative_ttl_ms), (Some(true), Some(2000)));
+    assert_eq!((s.topic_filter.as_deref(), s.zmq_endpoint.as_deref()), (Some("kv@"), Some("tcp://*:5557")));
+    assert_eq!((s.concurrency, &s.discover_pods), (Some(4), &None));
+    // token-producer's modelName / vllm.url do not change routing: named, not fatal.
+    assert!(
+        l.warnings.iter().any(|w| w.contains("token-producer") && w.contains("parameter vllm.url")),
+        "{:?}",
+        l.warnings
+    );
+    assert!(!l.warnings.iter().any(|w| w.contains("precise-prefix-cache-producer")), "{:?}", l.warnings);
+    assert!(l.notes.iter().any(|n| n.contains("dataLayer")));
+    // The approximate scorer stays approximate without a producer (llm-d's fallback).
+    let approx = SchedulerConfig::load(KSERVE_DEFAULT).unwrap();
+    assert_eq!(approx.profile.scorers[2].0.name(), "prefix-cache-scorer");
+    assert!(!approx.settings.precise && approx.warnings.is_empty(), "{:?}", approx.warnings);
+    // The older guide: precise-prefix-cache-scorer; the UDS tokenizer pool is named as ignored.
+    let g = SchedulerConfig::load(PRECISE_GUIDE).unwrap();
+    assert_eq!(g.settings.block_size, Some(64));
+    assert_eq!(g.settings.speculative_indexing, Some(true));
+    assert!(g.warnings.iter().any(|w| w.contains("indexerConfig.tokenizersPoolConfig.modelName")), "{:?}", g.warnings);
+}
+
+#[test]
+fn pd_handler_picks_a_prefill_pod_when_roles_are_labelled() {
+    let l = SchedulerConfig::load(KSERVE_PD).unwrap();
+    let req = RequestView { prompt_tokens: 160, block_size: 16, total_blocks: 10 };
+    let pods = [role("p", 0, Some("prefill")), role("d", 0, Some("decode")), role("x", 0, Some("encode"))];
+    let d = l.profile.schedule(&req, &pods);
+    assert_eq!((d.pick, d.prefill), (Some(1), Some(0)));
+    // prefix-based decider: disaggregate only when the decode pod lacks enough tokens.
+    let yaml = KSERVE_PD
+        .replace(
+            "- type: always-disagg-pd-decider",
+            "- type: prefix-based-pd-decider\n  parameters: {nonCachedTokens: 64}",
+        )
+        .replace("prefill: always-disagg-pd-decider", "prefill: prefix-based-pd-decider");
+    let l = SchedulerConfig::load(&yaml).unwrap();
+    let warm = [role("p", 0, Some("prefill")), role("d", 9, Some("decode"))];
+    assert_eq!(l.profile.schedule(&req, &warm).prefill, None, "16 uncached tokens < 64");
+    let cold = [role("p", 0, Some("prefill")), role("d", 0, Some("decode"))];
+    assert_eq!(l.profile.schedule(&req, &cold).prefill, Some(0));
+    // llm-d v0.2's pd-profile-handler{threshold}: characters, ⌈threshold/4⌉ tokens.
+    let yaml = KSERVE_PD.replace(
+        "- type: disagg-profile-handler\n  parameters:\n    deciders:\n      prefill: always-disagg-pd-decider",
+        "- type: pd-profile-handler\n  parameters: {threshold: 400, hashBlockSize: 5}",
+    );
+    let l = SchedulerConfig::load(&yaml).unwrap();
+    let stage = l.profile.prefill.as_ref().expect("a prefill stage");
+    assert_eq!(stage.decider, Decider::PrefixBased { non_cached_tokens: 100 });
+    assert!(l.warnings.iter().any(|w| w.contains("parameter hashBlockSize is ignored")), "{:?}", l.warnings);
+}
+
+#[test]
+fn what_kvroute_cannot_honour_is_named() {
+    let err = |yaml: &str| SchedulerConfig::load(yaml).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = err("plugins: [{type: token-load-scorer}]\nschedulingProfiles: [{name: x, plugins: [{pluginRef: token-load-scorer}]}]");
+    assert!(e.contains("\"token-load-scorer\" is not supported"), "{e}");
+    let e = err("plugins: [{type: data-parallel-profile-handler}, {type: queue-scorer}]\nschedulingProfiles: [{name: x, plugins: [{pluginRef: queue-scorer}]}]");
+    assert!(e.contains("data-parallel-profile-handler"), "{e}");
+    // Two profiles under single-profile-handler (llm-d answers 429 to everything).
+    let e = err("plugins: [{type: single-profile-handler}, {type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: [{pluginRef: queue-scorer}]}, {name: b, plugins: [{pluginRef: queue-scorer}]}]");
+    assert!(e.contains("2 profiles (a, b) but single-profile-handler"), "{e}");
+    let e =
+        err(&KSERVE_PD
+            .replace("prefill: always-disagg-pd-decider", "prefill: always-disagg-pd-decider\n      encode: x"));
+    assert!(e.contains("deciders.encode"), "{e}");
+    let e = err(&KSERVE_PD.replace("- name: decode", "- name: decoding"));
+    assert!(e.contains("decode profile named \"decode\""), "{e}");
+    let e = err(&ONRAMP
+        .replace("prefixMatchInfoProducerName: precise-prefix-cache-producer", "prefixMatchInfoProducerName: nope"));
+    assert!(e.contains("no plugin is named \"nope\""), "{e}");
+    // Two precise plugins that disagree on the block size.
+    let twice = ONRAMP.replace(
+        "  - type: decode-filter\n",
+        "  - type: precise-prefix-cache-scorer\n    parameters: {tokenProcessorConfig: {blockSize: 16}}\n  - type: decode-filter\n",
+    );
+    assert!(err(&twice).contains("contradicts"), "{}", err(&twice));
+    // Unknown parameters and top-level sections: warnings naming them.
+    let l = SchedulerConfig::load(
+        "featureGates: [flowControl]\nplugins: [{type: queue-scorer, parameters: {depth: 3}}]\nschedulingProfiles: [{name: x, plugins: [{pluginRef: queue-scorer}]}]",
+    )
+    .unwrap();
+    assert!(l.warnings.iter().any(|w| w.contains("\"queue-scorer\" (queue-scorer): parameter depth is ignored")));
+    assert!(l.warnings.iter().any(|w| w.contains("featureGates")));
+    let l = SchedulerConfig::load(&ONRAMP.replace("speculativeIndexing: true", "speculativeIndexing: false")).unwrap();
+    assert!(l.warnings.iter().any(|w| w.contains("speculativeIndexing: false is not honoured")));
+}
