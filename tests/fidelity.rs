@@ -310,6 +310,21 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
     for _ in 0..6 {
         assert_eq!(post(r, "/tokenize", json!({"model": "m", "prompt": "still here"})).0, 200);
     }
+    // Once the router has taken the dead pod out of rotation, it no longer blocks resets:
+    // the live pod resets, the dead one is listed as unreachable.
+    let t = Instant::now();
+    let e = loop {
+        let (code, e, _) = post(r, "/reset_prefix_cache", json!({"model": "m"}));
+        if code == 200 {
+            break e;
+        }
+        assert_eq!(code, 502, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(15), "the dead pod never left rotation: {e}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(e["reset"].as_array().map(Vec::len), Some(1), "{e}");
+    let unreachable = e["unreachable"].to_string();
+    assert!(unreachable.contains(&format!(":{victim}")), "{e}");
 }
 
 #[test]

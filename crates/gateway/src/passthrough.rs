@@ -10,7 +10,9 @@
 //!   all pods otherwise): sent to every one of those pods at once; each pod that resets is
 //!   forgotten by the router (its index entries, speculative ones included, and its
 //!   approximate prefix records) — its `AllBlocksCleared` event says the same later. 200
-//!   only if every pod reset; otherwise 502 naming each failure.
+//!   when every pod in rotation reset (a pod out of rotation is tried too, and listed as
+//!   `unreachable` when it does not answer: one dead pod must not block every reset);
+//!   otherwise 502 naming each failure.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,39 +150,15 @@ fn model_card(m: &Value, id: &str) -> Value {
 
 /// The `model` of `?model=…` or of a JSON body (an empty body names none).
 fn reset_model(query: Option<&str>, body: &[u8]) -> Result<Option<String>, Response> {
-    let from_query = query.and_then(|q| {
-        q.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            (k == "model").then(|| v.replace('+', " "))
-        })
-    });
+    let from_query = query
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())));
     if from_query.is_some() || body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(from_query.map(|m| percent_decode(&m)));
+        return Ok(from_query);
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => Ok(v.get("model").and_then(Value::as_str).map(str::to_string)),
         Err(e) => Err(error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))),
     }
-}
-
-/// `%XX` escapes of a query value (invalid ones are kept as they are).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn reset_prefix_cache(State(gw): State<Arc<Gateway>>, RawQuery(query): RawQuery, body: Bytes) -> Response {
@@ -215,10 +193,12 @@ async fn reset_prefix_cache(State(gw): State<Arc<Gateway>>, RawQuery(query): Raw
         }
     });
     let results = futures_util::future::join_all(calls).await;
-    let (mut reset, mut failed) = (Vec::new(), Vec::new());
+    let (mut reset, mut failed, mut unreachable) = (Vec::new(), Vec::new(), Vec::new());
     for (b, r) in pods.iter().zip(results) {
         match r {
             Ok(()) => reset.push(b.clone()),
+            // Out of rotation and not answering: it serves nothing until it is back.
+            Err(e) if !b.is_healthy() => unreachable.push(json!({"pod": b.name, "error": e})),
             Err(e) => failed.push(json!({"pod": b.name, "error": e})),
         }
     }
@@ -237,9 +217,9 @@ async fn reset_prefix_cache(State(gw): State<Arc<Gateway>>, RawQuery(query): Raw
         return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("clearing the router's index failed: {e}"));
     }
     let names: Vec<&str> = reset.iter().map(|b| b.name.as_str()).collect();
-    tracing::info!(pods = ?names, failed = failed.len(), "prefix caches reset");
+    tracing::info!(pods = ?names, failed = failed.len(), unreachable = unreachable.len(), "prefix caches reset");
     if failed.is_empty() {
-        return Json(json!({"reset": names})).into_response();
+        return Json(json!({"reset": names, "unreachable": unreachable})).into_response();
     }
     let detail: Vec<String> = failed
         .iter()
@@ -260,7 +240,7 @@ mod tests {
         assert_eq!(reset_model(None, b"{\"model\": \"m\"}").ok(), Some(Some("m".into())));
         assert_eq!(reset_model(Some("reset_running_requests=true"), b" ").ok(), Some(None));
         assert!(reset_model(None, b"{nope").is_err());
-        assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
+        assert_eq!(reset_model(Some("model=a+b%20c"), b"").ok(), Some(Some("a b c".into())));
     }
 
     #[test]
