@@ -197,8 +197,7 @@ fn ownership(url: &str, smoke: bool) {
             let (cpu1, in1, cmd1) = info(&mut c);
             let k = events as f64 / 1000.0;
             println!(
-                "| {} | {n} | {:.1} | {:.1} | {:.1} | {secs:.2} |",
-                "one per pod (lease)",
+                "| one per pod (lease) | {n} | {:.1} | {:.1} | {:.1} | {secs:.2} |",
                 (cpu1 - cpu0) * 1000.0 / k,
                 (in1 - in0) / 1000.0 / k,
                 (cmd1 - cmd0) / k,

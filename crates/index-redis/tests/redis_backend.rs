@@ -240,13 +240,9 @@ fn a_replica_taking_a_pod_over_replays_only_what_was_not_applied() {
             next += 1;
         }
         if next > half {
-            for i in 0..step.known {
-                let got = held_prefix(&**b.index(), 1, &run.prompts[i].1);
-                assert_eq!(
-                    got, expect[i],
-                    "step {n}: prompt {i}: vLLM {} cached blocks, shared index {got}",
-                    expect[i]
-                );
+            for (i, (prompt, want)) in run.prompts.iter().zip(&expect).take(step.known).enumerate() {
+                let got = held_prefix(&**b.index(), 1, &prompt.1);
+                assert_eq!(got, *want, "step {n}: prompt {i}: vLLM {want} cached blocks, shared index {got}");
             }
         }
     }
