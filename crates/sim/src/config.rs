@@ -177,6 +177,10 @@ pub struct SimArgs {
     /// Percentage of requests that fail with 503 (failure injection).
     #[arg(long, default_value_t = 0.0)]
     pub failure_rate: f64,
+    /// Test knob: every stream sends this many tokens, then stalls (no more data, the
+    /// connection held open until the client leaves) [default: off].
+    #[arg(long)]
+    pub stall_after_tokens: Option<usize>,
     /// Seconds during which every endpoint answers 503 (startup).
     #[arg(long, default_value_t = 0.0)]
     pub startup_delay: f64,

@@ -34,6 +34,9 @@ pub struct Sim {
     pub max_model_len: usize,
     pub default_max_tokens: usize,
     pub failure_rate: f64,
+    /// Test knob (`--stall-after-tokens`): streams send this many tokens, then nothing more
+    /// (the connection stays open until the client leaves).
+    pub stall_after_tokens: Option<usize>,
     pub ready_at: Instant,
     pub tokenizer: Box<dyn Tokenizer>,
     /// Generated text and failure injection (seeded by `--seed`, else per process).
@@ -207,21 +210,10 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
         Ok(t) => t,
         Err(r) => return r,
     };
-    let max_tokens = v
-        .get("max_completion_tokens")
-        .or_else(|| v.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .map_or(sim.default_max_tokens, |x| x as usize);
-    if tokens.len() + max_tokens > sim.max_model_len {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the messages, {} in the completion).",
-                sim.max_model_len, tokens.len() + max_tokens, tokens.len(), max_tokens
-            ),
-            "BadRequestError",
-        );
-    }
+    let max_tokens = match crate::validate::sampling(&v, tokens.len(), sim.max_model_len, sim.default_max_tokens) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
     // vLLM: usage in every chunk only together with the final usage chunk.
     let include_usage = v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
@@ -393,6 +385,15 @@ impl Ctx {
         }
         let mut role = self.kind == Kind::Chat;
         for k in 0..n {
+            if let (Some(tx), Some(stall)) = (&tx, self.sim.stall_after_tokens) {
+                if k == stall {
+                    tx.closed().await;
+                    if let Some(r) = running.take() {
+                        engine.finish(r, k, "abort");
+                    }
+                    return Ok(StatusCode::OK.into_response());
+                }
+            }
             if let Some(r) = &running {
                 tokio::time::sleep_until(engine.token_due(r, k).into()).await;
             }

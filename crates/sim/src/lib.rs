@@ -16,6 +16,7 @@ pub mod engine;
 pub mod http;
 pub mod pool;
 pub mod publisher;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -137,6 +138,7 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
         max_model_len: a.max_model_len,
         default_max_tokens: a.default_max_tokens,
         failure_rate: a.failure_rate,
+        stall_after_tokens: a.stall_after_tokens,
         ready_at: Instant::now() + Duration::from_secs_f64(a.startup_delay.max(0.0)),
         tokenizer,
         rng: Mutex::new(match a.seed {
