@@ -24,6 +24,11 @@
 //!   max_queued_per_pod: 512     # requests without a first byte: all pods there → 429
 //!   queue_depth: 5              # scraped waiting requests: busy (sheddable requests → 429)
 //!   kv_cache_utilization: 0.8   # scraped KV usage: busy
+//! upstream:                     # gateway → pod timeouts (docs/configuration.md)
+//!   connect_timeout_ms: 5000
+//!   first_byte_timeout_ms: 120000  # → next pod while nothing reached the client, else 504
+//!   idle_timeout_ms: 60000      # between body chunks: SSE error event, stream ends
+//!   total_timeout_ms: 600000    # whole request → 504
 //! index:
 //!   backend: memory             # memory | redis (shared by router replicas)
 //!   capacity: 16777216          # memory: (block, pod) entries before LRU eviction
@@ -108,6 +113,46 @@ impl Default for SaturationSection {
             max_queued_per_pod: d.max_queued_per_pod,
             queue_depth: d.queue_depth,
             kv_cache_utilization: d.kv_cache_utilization,
+        }
+    }
+}
+
+/// Timeouts of the gateway's requests to the pods (see `kvroute_gateway::upstream`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// TCP connect to a pod; past it the next pod is tried.
+    pub connect_timeout_ms: u64,
+    /// Request sent → first body byte (nothing sent to the client yet); past it the next
+    /// pod is tried (504 when none is left). Covers a whole non-streaming generation.
+    pub first_byte_timeout_ms: u64,
+    /// Longest gap between two body chunks once the response started; past it an SSE
+    /// stream ends with an error event, other bodies are cut.
+    pub idle_timeout_ms: u64,
+    /// The whole request, retries included: 504 before the response started, else as idle.
+    pub total_timeout_ms: u64,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        let d = kvroute_gateway::Timeouts::default();
+        Self {
+            connect_timeout_ms: d.connect.as_millis() as u64,
+            first_byte_timeout_ms: d.first_byte.as_millis() as u64,
+            idle_timeout_ms: d.idle.as_millis() as u64,
+            total_timeout_ms: d.total.as_millis() as u64,
+        }
+    }
+}
+
+impl UpstreamSection {
+    pub fn timeouts(&self) -> kvroute_gateway::Timeouts {
+        let ms = |v: u64| std::time::Duration::from_millis(v.max(1));
+        kvroute_gateway::Timeouts {
+            connect: ms(self.connect_timeout_ms),
+            first_byte: ms(self.first_byte_timeout_ms),
+            idle: ms(self.idle_timeout_ms),
+            total: ms(self.total_timeout_ms),
         }
     }
 }
@@ -211,6 +256,7 @@ pub struct ServeConfig {
     pub ingest: IngestConfig,
     pub ext_proc: ExtProcSection,
     pub saturation: SaturationSection,
+    pub upstream: UpstreamSection,
 }
 
 impl Default for ServeConfig {
@@ -228,6 +274,7 @@ impl Default for ServeConfig {
             ingest: IngestConfig::default(),
             ext_proc: ExtProcSection::default(),
             saturation: SaturationSection::default(),
+            upstream: UpstreamSection::default(),
         }
     }
 }

@@ -165,7 +165,7 @@ fn each_error_code_comes_back_through_envoy() {
     let (status, _, _, text) = post(&s.envoy, "/v1/completions", "{\"prompt\": \"x\"}", &[]);
     assert_eq!((status, text.contains("missing `model`")), (400, true), "{text}");
     let (status, _, _, text) = post(&s.envoy, "/v1/completions", "{\"model\": \"nope\", \"prompt\": \"x\"}", &[]);
-    assert_eq!((status, text.contains("no ready endpoint")), (503, true), "{text}");
+    assert_eq!((status, text.contains("The model `nope` does not exist.")), (404, true), "{text}");
     // 429: long requests hold each pod's only sequence; more queue behind them.
     let envoy = s.envoy.clone();
     let handles: Vec<_> = (0..6)

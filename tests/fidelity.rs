@@ -246,7 +246,7 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
     let (code, d, _) = post(r, "/detokenize", json!({"model": "m", "tokens": [u32::MAX]}));
     assert_eq!(code, 400, "{d}");
     assert!(d["error"]["message"].as_str().unwrap().contains("vocabulary"));
-    assert_eq!(post(r, "/tokenize", json!({"model": "other", "prompt": "x"})).0, 503);
+    assert_eq!(post(r, "/tokenize", json!({"model": "other", "prompt": "x"})).0, 404);
     assert_eq!(post(r, "/tokenize", json!([1])).0, 400);
     // /version: a pod's answer, vLLM's shape.
     let (code, v) = get(r, "/version");

@@ -123,7 +123,7 @@ fn a_killed_pod_costs_no_request_and_errors_are_clear() {
     for (body, code) in [
         (json!({"prompt": "x"}), 400),
         (json!({"model": "m", "prompt": 5}), 400),
-        (json!({"model": "other", "prompt": "x"}), 503),
+        (json!({"model": "other", "prompt": "x"}), 404), // no pod serves it: vLLM's 404
     ] {
         let e = ureq::post(&format!("{}/v1/completions", f.router)).send_json(body.clone()).unwrap_err();
         let ureq::Error::Status(c, r) = e else { panic!() };

@@ -120,6 +120,22 @@ pub struct ServeArgs {
     /// Messages queued per worker before dropping [default: 65536].
     #[arg(long)]
     queue_capacity: Option<usize>,
+    // Upstream timeouts (gateway → pods; `upstream.*`).
+    /// TCP connect timeout to a pod, ms; past it the next pod is tried [default: 5000].
+    #[arg(long)]
+    upstream_connect_timeout_ms: Option<u64>,
+    /// Request sent → first response byte, ms; past it the next pod is tried while nothing
+    /// reached the client, else 504; covers a whole non-streaming generation [default: 120000].
+    #[arg(long)]
+    upstream_first_byte_timeout_ms: Option<u64>,
+    /// Longest gap between two response chunks, ms; past it a stream ends with an SSE
+    /// error event [default: 60000].
+    #[arg(long)]
+    upstream_idle_timeout_ms: Option<u64>,
+    /// Whole request (retries included), ms; past it 504 or, mid-stream, an SSE error
+    /// event [default: 600000].
+    #[arg(long)]
+    upstream_timeout_ms: Option<u64>,
 }
 
 fn parse_dial(s: &str) -> Result<DialTarget, String> {
@@ -208,6 +224,11 @@ impl ServeArgs {
         if !self.zmq_connect.is_empty() {
             c.ingest.connect = self.zmq_connect.clone();
         }
+        // Upstream timeouts.
+        set!(self.upstream_connect_timeout_ms, c.upstream.connect_timeout_ms);
+        set!(self.upstream_first_byte_timeout_ms, c.upstream.first_byte_timeout_ms);
+        set!(self.upstream_idle_timeout_ms, c.upstream.idle_timeout_ms);
+        set!(self.upstream_timeout_ms, c.upstream.total_timeout_ms);
         Ok(c)
     }
 }
@@ -402,6 +423,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut gateway =
         kvroute_gateway::Gateway::new(pool.clone(), profile, applier.clone(), keys.clone(), tokenizers, &registry)?;
     gateway.tokenize_deadline = Duration::from_millis(cfg.tokenize_deadline_ms);
+    gateway.set_timeouts(cfg.upstream.timeouts());
     gateway.saturation = kvroute_gateway::Saturation {
         max_queued_per_pod: cfg.saturation.max_queued_per_pod,
         queue_depth: cfg.saturation.queue_depth,
@@ -421,6 +443,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
+    // A pod rejoining the rotation keeps its index entries only if its KV events went on
+    // in sequence while it was out (kvroute_gateway::recovery).
+    let st = state.clone();
+    gateway.recovery.set_marker(Box::new(move |pod| {
+        let s = st.ingestor.as_ref()?.pod_status(|_| 0).into_iter().find(|s| s.pod == pod)?;
+        Some(kvroute_gateway::recovery::StreamMark { last_seq: s.last_seq, restarts: s.restarts })
+    }));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -8,7 +8,10 @@
 //! scheduler, two doors) and answers with `x-gateway-destination-endpoint: ip:port[,fallbacks]`,
 //! `clear_route_cache`, the `envoy.lb` dynamic metadata and (full-duplex mode) the body
 //! re-sent in chunks of at most 62,000 bytes. Errors are `ImmediateResponse`s: 400 bad
-//! body or no model, 503 no ready endpoint, 429 saturated. On the response side it marks
+//! body or no model, 404 a model no pod serves, 503 no ready endpoint, 429 saturated (the
+//! gateway's OpenAI-style body, `Retry-After` on 429 and 503). Upstream timeouts on this
+//! door are Envoy's (its route and cluster timeouts): Envoy, not kvroute, proxies the
+//! request. On the response side it marks
 //! the pod's first byte (the router's in-flight view), adds `x-kvroute-pod`, and reads
 //! `usage` (vLLM's `prompt_tokens_details.cached_tokens`) from streamed and buffered
 //! bodies into metrics.
@@ -285,6 +288,7 @@ impl ExtProc {
     async fn refuse(&self, tx: &Tx, e: &RouteError) -> Result<(), Status> {
         self.metrics.outcome(match e.status.as_u16() {
             400 => "bad_request",
+            404 => "not_found",
             429 => "saturated",
             503 => "unavailable",
             _ => "error",

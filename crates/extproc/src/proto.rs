@@ -171,10 +171,16 @@ impl Reply {
 
     /// An error answered by Envoy on kvroute's behalf (JSON like the HTTP gateway's).
     pub fn immediate(status: u16, message: &str) -> ProcessingResponse {
-        let body = serde_json::json!({"error": {"message": message, "code": status}}).to_string();
+        // The gateway's error body (OpenAI style), with Retry-After on 429 and 503.
+        let kind = kvroute_gateway::error_type(kvroute_gateway::StatusCode::from_u16(status).unwrap_or_default());
+        let body = serde_json::json!({"error": {"message": message, "type": kind, "code": status}}).to_string();
+        let mut headers = vec![("content-type".into(), "application/json".into())];
+        if status == 429 || status == 503 {
+            headers.push(("retry-after".into(), "1".into()));
+        }
         reply(processing_response::Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus { code: status as i32 }),
-            headers: mutation(vec![("content-type".into(), "application/json".into())]),
+            headers: mutation(headers),
             body: body.into_bytes(),
             details: format!("kvroute_{status}"),
             ..Default::default()

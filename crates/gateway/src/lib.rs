@@ -5,12 +5,15 @@
 //! keyed like the index (`kvroute-api`'s [`RequestKeys`]), scored against the index
 //! (`kvroute-score`) and the router's own load view, scheduled by a profile
 //! (`kvroute-schedule`), and proxied to the chosen pod with the response streamed through
-//! chunk by chunk. A pod that fails before the first byte (connection error, 429, 5xx) is
-//! retried on the next best pod; two failures (requests or probes) take a pod out until a
-//! probe succeeds. The chosen pod gets speculative index entries for the request's blocks.
-//! `POST /v1/route/explain` shows the decision without forwarding. vLLM's other endpoints
-//! (`/v1/models`, `/tokenize`, `/detokenize`, `/v1/embeddings`, `/version`,
-//! `/reset_prefix_cache`) are in [`passthrough`].
+//! chunk by chunk. A pod that fails before the first byte (connection error, 429, 5xx, a
+//! redirect, no first byte in time) is retried on the next best pod; two failures (requests,
+//! timeouts or probes) take a pod out until a probe succeeds ([`upstream`] has the timeouts,
+//! [`proxy`] the attempts, [`recovery`] what happens when a pod comes back). The chosen pod
+//! gets speculative index entries for the request's blocks. `POST /v1/route/explain` shows
+//! the decision without forwarding; `GET /ready` is readiness (503 when no pod is in
+//! rotation). vLLM's other endpoints (`/v1/models`, `/tokenize`, `/detokenize`,
+//! `/v1/embeddings`, `/version`, `/reset_prefix_cache`) are in [`passthrough`]. Errors are
+//! OpenAI-style JSON (`{"error": {"message", "type", "code"}}`), `Retry-After` on 429/503.
 
 // Handlers return `Result<_, Response>` to bail out with an HTTP error early.
 #![allow(clippy::result_large_err)]
@@ -18,19 +21,21 @@
 pub mod approx;
 pub mod passthrough;
 pub mod pool;
+pub mod proxy;
+pub mod recovery;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::StreamExt;
 use kvroute_api::{RequestKeys, SharedIndex};
 use kvroute_index::{BlockIndex, EventApplier, Tiers};
 use kvroute_schedule::{PodView, Profile, RequestView};
@@ -38,10 +43,10 @@ use kvroute_score::{LongestPrefixScorer, Scratch};
 use kvroute_tokenize::{normalize_messages, BuiltinTokenizer, Tokenizer};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use serde_json::{json, Value};
-use tracing::warn;
 
 pub use axum::http::StatusCode;
 pub use pool::{Backend, Pool};
+pub use upstream::Timeouts;
 
 /// Exact prompt → tokens entries, and their insertion order (FIFO eviction at 4,096).
 type PromptCache = (HashMap<u64, Arc<Vec<u32>>>, std::collections::VecDeque<u64>);
@@ -65,7 +70,12 @@ pub struct Gateway {
     route_locks: Vec<tokio::sync::Mutex<()>>,
     /// Prompts being tokenized now (hash → the result when it comes).
     tokenizing: parking_lot::Mutex<HashMap<u64, tokio::sync::watch::Receiver<Tokens>>>,
-    approx: approx::ApproxPrefix,
+    approx: Arc<approx::ApproxPrefix>,
+    /// Upstream timeouts (set with [`Gateway::set_timeouts`], which rebuilds the client).
+    pub timeouts: Timeouts,
+    upstream: upstream::UpstreamMetrics,
+    /// Clears a pod's index entries when it rejoins the rotation (see [`recovery`]).
+    pub recovery: Arc<recovery::Recovery>,
     tokenize_fallbacks: prometheus::IntCounter,
     /// Session → the pod it last went to (bounded: cleared when it reaches 100 k).
     sessions: parking_lot::Mutex<HashMap<String, String>>,
@@ -187,9 +197,18 @@ impl Gateway {
             "Requests refused with 429 because every candidate pod was saturated",
         )?;
         registry.register(Box::new(shed.clone()))?;
+        let approx = Arc::new(approx::ApproxPrefix::default());
+        let recovery = Arc::new(recovery::Recovery::new(applier.clone(), approx.clone(), registry)?);
+        for b in &pool.backends {
+            let _ = b.hook.set(recovery.clone());
+        }
+        let timeouts = Timeouts::default();
         Ok(Self {
             pool,
-            client: reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap_or_default(),
+            client: upstream::client(&timeouts),
+            timeouts,
+            upstream: upstream::UpstreamMetrics::new(registry)?,
+            recovery,
             profile,
             applier,
             keys,
@@ -199,7 +218,7 @@ impl Gateway {
             prompt_cache: parking_lot::Mutex::new((HashMap::new(), std::collections::VecDeque::new())),
             route_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             tokenizing: parking_lot::Mutex::new(HashMap::new()),
-            approx: approx::ApproxPrefix::default(),
+            approx,
             tokenize_fallbacks,
             sessions: parking_lot::Mutex::new(HashMap::new()),
             ttft,
@@ -213,6 +232,12 @@ impl Gateway {
             decision_seconds,
             matched_blocks,
         })
+    }
+
+    /// Sets the upstream timeouts (and rebuilds the client for the connect timeout).
+    pub fn set_timeouts(&mut self, t: Timeouts) {
+        self.timeouts = t;
+        self.client = upstream::client(&t);
     }
 
     fn tokenizer(&self, model: &str) -> Arc<dyn Tokenizer> {
@@ -230,11 +255,20 @@ impl Gateway {
                 .map_err(|e| bad(&e.to_string()))?;
             return Ok((text, None));
         }
-        match v.get("prompt") {
-            Some(Value::String(s)) => Ok((s.clone(), None)),
-            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-                Ok((a[0].as_str().unwrap_or("").to_string(), None))
+        // A batch (several prompts, strings or token-id arrays) is routed by its first
+        // prompt: one pod serves the whole batch, as vLLM serves it in one request.
+        let prompt = match v.get("prompt") {
+            Some(Value::Array(a)) if a.first().is_some_and(|p| p.is_string() || p.is_array()) => {
+                if !a.iter().all(|p| p.is_string() || p.is_array()) {
+                    return Err(bad("`prompt` must be a string, an array of strings, an array of token ids or an array of token-id arrays"));
+                }
+                a.first()
             }
+            Some(Value::Array(a)) if a.is_empty() => return Err(bad("`prompt` must not be empty")),
+            p => p,
+        };
+        match prompt {
+            Some(Value::String(s)) => Ok((s.clone(), None)),
             Some(Value::Array(a)) => {
                 let ids = a
                     .iter()
@@ -247,7 +281,7 @@ impl Gateway {
                 let text = ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
                 Ok((text, Some(ids)))
             }
-            _ => Err(bad("`prompt` must be a string or an array of token ids")),
+            _ => Err(bad("`prompt` must be a string, an array of strings or an array of token ids")),
         }
     }
 
@@ -350,6 +384,9 @@ impl Gateway {
             self.keys.keys(t, lora, salt, &mut keys);
         }
         let text_keys = approx::chunk_keys(&format!("{model}\0{}", salt.unwrap_or("")), &text);
+        if !self.pool.backends.iter().any(|b| b.serves(model)) {
+            return Err(model_not_found(model));
+        }
         let backends: Vec<Arc<Backend>> = self
             .pool
             .backends
@@ -514,8 +551,38 @@ fn thread_local_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     S.with(|s| f(&mut s.borrow_mut()))
 }
 
+/// An OpenAI-style error body (`{"error": {"message", "type", "code"}}`), with
+/// `Retry-After` on 429 and 503.
 fn error(status: StatusCode, msg: &str) -> Response {
-    (status, Json(json!({"error": {"message": msg, "code": status.as_u16()}}))).into_response()
+    let body = json!({"error": {"message": msg, "type": error_type(status), "code": status.as_u16()}});
+    let mut r = (status, Json(body)).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// The `type` of an error body, in the style of vLLM's (and the OpenAI client's) names.
+pub fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "BadRequestError",
+        401 => "AuthenticationError",
+        403 => "PermissionDeniedError",
+        404 => "NotFoundError",
+        413 => "RequestTooLargeError",
+        422 => "UnprocessableEntityError",
+        429 => "RateLimitError",
+        502 => "BadGatewayError",
+        503 => "ServiceUnavailableError",
+        504 => "GatewayTimeoutError",
+        s if s >= 500 => "InternalServerError",
+        _ => "BadRequestError",
+    }
+}
+
+/// vLLM's answer for a model no pod serves.
+pub fn model_not_found(model: &str) -> RouteError {
+    RouteError::new(StatusCode::NOT_FOUND, format!("The model `{model}` does not exist."))
 }
 
 /// Why a request cannot be routed: the HTTP status and a message for the client (both
@@ -551,12 +618,45 @@ fn bad(msg: &str) -> RouteError {
 /// The gateway's routes (merged into the router's HTTP app).
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
-        .route("/v1/completions", post(|s, h, b| proxy(s, h, b, false)))
-        .route("/v1/chat/completions", post(|s, h, b| proxy(s, h, b, true)))
+        .route("/v1/completions", post(|s, h, b| proxy::proxy(s, h, b, false)))
+        .route("/v1/chat/completions", post(|s, h, b| proxy::proxy(s, h, b, true)))
         .route("/v1/route/explain", post(explain))
+        .route("/ready", get(ready))
         .merge(passthrough::routes())
         .layer(axum::extract::DefaultBodyLimit::max(32 << 20))
+        .layer(axum::middleware::map_response(json_rejections))
         .with_state(gw)
+}
+
+/// Readiness (`GET /ready`): 200 while some backend is in rotation, else 503. `/health`
+/// stays liveness (the router process answers).
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    let healthy = gw.pool.backends.iter().filter(|b| b.is_healthy()).count();
+    let total = gw.pool.backends.len();
+    if healthy == 0 {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: none of {total} backends is in rotation"));
+    }
+    Json(json!({"status": "ready", "healthy_backends": healthy, "backends": total})).into_response()
+}
+
+/// Rejections axum answers in plain text (413 body too large, 415, 400 from an
+/// extractor) become OpenAI-style JSON errors (a pod's own answers pass as they are).
+async fn json_rejections(r: Response) -> Response {
+    let json = r.headers().get("content-type").is_some_and(|c| c.as_bytes().starts_with(b"application/json"));
+    if json || !r.status().is_client_error() || r.headers().contains_key("x-kvroute-pod") {
+        return r;
+    }
+    let status = r.status();
+    let text = match axum::body::to_bytes(r.into_body(), 64 << 10).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let msg = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!("request body too large (limit {} bytes)", 32 << 20),
+        _ if !text.is_empty() => text,
+        _ => status.canonical_reason().unwrap_or("bad request").to_string(),
+    };
+    error(status, &msg)
 }
 
 /// Parses an OpenAI request body: the JSON and its `model` (400 on either missing).
@@ -610,74 +710,4 @@ impl Drop for InFlight {
         self.first_byte();
         self.backend.in_flight.fetch_sub(1, AcqRel);
     }
-}
-
-async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
-    let (v, model) = match parse_request(&body) {
-        Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
-    let t0 = Instant::now();
-    let session = ["x-session-id", "x-session-token"].iter().find_map(|h| headers.get(*h)?.to_str().ok());
-    let sheddable = is_sheddable(|h| headers.get(h).and_then(|v| v.to_str().ok()));
-    let routed = match gw
-        .route(&RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: None, dry_run: false })
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
-    let mut last_err = String::new();
-    for (i, b) in routed.order.iter().enumerate().take(gw.max_retries + 1) {
-        let mut guard = gw.commit(&routed, i);
-        let mut req =
-            gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json").body(body.clone());
-        for h in ["authorization", "x-request-id", "x-session-id"] {
-            if let Some(val) = headers.get(h) {
-                req = req.header(h, val);
-            }
-        }
-        // P/D (llm-d's disagg-profile-handler): the decode pod's sidecar prefills there.
-        if let Some(p) = routed.explain["prefill"].as_str() {
-            req = req.header("x-prefiller-host-port", p);
-        }
-        match req.send().await {
-            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS || resp.status().is_server_error() => {
-                last_err = format!("{} answered {}", b.name, resp.status());
-                if resp.status().is_server_error() {
-                    b.failed();
-                }
-            }
-            Ok(resp) => {
-                let status = resp.status();
-                let ctype = resp.headers().get("content-type").cloned();
-                let ttft = gw.ttft.with_label_values(&[if routed.hit { "hit" } else { "miss" }]);
-                let mut first = true;
-                let stream = resp.bytes_stream().map(move |chunk| {
-                    if first {
-                        first = false;
-                        guard.first_byte();
-                        ttft.observe(t0.elapsed().as_secs_f64());
-                    }
-                    chunk
-                });
-                let mut out = Response::new(Body::from_stream(stream));
-                *out.status_mut() = status;
-                if let Some(c) = ctype {
-                    out.headers_mut().insert("content-type", c);
-                }
-                if let Ok(p) = HeaderValue::from_str(&b.name) {
-                    out.headers_mut().insert("x-kvroute-pod", p);
-                }
-                return out;
-            }
-            Err(e) => {
-                warn!(pod = %b.name, "request failed before the first byte: {e}");
-                last_err = format!("{}: {e}", b.name);
-                b.failed();
-            }
-        }
-    }
-    error(StatusCode::SERVICE_UNAVAILABLE, &format!("no pod could serve the request ({last_err})"))
 }

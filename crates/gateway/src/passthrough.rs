@@ -68,6 +68,9 @@ async fn forward(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
     };
     let model = v.get("model").and_then(Value::as_str).filter(|m| !m.is_empty());
+    if let Some(m) = model.filter(|m| !gw.pool.backends.iter().any(|b| b.serves(m))) {
+        return crate::model_not_found(m).into_response();
+    }
     let pods = candidates(&gw, model);
     if pods.is_empty() {
         let msg = match model {
@@ -77,24 +80,46 @@ async fn forward(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes
         return error(StatusCode::SERVICE_UNAVAILABLE, &msg);
     }
     let mut last_err = String::new();
-    for b in pods.iter().take(gw.max_retries + 1) {
+    for (i, b) in pods.iter().enumerate().take(gw.max_retries + 1) {
+        if i > 0 {
+            gw.upstream.retries.inc();
+        }
         let mut req = gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json");
         for h in ["authorization", "x-request-id"] {
             if let Some(val) = headers.get(h) {
                 req = req.header(h, val);
             }
         }
-        match req.body(body.clone()).send().await {
-            Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS || r.status().is_server_error() => {
+        let send = req.body(body.clone()).timeout(gw.timeouts.total).send();
+        let m = &gw.upstream;
+        match tokio::time::timeout(gw.timeouts.first_byte, send).await {
+            Ok(Ok(r))
+                if r.status() == StatusCode::TOO_MANY_REQUESTS
+                    || r.status().is_server_error()
+                    || r.status().is_redirection() =>
+            {
+                let kind = match r.status().as_u16() {
+                    429 => "status_429",
+                    300..=399 => "redirect",
+                    _ => "status_5xx",
+                };
+                m.errors.with_label_values(&[&b.name, kind]).inc();
                 last_err = format!("{} answered {}", b.name, r.status());
-                if r.status().is_server_error() {
+                if kind != "status_429" {
                     b.failed();
                 }
             }
-            Ok(r) => return pass_through(b, r),
-            Err(e) => {
+            Ok(Ok(r)) => return pass_through(b, r),
+            Ok(Err(e)) => {
+                m.errors.with_label_values(&[&b.name, crate::upstream::error_kind(&e)]).inc();
+                let e = crate::upstream::describe(e);
                 tracing::warn!(pod = %b.name, "{path} failed: {e}");
                 last_err = format!("{}: {e}", b.name);
+                b.failed();
+            }
+            Err(_) => {
+                m.timeouts.with_label_values(&[&b.name, "first_byte"]).inc();
+                last_err = format!("{}: no response within the first_byte timeout", b.name);
                 b.failed();
             }
         }
@@ -188,7 +213,7 @@ async fn reset_prefix_cache(State(gw): State<Arc<Gateway>>, RawQuery(query): Raw
                         .unwrap_or(text);
                     Err(format!("answered {status}: {}", msg.trim()))
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(crate::upstream::describe(e)),
             }
         }
     });

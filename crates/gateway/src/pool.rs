@@ -39,6 +39,15 @@ pub struct Backend {
     waiting: AtomicU64,
     pub running_loras: RwLock<Vec<String>>,
     scraped: RwLock<Option<Instant>>,
+    /// Told when the pod leaves or rejoins the rotation (set once, by the gateway).
+    pub hook: std::sync::OnceLock<Arc<dyn HealthHook>>,
+}
+
+/// What happens when a pod leaves the rotation (two failures in a row) or rejoins it (a
+/// probe succeeded after it was out).
+pub trait HealthHook: Send + Sync {
+    fn down(&self, b: &Backend);
+    fn up(&self, b: &Backend);
 }
 
 impl Backend {
@@ -63,6 +72,7 @@ impl Backend {
             waiting: AtomicU64::new(0),
             running_loras: RwLock::new(Vec::new()),
             scraped: RwLock::new(None),
+            hook: std::sync::OnceLock::new(),
         }
     }
 
@@ -72,14 +82,22 @@ impl Backend {
 
     /// A failed probe or request; two in a row take the pod out.
     pub fn failed(&self) {
-        if self.failures.fetch_add(1, AcqRel) + 1 >= 2 {
-            self.healthy.store(false, Release);
+        if self.failures.fetch_add(1, AcqRel) + 1 >= 2 && self.healthy.swap(false, AcqRel) {
+            tracing::warn!(pod = %self.name, "pod out of rotation (two failures in a row)");
+            if let Some(h) = self.hook.get() {
+                h.down(self);
+            }
         }
     }
 
     pub fn succeeded(&self) {
         self.failures.store(0, Release);
-        self.healthy.store(true, Release);
+        if !self.healthy.swap(true, AcqRel) {
+            tracing::info!(pod = %self.name, "pod back in rotation");
+            if let Some(h) = self.hook.get() {
+                h.up(self);
+            }
+        }
     }
 
     /// KV-cache usage, if scraped within `max_age`.
@@ -135,6 +153,17 @@ impl Backend {
 pub struct Pool {
     pub backends: Vec<Arc<Backend>>,
     pub lora_names: RwLock<HashSet<String>>,
+}
+
+impl Pool {
+    pub fn new(backends: Vec<Arc<Backend>>) -> Self {
+        Self { backends, lora_names: Default::default() }
+    }
+
+    /// Whether some pod is in rotation (readiness).
+    pub fn any_healthy(&self) -> bool {
+        self.backends.iter().any(|b| b.is_healthy())
+    }
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {

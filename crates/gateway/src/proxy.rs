@@ -1,0 +1,165 @@
+//! `POST /v1/completions` and `/v1/chat/completions`: route, then send to the pick and,
+//! while nothing has reached the client, to the next pods on failure.
+//!
+//! An attempt fails (and the next pod is tried, up to `max_retries` more) on a connection
+//! error, a 429, a 5xx, a redirect (never followed) or no first body byte within the
+//! first-byte timeout. The response headers are held until the first body byte, so a
+//! retry is always invisible to the client. When every attempt fails the client gets:
+//! 504 if an attempt timed out or the total time ran out, 429 if every pod answered 429,
+//! 502 if a pod answered a redirect, else 503 — with `Retry-After` on 429 and 503. Messages
+//! name pods (`host:port`), never URLs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+
+use crate::upstream::{describe, error_kind, guard};
+use crate::{error, is_sheddable, parse_request, Gateway, RouteRequest};
+
+/// Why an attempt failed, worst last: decides the status when every attempt fails.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Failure {
+    Unavailable,
+    Redirect,
+    Timeout,
+}
+
+pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
+    let (v, model) = match parse_request(&body) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let t0 = Instant::now();
+    let deadline = t0 + gw.timeouts.total;
+    let session = ["x-session-id", "x-session-token"].iter().find_map(|h| headers.get(*h)?.to_str().ok());
+    let sheddable = is_sheddable(|h| headers.get(h).and_then(|v| v.to_str().ok()));
+    let routed = match gw
+        .route(&RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: None, dry_run: false })
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
+    let (mut last_err, mut worst, mut all_busy) = (String::new(), Failure::Unavailable, true);
+    let m = &gw.upstream;
+    for (i, b) in routed.order.iter().enumerate().take(gw.max_retries + 1) {
+        let now = Instant::now();
+        if now >= deadline {
+            m.timeouts.with_label_values(&[&b.name, "total"]).inc();
+            worst = Failure::Timeout;
+            last_err = "the request exceeded its total time".into();
+            break;
+        }
+        if i > 0 {
+            m.retries.inc();
+        }
+        let mut guard_ = gw.commit(&routed, i);
+        let mut req =
+            gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json").body(body.clone());
+        for h in ["authorization", "x-request-id", "x-session-id"] {
+            if let Some(val) = headers.get(h) {
+                req = req.header(h, val);
+            }
+        }
+        // P/D (llm-d's disagg-profile-handler): the decode pod's sidecar prefills there.
+        if let Some(p) = routed.explain["prefill"].as_str() {
+            req = req.header("x-prefiller-host-port", p);
+        }
+        let first_deadline = (now + gw.timeouts.first_byte).min(deadline);
+        let timeout_kind = if first_deadline == deadline { "total" } else { "first_byte" };
+        // Headers and the first body chunk, within the first-byte timeout.
+        let attempt = tokio::time::timeout_at(first_deadline.into(), async {
+            let resp = req.send().await?;
+            let status = resp.status();
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status.is_redirection() {
+                return Ok(Err(status));
+            }
+            let ctype = resp.headers().get("content-type").cloned();
+            let mut stream = resp.bytes_stream();
+            let first = stream.next().await.transpose()?;
+            Ok::<_, reqwest::Error>(Ok((status, ctype, first, stream)))
+        })
+        .await;
+        match attempt {
+            Ok(Ok(Ok((status, ctype, first, rest)))) => {
+                guard_.first_byte();
+                let ttft = gw.ttft.with_label_values(&[if routed.hit { "hit" } else { "miss" }]);
+                ttft.observe(t0.elapsed().as_secs_f64());
+                let sse =
+                    ctype.as_ref().and_then(|c| c.to_str().ok()).is_some_and(|c| c.starts_with("text/event-stream"));
+                let (backend, timeouts) = (b.clone(), m.timeouts.clone());
+                let on_timeout = move |kind: &'static str| {
+                    tracing::warn!(pod = %backend.name, kind, "upstream stalled mid-response");
+                    timeouts.with_label_values(&[&backend.name, kind]).inc();
+                    backend.failed();
+                };
+                let rest = guard(rest, gw.timeouts.idle, deadline, sse, on_timeout);
+                // The in-flight count lasts as long as the body.
+                let body = futures_util::stream::iter(first.map(Ok)).chain(rest).map(move |c| {
+                    let _ = &guard_;
+                    c
+                });
+                let mut out = Response::new(Body::from_stream(body));
+                *out.status_mut() = status;
+                if let Some(c) = ctype {
+                    out.headers_mut().insert("content-type", c);
+                }
+                if let Ok(p) = HeaderValue::from_str(&b.name) {
+                    out.headers_mut().insert("x-kvroute-pod", p);
+                }
+                return out;
+            }
+            Ok(Ok(Err(status))) => {
+                let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+                    "status_429"
+                } else if status.is_redirection() {
+                    "redirect"
+                } else {
+                    "status_5xx"
+                };
+                m.errors.with_label_values(&[&b.name, kind]).inc();
+                all_busy &= status == StatusCode::TOO_MANY_REQUESTS;
+                if status.is_redirection() {
+                    tracing::warn!(pod = %b.name, %status, "pod answered a redirect; not followed");
+                    last_err = format!("{} answered a redirect ({status}), which the gateway does not follow", b.name);
+                    worst = worst.max(Failure::Redirect);
+                    b.failed();
+                } else {
+                    last_err = format!("{} answered {status}", b.name);
+                    if status.is_server_error() {
+                        b.failed();
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                all_busy = false;
+                m.errors.with_label_values(&[&b.name, error_kind(&e)]).inc();
+                let e = describe(e);
+                tracing::warn!(pod = %b.name, "request failed before the first byte: {e}");
+                last_err = format!("{}: {e}", b.name);
+                b.failed();
+            }
+            Err(_) => {
+                all_busy = false;
+                m.timeouts.with_label_values(&[&b.name, timeout_kind]).inc();
+                tracing::warn!(pod = %b.name, kind = timeout_kind, "no first byte in time");
+                last_err = format!("{}: no response within the {timeout_kind} timeout", b.name);
+                worst = Failure::Timeout;
+                b.failed();
+            }
+        }
+    }
+    let status = match worst {
+        Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        Failure::Redirect => StatusCode::BAD_GATEWAY,
+        _ if all_busy && !last_err.is_empty() => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, &format!("no pod could serve the request ({last_err})"))
+}
