@@ -1,0 +1,341 @@
+//! Black-box tests of the gateway's upstream side (issue #14): timeouts against a stopped
+//! (SIGSTOP) or stalling `kvroute sim`, redirects never followed, readiness, a returning
+//! pod's index cleared, OpenAI-style errors, and the simulator's vLLM-like validation.
+//! Real `kvroute serve` / `kvroute sim` child processes, real sockets, loopback only.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{free_ports, words, Children};
+use serde_json::{json, Value};
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build()
+}
+
+/// POST JSON: (status, body text, `x-kvroute-pod`, `retry-after`).
+fn post(url: &str, body: &Value) -> (u16, String, Option<String>, Option<String>) {
+    let r = match agent().post(url).send_json(body.clone()) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{url}: {e}"),
+    };
+    let (pod, retry) = (r.header("x-kvroute-pod").map(str::to_string), r.header("retry-after").map(str::to_string));
+    (r.status(), r.into_string().unwrap_or_default(), pod, retry)
+}
+
+fn get(url: &str) -> (u16, String, Option<String>) {
+    let r = match agent().get(url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{url}: {e}"),
+    };
+    let retry = r.header("retry-after").map(str::to_string);
+    (r.status(), r.into_string().unwrap_or_default(), retry)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Polls `f` every 20 ms until it holds, for at most `limit`.
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metric(router: u16, name: &str, labels: &[&str]) -> f64 {
+    let text = get(&format!("http://127.0.0.1:{router}/metrics")).1;
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sims on their ports (started first, so the router's first probe finds them), then the
+/// router; waits until the router knows the sims' models.
+fn fleet(sims: &[(u16, &[&str])], serve_extra: &[&str]) -> (u16, Children) {
+    let ports = free_ports(2);
+    let (rp, zp) = (ports[0], ports[1]);
+    let mut kids: Vec<_> = sims.iter().map(|(p, extra)| common::sim(*p, zp, extra)).collect();
+    let backends: Vec<u16> = sims.iter().map(|s| s.0).collect();
+    kids.push(common::serve(rp, zp, &backends, serve_extra));
+    wait_for(Duration::from_secs(5), "the router's model list", || {
+        get(&format!("http://127.0.0.1:{rp}/v1/models")).1.contains("\"m\"")
+    });
+    // The sims' KV-event publishers (re)connect and subscribe.
+    std::thread::sleep(Duration::from_millis(500));
+    (rp, Children(kids))
+}
+
+fn healthy_backends(router: u16) -> i64 {
+    let (code, body, _) = get(&format!("http://127.0.0.1:{router}/ready"));
+    if code == 503 {
+        return 0;
+    }
+    serde_json::from_str::<Value>(&body).ok().and_then(|v| v["healthy_backends"].as_i64()).unwrap_or(-1)
+}
+
+#[test]
+fn a_stopped_pod_fails_over_within_the_first_byte_timeout_then_504_and_health_takes_it_out() {
+    let ports = free_ports(2);
+    let (rp, kids) = fleet(
+        &[(ports[0], &[]), (ports[1], &[])],
+        &["--upstream-first-byte-timeout-ms", "1000", "--upstream-timeout-ms", "4000"],
+    );
+    let url = format!("http://127.0.0.1:{rp}/v1/completions");
+    let prompt = words("stopme", 200);
+    let body = json!({"model": "m", "prompt": prompt, "max_tokens": 2});
+    let (code, text, pod, _) = post(&url, &body);
+    assert_eq!(code, 200, "{text}");
+    let victim = pod.unwrap();
+    let (vi, other) = if victim.ends_with(&format!(":{}", ports[0])) { (0, 1) } else { (1, 0) };
+    std::thread::sleep(Duration::from_millis(300)); // the sim's events reach the index
+    signal(kids.0[vi].id(), "-STOP");
+
+    // The same prompt goes to the stopped pod (its prefix is there): no first byte within
+    // 1 s, so the other pod answers it.
+    let t = Instant::now();
+    let (code, text, pod, _) = post(&url, &body);
+    let took = t.elapsed();
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(pod.as_deref(), Some(format!("127.0.0.1:{}", ports[other]).as_str()));
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "failover took {took:?}");
+    assert!(metric(rp, "kvroute_upstream_timeouts_total", &[&victim, "first_byte"]) >= 1.0);
+    assert!(metric(rp, "kvroute_upstream_retries_total", &[]) >= 1.0);
+
+    // Health takes it out; then requests go straight to the other pod.
+    wait_for(Duration::from_secs(5), "the stopped pod out of rotation", || healthy_backends(rp) == 1);
+    let t = Instant::now();
+    let (code, _, pod, _) = post(&url, &body);
+    assert_eq!((code, pod.as_deref()), (200, Some(format!("127.0.0.1:{}", ports[other]).as_str())));
+    assert!(t.elapsed() < Duration::from_millis(800), "{:?}", t.elapsed());
+
+    // The last pod stops too: 504 within the first-byte timeout, no URL in the message.
+    signal(kids.0[other].id(), "-STOP");
+    let t = Instant::now();
+    let (code, text, _, _) = post(&url, &json!({"model": "m", "prompt": "a new one", "max_tokens": 2}));
+    assert_eq!(code, 504, "{text}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let e: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(e["error"]["code"], 504);
+    assert!(!text.contains("http://"), "internal URL in {text}");
+
+    // Nothing usable: not ready (503 + Retry-After), but alive.
+    wait_for(Duration::from_secs(5), "no pod in rotation", || healthy_backends(rp) == 0);
+    let (code, text, retry) = get(&format!("http://127.0.0.1:{rp}/ready"));
+    assert_eq!((code, retry.as_deref()), (503, Some("1")), "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["code"], 503);
+    assert_eq!(get(&format!("http://127.0.0.1:{rp}/health")).0, 200);
+    let (code, text, _, retry) = post(&url, &body);
+    assert_eq!((code, retry.as_deref()), (503, Some("1")), "{text}");
+    for k in &kids.0[..2] {
+        signal(k.id(), "-CONT");
+    }
+}
+
+#[test]
+fn a_stream_that_stalls_after_its_first_chunk_ends_with_an_sse_error_event() {
+    let sim = free_ports(1)[0];
+    let (rp, _kids) = fleet(&[(sim, &["--stall-after-tokens", "1"])], &["--upstream-idle-timeout-ms", "700"]);
+    let t = Instant::now();
+    let r = agent()
+        .post(&format!("http://127.0.0.1:{rp}/v1/completions"))
+        .send_json(json!({"model": "m", "prompt": "stall", "max_tokens": 8, "stream": true}))
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.into_string().unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "the stream ended after {took:?}");
+    let events: Vec<&str> = text.split("\n\n").map(str::trim).filter(|e| !e.is_empty()).collect();
+    assert!(events.len() >= 2, "{text}");
+    assert!(events[0].starts_with("data: {") && events[0].contains("\"choices\""), "{text}");
+    let last: Value = serde_json::from_str(events.last().unwrap().trim_start_matches("data: ")).unwrap();
+    assert_eq!(last["error"]["code"], 504, "{text}");
+    assert!(last["error"]["message"].as_str().unwrap().contains("700 ms"), "{last}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(metric(rp, "kvroute_upstream_timeouts_total", &["idle"]) >= 1.0);
+}
+
+/// A backend that answers `/health` and every other request with a 307 to `target`.
+fn redirecting_backend(target: u16) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let resp = if head.starts_with("GET /health") {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+                } else {
+                    format!(
+                        "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:{target}/v1/completions\r\n\
+                         content-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                };
+                let _ = s.write_all(resp.as_bytes());
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_redirecting_backend_gets_no_prompt_sent_elsewhere_and_the_client_a_502() {
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    target.set_nonblocking(true).unwrap();
+    let backend = redirecting_backend(target.local_addr().unwrap().port());
+    let ports = free_ports(2);
+    let _serve = Children(vec![common::serve(ports[0], ports[1], &[backend], &[])]);
+    let (code, text, _, _) = post(
+        &format!("http://127.0.0.1:{}/v1/completions", ports[0]),
+        &json!({"model": "m", "prompt": "secret prompt", "max_tokens": 2}),
+    );
+    assert_eq!(code, 502, "{text}");
+    let e: Value = serde_json::from_str(&text).unwrap();
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("redirect") && !msg.contains("http://"), "{msg}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(target.accept().is_err(), "the gateway connected to the redirect target");
+    assert!(metric(ports[0], "kvroute_upstream_errors_total", &["redirect"]) >= 1.0);
+}
+
+fn pod_blocks(router: u16, pod: &str) -> u64 {
+    let v: Value = serde_json::from_str(&get(&format!("http://127.0.0.1:{router}/v1/kv/pods")).1).unwrap();
+    let list = v.as_array().cloned().or_else(|| v["pods"].as_array().cloned()).unwrap_or_default();
+    list.iter().find(|p| p["pod"] == pod).and_then(|p| p["blocks"].as_u64()).unwrap_or(0)
+}
+
+#[test]
+fn a_pod_that_comes_back_without_events_while_down_loses_its_index_entries() {
+    let sim = free_ports(1)[0];
+    let (rp, kids) = fleet(&[(sim, &[])], &[]);
+    let pod = format!("127.0.0.1:{sim}");
+    let (code, text, _, _) = post(
+        &format!("http://127.0.0.1:{rp}/v1/completions"),
+        &json!({"model": "m", "prompt": words("restart", 100), "max_tokens": 2}),
+    );
+    assert_eq!(code, 200, "{text}");
+    wait_for(Duration::from_secs(5), "the pod's blocks in the index", || pod_blocks(rp, &pod) > 0);
+    signal(kids.0[0].id(), "-STOP");
+    wait_for(Duration::from_secs(6), "the pod out of rotation", || healthy_backends(rp) == 0);
+    signal(kids.0[0].id(), "-CONT");
+    wait_for(Duration::from_secs(5), "the pod back", || healthy_backends(rp) == 1);
+    wait_for(Duration::from_secs(2), "its entries cleared", || pod_blocks(rp, &pod) == 0);
+    assert_eq!(metric(rp, "kvroute_router_pod_recovery_clears_total", &[&pod]), 1.0);
+}
+
+#[test]
+fn gateway_errors_are_openai_json_unknown_models_404_batches_route_and_big_bodies_413() {
+    let sim = free_ports(1)[0];
+    let (rp, _kids) = fleet(&[(sim, &[])], &[]);
+    let base = format!("http://127.0.0.1:{rp}");
+    // vLLM's 404 for a model nobody serves.
+    let (code, text, _, _) = post(&format!("{base}/v1/completions"), &json!({"model": "x", "prompt": "hi"}));
+    assert_eq!(code, 404, "{text}");
+    let e: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(e, json!({"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "code": 404}}));
+    assert_eq!(post(&format!("{base}/tokenize"), &json!({"model": "x", "prompt": "hi"})).0, 404);
+    // Batches are routed by their first prompt (strings or token-id arrays).
+    for prompt in [json!(["first prompt", "second"]), json!([[1, 2, 3], [4, 5]])] {
+        let (code, text, pod, _) =
+            post(&format!("{base}/v1/completions"), &json!({"model": "m", "prompt": prompt, "max_tokens": 1}));
+        assert!(pod.is_some(), "not routed: {code} {text}");
+        let (code, text, _, _) = post(&format!("{base}/v1/route/explain"), &json!({"model": "m", "prompt": prompt}));
+        assert_eq!(code, 200, "{text}");
+    }
+    // 400s of the gateway carry a type.
+    let (code, text, _, _) = post(&format!("{base}/v1/completions"), &json!({"model": "m", "prompt": []}));
+    assert_eq!(code, 400, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["type"], "BadRequestError");
+    // A body over the limit: 413 as JSON.
+    let mut s = TcpStream::connect(("127.0.0.1", rp)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let len = 33 << 20;
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut w = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let block = vec![b' '; 1 << 20];
+        for _ in 0..33 {
+            if w.write_all(&block).is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        resp.extend_from_slice(&chunk[..n]);
+        if resp.windows(4).any(|w| w == b"\r\n\r\n") && resp.ends_with(b"}}") {
+            break;
+        }
+    }
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let e: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {resp}"));
+    assert_eq!(e["error"]["code"], 413);
+}
+
+#[test]
+fn the_sim_rejects_invalid_sampling_parameters_as_vllm_does() {
+    let p = free_ports(2);
+    let _sim = Children(vec![common::sim(p[0], p[1], &["--max-model-len", "1000"])]);
+    let url = format!("http://127.0.0.1:{}/v1/completions", p[0]);
+    let cases = [
+        (json!({"max_tokens": -1}), "max_tokens", "max_tokens must be at least 1, got -1."),
+        (json!({"max_tokens": 0}), "max_tokens", "max_tokens must be at least 1, got 0."),
+        (json!({"max_tokens": 5000}), "max_tokens", "'max_tokens' or 'max_completion_tokens' is too large: 5000."),
+        (json!({"max_tokens": "sixteen"}), "max_tokens", "unable to parse string as an integer"),
+        (json!({"max_tokens": 1.5}), "max_tokens", "got a number with a fractional part"),
+        (json!({"temperature": -0.5}), "temperature", "temperature must be non-negative, got -0.5."),
+        (json!({"top_p": 0}), "top_p", "top_p must be in (0, 1], got 0.0."),
+        (json!({"top_p": 1.5}), "top_p", "top_p must be in (0, 1], got 1.5."),
+        (json!({"n": 0}), "n", "n must be at least 1, got 0."),
+    ];
+    for (extra, param, msg) in cases {
+        let mut body = json!({"model": "m", "prompt": "hello there"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (code, text, _, _) = post(&url, &body);
+        assert_eq!(code, 400, "{body}: {text}");
+        let e: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&e["error"]["type"], &e["error"]["param"], &e["error"]["code"]),
+            (&json!("BadRequestError"), &json!(param), &json!(400)),
+            "{text}"
+        );
+        assert!(e["error"]["message"].as_str().unwrap().contains(msg), "{body}: {text}");
+    }
+    // As pydantic reads them: a numeric string and a whole float are integers.
+    for mt in [json!("3"), json!(3.0)] {
+        let (code, text, _, _) = post(&url, &json!({"model": "m", "prompt": "hi", "max_tokens": mt}));
+        assert_eq!(code, 200, "{text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["usage"]["completion_tokens"], 3);
+    }
+}
