@@ -117,7 +117,8 @@ impl Default for SaturationSection {
     }
 }
 
-/// Timeouts of the gateway's requests to the pods (see `kvroute_gateway::upstream`).
+/// Timeouts of the gateway's requests to the pods (see `kvroute_gateway::upstream`);
+/// each in ms, 0 = no limit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamSection {
@@ -147,7 +148,8 @@ impl Default for UpstreamSection {
 
 impl UpstreamSection {
     pub fn timeouts(&self) -> kvroute_gateway::Timeouts {
-        let ms = |v: u64| std::time::Duration::from_millis(v.max(1));
+        // 0 = no limit (ten years).
+        let ms = |v: u64| std::time::Duration::from_millis(if v == 0 { 315_360_000_000 } else { v });
         kvroute_gateway::Timeouts {
             connect: ms(self.connect_timeout_ms),
             first_byte: ms(self.first_byte_timeout_ms),

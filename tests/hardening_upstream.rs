@@ -143,6 +143,29 @@ fn a_stopped_pod_fails_over_within_the_first_byte_timeout_then_504_and_health_ta
 }
 
 #[test]
+fn a_request_waiting_on_a_pod_that_health_takes_out_moves_to_another_pod_at_once() {
+    // Default timeouts (first byte: 120 s); probes every 100 ms with a 1 s timeout.
+    let ports = free_ports(2);
+    let (rp, kids) = fleet(&[(ports[0], &[]), (ports[1], &[])], &[]);
+    let url = format!("http://127.0.0.1:{rp}/v1/completions");
+    let body = json!({"model": "m", "prompt": words("probeout", 200), "max_tokens": 2});
+    let (code, text, pod, _) = post(&url, &body);
+    assert_eq!(code, 200, "{text}");
+    let vi = if pod.unwrap().ends_with(&format!(":{}", ports[0])) { 0 } else { 1 };
+    std::thread::sleep(Duration::from_millis(300));
+    signal(kids.0[vi].id(), "-STOP");
+    let t = Instant::now();
+    let (code, text, pod, _) = post(&url, &body);
+    let took = t.elapsed();
+    signal(kids.0[vi].id(), "-CONT");
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(pod.as_deref(), Some(format!("127.0.0.1:{}", ports[1 - vi]).as_str()));
+    // Two failed probes (1 s each) and the request moves; far below the 120 s timeout.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(metric(rp, "kvroute_upstream_errors_total", &["taken_out"]) >= 1.0);
+}
+
+#[test]
 fn a_stream_that_stalls_after_its_first_chunk_ends_with_an_sse_error_event() {
     let sim = free_ports(1)[0];
     let (rp, _kids) = fleet(&[(sim, &["--stall-after-tokens", "1"])], &["--upstream-idle-timeout-ms", "700"]);

@@ -120,7 +120,7 @@ pub struct ServeArgs {
     /// Messages queued per worker before dropping [default: 65536].
     #[arg(long)]
     queue_capacity: Option<usize>,
-    // Upstream timeouts (gateway → pods; `upstream.*`).
+    // Upstream timeouts (gateway → pods; `upstream.*`; 0 = no limit).
     /// TCP connect timeout to a pod, ms; past it the next pod is tried [default: 5000].
     #[arg(long)]
     upstream_connect_timeout_ms: Option<u64>,

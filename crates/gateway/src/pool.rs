@@ -41,6 +41,8 @@ pub struct Backend {
     scraped: RwLock<Option<Instant>>,
     /// Told when the pod leaves or rejoins the rotation (set once, by the gateway).
     pub hook: std::sync::OnceLock<Arc<dyn HealthHook>>,
+    /// Wakes the requests waiting for this pod's first byte when it leaves the rotation.
+    out: tokio::sync::Notify,
 }
 
 /// What happens when a pod leaves the rotation (two failures in a row) or rejoins it (a
@@ -73,6 +75,7 @@ impl Backend {
             running_loras: RwLock::new(Vec::new()),
             scraped: RwLock::new(None),
             hook: std::sync::OnceLock::new(),
+            out: tokio::sync::Notify::new(),
         }
     }
 
@@ -84,10 +87,17 @@ impl Backend {
     pub fn failed(&self) {
         if self.failures.fetch_add(1, AcqRel) + 1 >= 2 && self.healthy.swap(false, AcqRel) {
             tracing::warn!(pod = %self.name, "pod out of rotation (two failures in a row)");
+            self.out.notify_waiters();
             if let Some(h) = self.hook.get() {
                 h.down(self);
             }
         }
+    }
+
+    /// Resolves when the pod next leaves the rotation (a request waiting for its first
+    /// byte then moves to another pod). Waits registered from creation, even unpolled.
+    pub fn taken_out(&self) -> tokio::sync::futures::Notified<'_> {
+        self.out.notified()
     }
 
     pub fn succeeded(&self) {

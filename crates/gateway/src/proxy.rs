@@ -21,6 +21,12 @@ use futures_util::StreamExt;
 use crate::upstream::{describe, error_kind, guard};
 use crate::{error, is_sheddable, parse_request, Gateway, RouteRequest};
 
+/// An attempt that ended before the pod's first byte.
+enum Outcome {
+    Client(reqwest::Error),
+    TakenOut,
+}
+
 /// Why an attempt failed, worst last: decides the status when every attempt fails.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Failure {
@@ -71,19 +77,32 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
         if let Some(p) = routed.explain["prefill"].as_str() {
             req = req.header("x-prefiller-host-port", p);
         }
+        let out = b.taken_out();
         let first_deadline = (now + gw.timeouts.first_byte).min(deadline);
         let timeout_kind = if first_deadline == deadline { "total" } else { "first_byte" };
         // Headers and the first body chunk, within the first-byte timeout.
         let attempt = tokio::time::timeout_at(first_deadline.into(), async {
-            let resp = req.send().await?;
-            let status = resp.status();
-            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status.is_redirection() {
-                return Ok(Err(status));
+            // Health took the pod out meanwhile (e.g. it stopped answering probes): no
+            // point waiting for its first byte.
+            let out = async {
+                out.await;
+                Err(Outcome::TakenOut)
+            };
+            let send = async {
+                let resp = req.send().await?;
+                let status = resp.status();
+                if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status.is_redirection() {
+                    return Ok(Err(status));
+                }
+                let ctype = resp.headers().get("content-type").cloned();
+                let mut stream = resp.bytes_stream();
+                let first = stream.next().await.transpose()?;
+                Ok::<_, reqwest::Error>(Ok((status, ctype, first, stream)))
+            };
+            tokio::select! {
+                r = send => r.map_err(Outcome::Client),
+                r = out => r,
             }
-            let ctype = resp.headers().get("content-type").cloned();
-            let mut stream = resp.bytes_stream();
-            let first = stream.next().await.transpose()?;
-            Ok::<_, reqwest::Error>(Ok((status, ctype, first, stream)))
         })
         .await;
         match attempt {
@@ -115,6 +134,12 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                 }
                 return out;
             }
+            Ok(Err(Outcome::TakenOut)) => {
+                all_busy = false;
+                m.errors.with_label_values(&[&b.name, "taken_out"]).inc();
+                tracing::warn!(pod = %b.name, "pod left the rotation before its first byte; trying the next");
+                last_err = format!("{}: taken out of rotation (health) before answering", b.name);
+            }
             Ok(Ok(Err(status))) => {
                 let kind = if status == StatusCode::TOO_MANY_REQUESTS {
                     "status_429"
@@ -137,7 +162,7 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                     }
                 }
             }
-            Ok(Err(e)) => {
+            Ok(Err(Outcome::Client(e))) => {
                 all_busy = false;
                 m.errors.with_label_values(&[&b.name, error_kind(&e)]).inc();
                 let e = describe(e);

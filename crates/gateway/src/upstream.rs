@@ -19,7 +19,8 @@
 //!   request, retries included. Before the response starts: 504; after: as idle.
 //!
 //! A pod counts a failure for every timeout, as for a failed health probe: two in a row
-//! take it out of rotation until a probe succeeds. Redirects are never followed (a 3xx
+//! take it out of rotation until a probe succeeds; requests still waiting for its first
+//! byte then move to the next pod at once. Redirects are never followed (a 3xx
 //! from a pod is an error: the prompt must not be sent where a backend says).
 
 use std::time::{Duration, Instant};
@@ -62,7 +63,8 @@ pub fn client(t: &Timeouts) -> reqwest::Client {
 /// `kvroute_upstream_*`: what went wrong between the gateway and the pods.
 #[derive(Clone)]
 pub struct UpstreamMetrics {
-    /// By pod and kind: `connect`, `status_5xx`, `status_429`, `redirect`, `body`, `request`.
+    /// By pod and kind: `connect`, `status_5xx`, `status_429`, `redirect`, `body`, `request`,
+    /// `timeout`, `taken_out` (health took the pod out while the request waited).
     pub errors: IntCounterVec,
     /// Attempts after the first of a request (on another pod).
     pub retries: IntCounter,
