@@ -281,7 +281,12 @@ fn gateway_errors_are_openai_json_unknown_models_404_batches_route_and_big_bodie
     for prompt in [json!(["first prompt", "second"]), json!([[1, 2, 3], [4, 5]])] {
         let (code, text, pod, _) =
             post(&format!("{base}/v1/completions"), &json!({"model": "m", "prompt": prompt, "max_tokens": 1}));
-        assert!(pod.is_some(), "not routed: {code} {text}");
+        assert_eq!((code, pod.is_some()), (200, true), "{text}");
+        // The sim answers a batch as vLLM does: one choice per prompt.
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let idx: Vec<_> = v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64()).collect();
+        assert_eq!(idx, [Some(0), Some(1)], "{text}");
+        assert_eq!(v["usage"]["completion_tokens"], 2, "{text}");
         let (code, text, _, _) = post(&format!("{base}/v1/route/explain"), &json!({"model": "m", "prompt": prompt}));
         assert_eq!(code, 200, "{text}");
     }

@@ -202,15 +202,18 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
     if model != sim.model && lora.is_none() {
         return error(StatusCode::NOT_FOUND, format!("The model `{model}` does not exist."), "NotFoundError");
     }
-    let tokens = match kind {
-        Kind::Completion => prompt_tokens(&sim, &v),
-        Kind::Chat => chat_tokens(&sim, &v, true),
+    // A completion may carry a batch of prompts: each is a request of its own, and the
+    // answer has one choice per prompt (`index` = its position), as vLLM answers.
+    let prompts = match kind {
+        Kind::Completion => batch_tokens(&sim, &v).unwrap_or_else(|| prompt_tokens(&sim, &v).map(|t| vec![t])),
+        Kind::Chat => chat_tokens(&sim, &v, true).map(|t| vec![t]),
     };
-    let tokens = match tokens {
-        Ok(t) => t,
+    let prompts = match prompts {
+        Ok(p) => p,
         Err(r) => return r,
     };
-    let max_tokens = match crate::validate::sampling(&v, tokens.len(), sim.max_model_len, sim.default_max_tokens) {
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let max_tokens = match crate::validate::sampling(&v, longest, sim.max_model_len, sim.default_max_tokens) {
         Ok(n) => n,
         Err(r) => return r,
     };
@@ -244,7 +247,6 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
         cache_salt: v.get("cache_salt").and_then(Value::as_str).map(str::to_string),
         mm: Vec::new(),
     };
-    let job = Job { tokens, max_tokens, extras, lora_id: lora.as_ref().map(|l| l.2), remote_prefill };
     // Refuse at once when the queue is full (before a stream starts). The request queues
     // for real inside `run`, which owns what it borrows.
     if let Err(e) = sim.engine.check_admission() {
@@ -256,25 +258,106 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
         None => uuid_hex(&mut sim.ids.lock()),
     };
     let id = format!("{}-{base}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
-    let ctx = Ctx {
-        sim: sim.clone(),
-        kind,
-        id,
-        model,
-        include_usage,
-        continuous_usage,
-        seed,
-        remote_decode,
-        job,
-        created: now_secs(),
-    };
+    let (member, created) = (prompts.len() > 1, now_secs());
+    let ctxs: Vec<Ctx> = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(index, tokens)| Ctx {
+            sim: sim.clone(),
+            kind,
+            id: id.clone(),
+            model: model.clone(),
+            include_usage,
+            continuous_usage,
+            seed,
+            remote_decode,
+            job: Job {
+                tokens,
+                max_tokens,
+                extras: extras.clone(),
+                lora_id: lora.as_ref().map(|l| l.2),
+                remote_prefill,
+            },
+            created,
+            index,
+            member,
+        })
+        .collect();
     if stream {
         let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
-        tokio::spawn(async move { ctx.run(Some(tx)).await });
+        if member {
+            tokio::spawn(batch_stream(ctxs, tx, include_usage, id, model, created));
+        } else {
+            tokio::spawn(async move {
+                for ctx in ctxs {
+                    let _ = ctx.run(Some(tx.clone())).await;
+                }
+            });
+        }
         let events = ReceiverStream::new(rx).map(|s| Ok::<Event, Infallible>(Event::default().data(s)));
         return Sse::new(events).into_response();
     }
-    ctx.run(None).await.unwrap_or_else(|e| e)
+    let bodies = futures_util::future::join_all(ctxs.into_iter().map(|c| c.run(None))).await;
+    let mut merged: Option<Value> = None;
+    for b in bodies {
+        let b = match b {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        match &mut merged {
+            None => merged = Some(b),
+            Some(m) => {
+                if let (Some(all), Some(more)) = (m["choices"].as_array_mut(), b["choices"].as_array()) {
+                    all.extend(more.iter().cloned());
+                }
+                m["usage"] = add_usage(&m["usage"], &b["usage"]);
+            }
+        }
+    }
+    Json(merged.unwrap_or(Value::Null)).into_response()
+}
+
+/// A batch of completion prompts (several strings, or token-id arrays); `None` for a
+/// single prompt.
+fn batch_tokens(sim: &Sim, v: &Value) -> Option<Result<Vec<Vec<u32>>, Response>> {
+    let a = v.get("prompt")?.as_array()?;
+    let batch = (a.len() > 1 && a.iter().all(Value::is_string)) || (!a.is_empty() && a.iter().all(Value::is_array));
+    if !batch {
+        return None;
+    }
+    Some(a.iter().map(|p| prompt_tokens(sim, &json!({"prompt": p}))).collect())
+}
+
+/// Usage of two choices together.
+fn add_usage(a: &Value, b: &Value) -> Value {
+    let n = |v: &Value, k: &str| v.pointer(k).and_then(Value::as_u64).unwrap_or(0);
+    let sum = |k: &str| n(a, k) + n(b, k);
+    json!({"prompt_tokens": sum("/prompt_tokens"), "completion_tokens": sum("/completion_tokens"),
+           "total_tokens": sum("/total_tokens"),
+           "prompt_tokens_details": {"cached_tokens": sum("/prompt_tokens_details/cached_tokens")}})
+}
+
+/// A streamed batch: every prompt's chunks as they come (each with its choice `index`),
+/// then one usage chunk (with `include_usage`) and `[DONE]`.
+async fn batch_stream(
+    ctxs: Vec<Ctx>,
+    tx: tokio::sync::mpsc::Sender<String>,
+    include_usage: bool,
+    id: String,
+    model: String,
+    created: u64,
+) {
+    let runs = futures_util::future::join_all(ctxs.into_iter().map(|c| c.run(Some(tx.clone())))).await;
+    let mut usage = json!({});
+    for u in runs.into_iter().flatten() {
+        usage = add_usage(&usage, &u);
+    }
+    if include_usage {
+        let u = json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                       "choices": [], "usage": usage});
+        let _ = tx.send(u.to_string()).await;
+    }
+    let _ = tx.send("[DONE]".into()).await;
 }
 
 /// Counts a LoRA request as waiting while it queues and as running until it ends.
@@ -317,6 +400,10 @@ struct Ctx {
     remote_decode: bool,
     job: Job,
     created: u64,
+    /// The choice's `index` (its prompt's position in a batch).
+    index: usize,
+    /// Part of a batch: the stream's usage chunk and `[DONE]` come once, after every prompt.
+    member: bool,
 }
 
 impl Ctx {
@@ -332,7 +419,7 @@ impl Ctx {
         let mut c = match self.kind {
             Kind::Completion => {
                 json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
+                "choices": [{"index": self.index, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
             }
             Kind::Chat => {
                 let mut delta = json!({"content": text});
@@ -340,7 +427,7 @@ impl Ctx {
                     delta["role"] = json!("assistant");
                 }
                 json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+                    "choices": [{"index": self.index, "delta": delta, "logprobs": null, "finish_reason": finish}]})
             }
         };
         if let Some(u) = usage {
@@ -349,8 +436,9 @@ impl Ctx {
         c
     }
 
-    /// Runs the request; streams chunks to `tx` if given, else returns the response.
-    async fn run(self, tx: Option<tokio::sync::mpsc::Sender<String>>) -> Result<Response, Response> {
+    /// Runs the request; streams chunks to `tx` if given and returns the usage, else
+    /// returns the response body.
+    async fn run(self, tx: Option<tokio::sync::mpsc::Sender<String>>) -> Result<Value, Response> {
         let engine = &self.sim.engine;
         let ticket =
             engine.enqueue().map_err(|e| error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError"))?;
@@ -391,7 +479,7 @@ impl Ctx {
                     if let Some(r) = running.take() {
                         engine.finish(r, k, "abort");
                     }
-                    return Ok(StatusCode::OK.into_response());
+                    return Ok(Value::Null);
                 }
             }
             if let Some(r) = &running {
@@ -421,13 +509,16 @@ impl Ctx {
                 if let Some(r) = running.take() {
                     engine.finish(r, generated, "abort");
                 }
-                return Ok(StatusCode::OK.into_response());
+                return Ok(Value::Null);
             }
         }
         let generated = n;
         if let Some(tx) = &tx {
             if n == 0 {
                 let _ = tx.send(self.chunk("", role, Some(finish), None).to_string()).await;
+            }
+            if self.member {
+                return Ok(self.usage(generated, cached));
             }
             if self.include_usage {
                 let mut u = self.chunk("", false, None, None);
@@ -436,17 +527,17 @@ impl Ctx {
                 let _ = tx.send(u.to_string()).await;
             }
             let _ = tx.send("[DONE]".into()).await;
-            return Ok(StatusCode::OK.into_response());
+            return Ok(self.usage(generated, cached));
         }
         let text = detok.text().to_string();
         let mut body = match self.kind {
             Kind::Completion => {
                 json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
+                "choices": [{"index": self.index, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
             }
             Kind::Chat => {
                 json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
+                "choices": [{"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish, "stop_reason": null}]})
             }
         };
         body["usage"] = self.usage(generated, cached);
@@ -458,7 +549,7 @@ impl Ctx {
                 "remote_host": self.sim.pod.rsplit_once(':').map_or(self.sim.pod.as_str(), |x| x.0),
                 "remote_port": 5600, "tp_size": 1});
         }
-        Ok(Json(body).into_response())
+        Ok(body)
     }
 }
 
