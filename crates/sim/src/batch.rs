@@ -311,7 +311,10 @@ mod tests {
         }
     }
 
-    fn run_to_end(e: &mut BatchEngine) -> (Vec<(usize, Duration)>, Vec<(usize, Duration)>, Duration) {
+    /// (request, first token at), (request, done at), end time.
+    type Run = (Vec<(usize, Duration)>, Vec<(usize, Duration)>, Duration);
+
+    fn run_to_end(e: &mut BatchEngine) -> Run {
         let (mut t, mut firsts, mut done) = (Duration::ZERO, vec![], vec![]);
         while !e.idle() {
             let s = e.begin_step();
