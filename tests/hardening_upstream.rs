@@ -108,6 +108,7 @@ fn a_stopped_pod_fails_over_within_the_first_byte_timeout_then_504_and_health_ta
     let took = t.elapsed();
     assert_eq!(code, 200, "{text}");
     assert_eq!(pod.as_deref(), Some(format!("127.0.0.1:{}", ports[other]).as_str()));
+    eprintln!("failover past a stopped pod (first byte 1 s): {took:?}");
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "failover took {took:?}");
     assert!(metric(rp, "kvroute_upstream_timeouts_total", &[&victim, "first_byte"]) >= 1.0);
     assert!(metric(rp, "kvroute_upstream_retries_total", &[]) >= 1.0);
@@ -124,6 +125,7 @@ fn a_stopped_pod_fails_over_within_the_first_byte_timeout_then_504_and_health_ta
     let t = Instant::now();
     let (code, text, _, _) = post(&url, &json!({"model": "m", "prompt": "a new one", "max_tokens": 2}));
     assert_eq!(code, 504, "{text}");
+    eprintln!("504 with every pod stopped: {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     let e: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(e["error"]["code"], 504);
@@ -160,6 +162,7 @@ fn a_request_waiting_on_a_pod_that_health_takes_out_moves_to_another_pod_at_once
     signal(kids.0[vi].id(), "-CONT");
     assert_eq!(code, 200, "{text}");
     assert_eq!(pod.as_deref(), Some(format!("127.0.0.1:{}", ports[1 - vi]).as_str()));
+    eprintln!("request moved off a pod health took out (default timeouts): {took:?}");
     // Two failed probes (1 s each) and the request moves; far below the 120 s timeout.
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(metric(rp, "kvroute_upstream_errors_total", &["taken_out"]) >= 1.0);
@@ -177,6 +180,7 @@ fn a_stream_that_stalls_after_its_first_chunk_ends_with_an_sse_error_event() {
     assert_eq!(r.status(), 200);
     let text = r.into_string().unwrap();
     let took = t.elapsed();
+    eprintln!("stalled stream ended (idle 700 ms): {took:?}");
     assert!(took < Duration::from_secs(3), "the stream ended after {took:?}");
     let events: Vec<&str> = text.split("\n\n").map(str::trim).filter(|e| !e.is_empty()).collect();
     assert!(events.len() >= 2, "{text}");
