@@ -121,19 +121,21 @@ pub struct ServeArgs {
     #[arg(long)]
     queue_capacity: Option<usize>,
     // Upstream timeouts (gateway → pods; `upstream.*`; 0 = no limit).
-    /// TCP connect timeout to a pod, ms; past it the next pod is tried [default: 5000].
+    /// TCP connect timeout to a pod, ms; past it the next pod is tried; 0 = no limit
+    /// [default: 5000].
     #[arg(long)]
     upstream_connect_timeout_ms: Option<u64>,
     /// Request sent → first response byte, ms; past it the next pod is tried while nothing
-    /// reached the client, else 504; covers a whole non-streaming generation [default: 120000].
+    /// reached the client, else 504; covers a whole non-streaming generation; 0 = no limit
+    /// [default: 120000].
     #[arg(long)]
     upstream_first_byte_timeout_ms: Option<u64>,
     /// Longest gap between two response chunks, ms; past it a stream ends with an SSE
-    /// error event [default: 60000].
+    /// error event; 0 = no limit [default: 60000].
     #[arg(long)]
     upstream_idle_timeout_ms: Option<u64>,
     /// Whole request (retries included), ms; past it 504 or, mid-stream, an SSE error
-    /// event [default: 600000].
+    /// event; 0 = no limit [default: 600000].
     #[arg(long)]
     upstream_timeout_ms: Option<u64>,
 }
