@@ -192,6 +192,29 @@ fn a_stream_that_stalls_after_its_first_chunk_ends_with_an_sse_error_event() {
     assert!(metric(rp, "kvroute_upstream_timeouts_total", &["idle"]) >= 1.0);
 }
 
+#[test]
+fn a_pod_that_dies_mid_stream_ends_the_stream_with_an_sse_error_event() {
+    use std::io::BufRead;
+    let sim = free_ports(1)[0];
+    let (rp, mut kids) = fleet(&[(sim, &["--stall-after-tokens", "1"])], &[]);
+    let r = agent()
+        .post(&format!("http://127.0.0.1:{rp}/v1/completions"))
+        .send_json(json!({"model": "m", "prompt": "die", "max_tokens": 8, "stream": true}))
+        .unwrap();
+    let mut lines = std::io::BufReader::new(r.into_reader()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("data: {") && first.contains("\"choices\""), "{first}");
+    let t = Instant::now();
+    kids.0[0].kill().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).filter(|l| !l.is_empty()).collect();
+    eprintln!("stream ended after the pod died: {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let last: Value = serde_json::from_str(rest.last().unwrap().trim_start_matches("data: ")).unwrap();
+    assert_eq!((last["error"]["code"].as_u64(), last["error"]["type"].as_str()), (Some(502), Some("BadGatewayError")));
+    assert!(!rest.iter().any(|l| l.contains("[DONE]")), "{rest:?}");
+    assert!(metric(rp, "kvroute_upstream_errors_total", &["body"]) >= 1.0);
+}
+
 /// A backend that answers `/health` and every other request with a 307 to `target`.
 fn redirecting_backend(target: u16) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

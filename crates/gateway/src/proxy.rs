@@ -113,12 +113,16 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                 let sse =
                     ctype.as_ref().and_then(|c| c.to_str().ok()).is_some_and(|c| c.starts_with("text/event-stream"));
                 let (backend, timeouts) = (b.clone(), m.timeouts.clone());
-                let on_timeout = move |kind: &'static str| {
-                    tracing::warn!(pod = %backend.name, kind, "upstream stalled mid-response");
-                    timeouts.with_label_values(&[&backend.name, kind]).inc();
+                let errors = m.errors.clone();
+                let on_fail = move |kind: &'static str| {
+                    tracing::warn!(pod = %backend.name, kind, "upstream failed mid-response");
+                    match kind {
+                        "body" => errors.with_label_values(&[&backend.name, "body"]).inc(),
+                        _ => timeouts.with_label_values(&[&backend.name, kind]).inc(),
+                    }
                     backend.failed();
                 };
-                let rest = guard(rest, gw.timeouts.idle, deadline, sse, on_timeout);
+                let rest = guard(rest, gw.timeouts.idle, deadline, sse, on_fail);
                 // The in-flight count lasts as long as the body.
                 let body = futures_util::stream::iter(first.map(Ok)).chain(rest).map(move |c| {
                     let _ = &guard_;

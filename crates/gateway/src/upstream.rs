@@ -119,15 +119,16 @@ pub fn describe(e: reqwest::Error) -> String {
     format!("{kind} error: {root}")
 }
 
-/// A body stream that ends when the pod stalls: `idle` without a chunk, or `deadline`.
-/// SSE bodies end with an error event; others with an error (the connection is cut).
-/// `on_timeout(kind)` is called once when it happens.
+/// A body stream that ends when the pod stalls (`idle` without a chunk, or `deadline`) or
+/// its body breaks: SSE bodies end with an error event, others with an error (the
+/// connection is cut). `on_fail(kind)` is called once when it happens, `kind` being
+/// `idle`, `total` or `body`.
 pub fn guard<S>(
     body: S,
     idle: Duration,
     deadline: Instant,
     sse: bool,
-    on_timeout: impl FnOnce(&'static str) + Send + 'static,
+    on_fail: impl FnOnce(&'static str) + Send + 'static,
 ) -> BoxStream<'static, Result<Bytes, std::io::Error>>
 where
     S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static,
@@ -137,7 +138,7 @@ where
         on_timeout: Option<F>,
         done: bool,
     }
-    let st = St { body: Box::pin(body), on_timeout: Some(on_timeout), done: false };
+    let st = St { body: Box::pin(body), on_timeout: Some(on_fail), done: false };
     futures_util::stream::unfold(st, move |mut st| async move {
         if st.done {
             return None;
@@ -149,7 +150,15 @@ where
             Ok(Some(Ok(b))) => Some((Ok(b), st)),
             Ok(Some(Err(e))) => {
                 st.done = true;
-                Some((Err(std::io::Error::other(describe(e))), st))
+                if let Some(f) = st.on_timeout.take() {
+                    f("body");
+                }
+                let msg = format!("upstream error mid-response: {}", describe(e));
+                if sse {
+                    Some((Ok(sse_error(&msg, 502)), st))
+                } else {
+                    Some((Err(std::io::Error::other(msg)), st))
+                }
             }
             Ok(None) => None,
             Err(_) => {
@@ -162,7 +171,7 @@ where
                     _ => "upstream timeout: the request exceeded its total time".to_string(),
                 };
                 if sse {
-                    Some((Ok(sse_error(&msg)), st))
+                    Some((Ok(sse_error(&msg, 504)), st))
                 } else {
                     Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg)), st))
                 }
@@ -172,9 +181,10 @@ where
     .boxed()
 }
 
-/// An SSE event carrying an OpenAI-style error (status 504).
-pub fn sse_error(msg: &str) -> Bytes {
-    let e = json!({"error": {"message": msg, "type": "GatewayTimeoutError", "code": 504}});
+/// An SSE event carrying an OpenAI-style error (`code` 502 or 504).
+pub fn sse_error(msg: &str, code: u16) -> Bytes {
+    let kind = crate::error_type(axum::http::StatusCode::from_u16(code).unwrap_or_default());
+    let e = json!({"error": {"message": msg, "type": kind, "code": code}});
     Bytes::from(format!("data: {e}\n\n"))
 }
 
