@@ -275,6 +275,30 @@ fn pod_blocks(router: u16, pod: &str) -> u64 {
 }
 
 #[test]
+fn readiness_waits_for_a_backend_that_passed_a_probe_and_liveness_does_not() {
+    let p = free_ports(3);
+    let (rp, zp, sim) = (p[0], p[1], p[2]);
+    // (common::serve probes every 100 ms; here every 1.5 s, so the first probe's failure
+    // is all there is when readiness is asked.)
+    let serve = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{rp}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zp}")])
+        .args(["--backend", &format!("http://127.0.0.1:{sim}"), "--health-interval-ms", "1500"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut kids = Children(vec![serve]);
+    common::wait_healthy(&format!("http://127.0.0.1:{rp}"));
+    std::thread::sleep(Duration::from_millis(200)); // the first probe has failed
+                                                    // The backend is not up yet: alive, not ready.
+    assert_eq!(get(&format!("http://127.0.0.1:{rp}/health")).0, 200);
+    let (code, text, retry) = get(&format!("http://127.0.0.1:{rp}/ready"));
+    assert_eq!((code, retry.as_deref()), (503, Some("1")), "{text}");
+    kids.0.push(common::sim(sim, zp, &[]));
+    wait_for(Duration::from_secs(4), "ready once a probe passes", || healthy_backends(rp) == 1);
+}
+
+#[test]
 fn a_pod_that_comes_back_without_events_while_down_loses_its_index_entries() {
     let sim = free_ports(1)[0];
     let (rp, kids) = fleet(&[(sim, &[])], &[]);

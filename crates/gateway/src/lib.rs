@@ -628,12 +628,13 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
-/// Readiness (`GET /ready`): 200 while some backend is in rotation, else 503. `/health`
-/// stays liveness (the router process answers).
+/// Readiness (`GET /ready`): 200 while some backend is in rotation and has passed a probe
+/// (or none is configured), else 503. `/health` stays liveness (the router process answers).
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
-    let healthy = gw.pool.backends.iter().filter(|b| b.is_healthy()).count();
+    let healthy = gw.pool.ready_backends();
     let total = gw.pool.backends.len();
-    if healthy == 0 {
+    // (No backends at all: an index-only router, ready as soon as it serves.)
+    if healthy == 0 && total > 0 {
         return error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: none of {total} backends is in rotation"));
     }
     Json(json!({"status": "ready", "healthy_backends": healthy, "backends": total})).into_response()

@@ -18,6 +18,8 @@ pub struct Backend {
     /// Labels from the pool configuration (e.g. `llm-d.ai/role: decode`).
     pub labels: std::collections::BTreeMap<String, String>,
     pub healthy: AtomicBool,
+    /// A probe has succeeded at least once (readiness counts only such pods).
+    pub probed_ok: AtomicBool,
     pub failures: AtomicU32,
     /// Requests the router has in flight to this pod.
     pub in_flight: AtomicU32,
@@ -62,6 +64,7 @@ impl Backend {
             pod,
             labels: Default::default(),
             healthy: AtomicBool::new(true),
+            probed_ok: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             pending_prefill: AtomicU64::new(0),
@@ -102,6 +105,7 @@ impl Backend {
 
     pub fn succeeded(&self) {
         self.failures.store(0, Release);
+        self.probed_ok.store(true, Release);
         if !self.healthy.swap(true, AcqRel) {
             tracing::info!(pod = %self.name, "pod back in rotation");
             if let Some(h) = self.hook.get() {
@@ -170,9 +174,9 @@ impl Pool {
         Self { backends, lora_names: Default::default() }
     }
 
-    /// Whether some pod is in rotation (readiness).
-    pub fn any_healthy(&self) -> bool {
-        self.backends.iter().any(|b| b.is_healthy())
+    /// Pods in rotation that a probe has found up (readiness).
+    pub fn ready_backends(&self) -> usize {
+        self.backends.iter().filter(|b| b.is_healthy() && b.probed_ok.load(Acquire)).count()
     }
 }
 
