@@ -65,15 +65,19 @@ fn metric(router: u16, name: &str, labels: &[&str]) -> f64 {
 fn fleet(sims: &[(u16, &[&str])], serve_extra: &[&str]) -> (u16, Children) {
     let ports = free_ports(2);
     let (rp, zp) = (ports[0], ports[1]);
-    let mut kids: Vec<_> = sims.iter().map(|(p, extra)| common::sim(*p, zp, extra)).collect();
+    // Children as they start: a start that fails (panics) still stops the earlier ones.
+    let mut kids = Children(Vec::new());
+    for (p, extra) in sims {
+        kids.0.push(common::sim(*p, zp, extra));
+    }
     let backends: Vec<u16> = sims.iter().map(|s| s.0).collect();
-    kids.push(common::serve(rp, zp, &backends, serve_extra));
+    kids.0.push(common::serve(rp, zp, &backends, serve_extra));
     wait_for(Duration::from_secs(5), "the router's model list", || {
         get(&format!("http://127.0.0.1:{rp}/v1/models")).1.contains("\"m\"")
     });
     // The sims' KV-event publishers (re)connect and subscribe.
     std::thread::sleep(Duration::from_millis(500));
-    (rp, Children(kids))
+    (rp, kids)
 }
 
 fn healthy_backends(router: u16) -> i64 {
