@@ -441,3 +441,33 @@ fn only_allowed_source_addresses_are_heard() {
     assert_eq!(names, vec![json!("10.0.0.1:8000")]);
     assert!(metric_sum(&[http], "kvroute_ingest_auth_denied_total") >= 1.0);
 }
+
+/// A payload's lengths are only bounded by its bytes: a 15 MiB batch announcing 15.7 M
+/// events made the decoder reserve 15.7 M events up front (VmPeak +4.7 GB, then an
+/// error at the first event); a larger frame limit or a smaller machine would abort.
+#[test]
+fn a_batch_announcing_millions_of_events_reserves_no_memory() {
+    let [http, z] = free_ports(2)[..] else { unreachable!() };
+    let router = serve(http, z, &[], &["--zmq-known-pod", "10.0.0.1:8000"]);
+    let pid = router.id();
+    let _c = Children(vec![router]);
+    let ctx = zmq::Context::new();
+    let forger = Forger::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
+    let vm_peak = || -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines().find(|l| l.starts_with("VmPeak:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let before = vm_peak();
+    // [ts, events (array32 of 0xF00000), …] then zero bytes: not one valid event.
+    let mut p = vec![0x93u8, 0xcb];
+    p.extend(0f64.to_be_bytes());
+    p.push(0xdd);
+    p.extend(0x00f0_0000u32.to_be_bytes());
+    p.resize(0x00f0_0000 + 16, 0);
+    forger.send("kv@10.0.0.1:8000@m", 0, &p);
+    wait_for("counted malformed", Duration::from_secs(5), || {
+        metric_sum(&[http], "kvroute_kv_messages_malformed_total") == 1.0
+    });
+    let grown = vm_peak().saturating_sub(before);
+    assert!(grown < 256 << 10, "virtual memory peaked {grown} KiB higher for one 15 MiB payload");
+}
