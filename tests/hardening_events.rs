@@ -184,6 +184,7 @@ fn a_100_mb_frame_is_refused_with_memory_bounded_and_real_events_flow() {
     let grown = sampler.join().unwrap().saturating_sub(base);
     eprintln!("100 MB frame: router RSS peak {grown} KiB above base {base} KiB");
     assert!(grown < 32 << 10, "router RSS peaked {grown} KiB above its base for a refused 100 MB frame");
+    assert!(metric_sum(&[http], "kvroute_ingest_publisher_disconnects_total") >= 1.0, "the refusal is counted");
     // A batch with more events than allowed is dropped (default cap 65536 events).
     let evs = (0..70_000u64)
         .map(|h| KvEvent::BlockRemoved(kvroute_events::BlockRemoved { block_hashes: vec![h], ..Default::default() }));

@@ -212,6 +212,7 @@ impl Ingestor {
         }
         let max_msg = cfg.max_frame_bytes.min(i64::MAX as usize) as i64;
         let mut sockets = Vec::new();
+        let mut monitors = Vec::new();
         let ranks = cfg.data_parallel_size.max(1);
         for ep in &cfg.bind {
             for r in 0..ranks {
@@ -227,6 +228,12 @@ impl Ingestor {
                     s.set_curve_secretkey(secret).map_err(sock_err(&ep))?;
                 }
                 s.set_subscribe(cfg.topic_filter.as_bytes()).map_err(sock_err(&ep))?;
+                // Closed publisher connections (an oversized frame is one) are counted.
+                let mon = format!("inproc://kvroute-sub-monitor-{}", monitors.len());
+                s.monitor(&mon, zmq::SocketEvent::DISCONNECTED as i32).map_err(sock_err(&ep))?;
+                let m = ctx.socket(zmq::PAIR).map_err(sock_err(&mon))?;
+                m.connect(&mon).map_err(sock_err(&mon))?;
+                monitors.push(m);
                 s.bind(&ep).map_err(sock_err(&ep))?;
                 sockets.push((s, Source::Bind { replay_port: cfg.replay_port }));
             }
@@ -304,7 +311,7 @@ impl Ingestor {
             accepted: Default::default(),
             unknown: Default::default(),
         };
-        let r = Receiver_ { sockets, senders, stop: stop.clone(), table: table.clone(), metrics, guard, log };
+        let r = Receiver_ { sockets, monitors, senders, stop: stop.clone(), table: table.clone(), metrics, guard, log };
         threads.push(std::thread::Builder::new().name("kv-receiver".into()).spawn(move || r.run())?);
         Ok(Self { stop, resync, threads, table })
     }

@@ -75,6 +75,8 @@ impl PodGuard {
 
 pub(crate) struct Receiver_ {
     pub sockets: Vec<(zmq::Socket, Source)>,
+    /// PAIR sockets receiving the bound sockets' monitor events (disconnections).
+    pub monitors: Vec<zmq::Socket>,
     pub senders: Vec<SyncSender<Input>>,
     pub stop: Arc<AtomicBool>,
     pub table: Arc<PodTable>,
@@ -87,8 +89,13 @@ impl Receiver_ {
     pub fn run(mut self) {
         while !self.stop.load(Relaxed) {
             self.log.flush();
-            let mut items: Vec<zmq::PollItem<'_>> =
-                self.sockets.iter().map(|(s, _)| s.as_poll_item(zmq::POLLIN)).collect();
+            let mut items: Vec<zmq::PollItem<'_>> = self
+                .sockets
+                .iter()
+                .map(|(s, _)| s)
+                .chain(&self.monitors)
+                .map(|s| s.as_poll_item(zmq::POLLIN))
+                .collect();
             if let Err(e) = zmq::poll(&mut items, 100) {
                 warn!("zmq poll failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
@@ -96,6 +103,10 @@ impl Receiver_ {
             }
             let ready: Vec<usize> = items.iter().enumerate().filter(|(_, i)| i.is_readable()).map(|(n, _)| n).collect();
             drop(items);
+            let (ready, monitors): (Vec<usize>, Vec<usize>) = ready.into_iter().partition(|n| *n < self.sockets.len());
+            for n in monitors {
+                self.on_monitor(n - self.sockets.len());
+            }
             for n in ready {
                 // Drain, but bounded, so one busy publisher cannot starve the others.
                 for _ in 0..1024 {
@@ -108,6 +119,22 @@ impl Receiver_ {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    fn on_monitor(&self, n: usize) {
+        while let Ok(frames) = self.monitors[n].recv_multipart(zmq::DONTWAIT) {
+            let event = frames.first().and_then(|f| f.get(..2)).map(|b| u16::from_le_bytes([b[0], b[1]]));
+            if event == Some(zmq::SocketEvent::DISCONNECTED as u16) {
+                self.metrics.disconnects.inc();
+                let ep = frames.get(1).map(|e| String::from_utf8_lossy(e).into_owned()).unwrap_or_default();
+                self.log.note(
+                    "publisher_disconnected",
+                    format_args!(
+                        "a publisher's connection to {ep} closed (it went away, or sent a frame over max_frame_bytes)"
+                    ),
+                );
             }
         }
     }

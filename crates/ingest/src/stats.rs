@@ -72,6 +72,9 @@ pub struct Metrics {
     pub anomalies_ignored: IntCounter,
     /// ZAP refusals (publisher key or source address not allowed).
     pub auth_denied: IntCounter,
+    /// Publisher connections to bound sockets that closed (publisher gone, or a frame
+    /// over the size limit refused by libzmq).
+    pub disconnects: IntCounter,
 }
 
 impl Metrics {
@@ -121,6 +124,10 @@ impl Metrics {
             auth_denied: c(
                 "kvroute_ingest_auth_denied_total",
                 "Publisher connections refused by the ZAP handler (key or source address not allowed)",
+            )?,
+            disconnects: c(
+                "kvroute_ingest_publisher_disconnects_total",
+                "Publisher connections to bound SUB sockets that closed (publisher gone, or a frame over max_frame_bytes refused)",
             )?,
         })
     }
