@@ -472,3 +472,39 @@ fn a_batch_announcing_millions_of_events_reserves_no_memory() {
     let grown = vm_peak().saturating_sub(before);
     assert!(grown < 256 << 10, "virtual memory peaked {grown} KiB higher for one 15 MiB payload");
 }
+
+/// A replay is off the worker, but a pod's own live messages still apply after it, in
+/// order (a regression guard for the replay pool; the old synchronous replay did too).
+#[test]
+fn a_pods_live_messages_wait_behind_its_own_replay_in_order() {
+    let [http, z, r] = free_ports(3)[..] else { unreachable!() };
+    let ctx = zmq::Context::new();
+    let replay = ctx.socket(zmq::ROUTER).unwrap();
+    replay.bind(&format!("tcp://127.0.0.1:{r}")).unwrap();
+    let server = std::thread::spawn(move || {
+        let req = replay.recv_multipart(0).unwrap(); // [identity, "", start]
+        assert_eq!(req[2], 0u64.to_be_bytes(), "joining mid-stream replays from 0");
+        std::thread::sleep(Duration::from_millis(700)); // a slow replay endpoint
+        for seq in 0..5u64 {
+            let p = stored(1, 100 + seq, None);
+            replay.send_multipart([&req[0][..], b"", &seq.to_be_bytes(), &p], 0).unwrap();
+        }
+        replay.send_multipart([&req[0][..], b"", &u64::MAX.to_be_bytes(), b""], 0).unwrap();
+    });
+    let router = serve(http, z, &[], &["--replay-port", &r.to_string(), "--zmq-known-pod", "127.0.0.1:8000"]);
+    let _c = Children(vec![router]);
+    let forger = Forger::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
+    for seq in 5..8u64 {
+        forger.send("kv@127.0.0.1:8000@m", seq, &stored(1, 100 + seq, None));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let p = pod(http, "127.0.0.1:8000").unwrap();
+    assert_eq!(p["applied_batches"], 0, "live 6 and 7 wait behind the replay: {p}");
+    wait_for("all 8 batches", Duration::from_secs(5), || {
+        pod(http, "127.0.0.1:8000").is_some_and(|p| p["applied_batches"] == 8)
+    });
+    let p = pod(http, "127.0.0.1:8000").unwrap();
+    let counts = ["gaps", "duplicates", "replay_failures", "anomalies_ignored"].map(|k| p[k].as_u64());
+    assert_eq!(counts, [Some(0); 4], "{p}");
+    server.join().unwrap();
+}
