@@ -508,3 +508,36 @@ fn a_pods_live_messages_wait_behind_its_own_replay_in_order() {
     assert_eq!(counts, [Some(0); 4], "{p}");
     server.join().unwrap();
 }
+
+/// Start-up rebuild: dialled pods' buffers are replayed before `/health` answers; silent
+/// replay endpoints cost their idle timeout (2 s) each, but up to `replay_concurrency`
+/// (4) at once, not one after the other (8 of them held the router 16 s).
+#[test]
+fn start_up_replays_of_silent_pods_run_concurrently() {
+    let ports = free_ports(2 + 16);
+    let (http, z) = (ports[0], ports[1]);
+    let mut extra = Vec::new();
+    for (n, pair) in ports[2..].chunks(2).enumerate() {
+        let (p, r) = (pair[0], pair[1]); // nothing listens on either
+        extra.extend([
+            "--zmq-connect".to_string(),
+            format!("10.9.0.{n}:8000=tcp://127.0.0.1:{p},replay=tcp://127.0.0.1:{r}"),
+        ]);
+    }
+    let t = Instant::now();
+    let router = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{http}"), "--zmq-bind", &format!("tcp://127.0.0.1:{z}")])
+        .args(&extra)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _c = Children(vec![router]); // killed even when the wait below fails
+    wait_for("/health", Duration::from_secs(10), || {
+        ureq::get(&format!("http://127.0.0.1:{http}/health")).call().is_ok()
+    });
+    let took = t.elapsed();
+    eprintln!("/health after {took:?} with 8 silent replay endpoints");
+    assert!(took < Duration::from_secs(7), "/health after {took:?} with 8 silent replay endpoints");
+    assert_eq!(metric_sum(&[http], "kvroute_kv_replays_total"), 0.0, "live replays are another matter");
+}

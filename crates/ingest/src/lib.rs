@@ -38,7 +38,7 @@ mod topic;
 mod worker;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -327,8 +327,9 @@ impl Ingestor {
     }
 
     /// Rebuilds the index: replays every dialled pod's (or only pod `only`'s) buffered
-    /// events (from sequence 0, each data-parallel rank) that has a replay endpoint. Returns
-    /// (pods replayed, batches applied). Live streams later rejoin as usual.
+    /// events (from sequence 0, each data-parallel rank) that has a replay endpoint, up to
+    /// `replay_concurrency` at once (a silent endpoint costs its idle timeout, not the
+    /// others'). Returns (pods replayed, batches applied). Live streams later rejoin as usual.
     pub fn replay_dial_targets<I: BlockIndex>(
         cfg: &IngestConfig,
         applier: &EventApplier<I>,
@@ -338,27 +339,41 @@ impl Ingestor {
         let ctx = zmq::Context::new();
         let (idle, total) =
             (Duration::from_millis(cfg.replay_idle_timeout_ms), Duration::from_millis(cfg.replay_total_timeout_ms));
-        let (mut replayed, mut batches) = (0, 0);
+        let mut jobs = Vec::new();
         for t in cfg.connect.iter().filter(|t| only.is_none_or(|p| p == t.pod)) {
             let Some(ep) = &t.replay else { continue };
             for r in 0..cfg.data_parallel_size.max(1) {
                 let name = if r == 0 { t.pod.clone() } else { format!("{}#dp{r}", t.pod) };
-                let Ok(pod) = pods.intern(&name) else { continue };
-                let ep = offset_endpoint(ep, r);
-                // Batches the index already holds (a shared index written by another
-                // replica, or an earlier replay) are skipped by sequence number.
-                let res = replay::replay(&ctx, &ep, 0, idle, total, cfg.max_frame_bytes, |seq, payload| {
-                    if let Ok(b) = kvroute_events::decode_batch(payload) {
-                        batches += applier.apply_seq(pod, "", seq, &b) as usize;
-                    }
-                });
-                match res {
-                    Ok(_) => replayed += 1,
-                    Err(e) => tracing::warn!(pod = %name, endpoint = %ep, "start-up replay failed: {e}"),
-                }
+                jobs.push((name, offset_endpoint(ep, r)));
             }
         }
-        (replayed, batches)
+        let jobs = parking_lot::Mutex::new(jobs);
+        let (replayed, batches) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            for _ in 0..cfg.replay_concurrency.max(1) {
+                scope.spawn(|| {
+                    loop {
+                        let job = jobs.lock().pop(); // not held during the replay
+                        let Some((name, ep)) = job else { break };
+                        let Ok(pod) = pods.intern(&name) else { continue };
+                        // Batches the index already holds (a shared index written by another
+                        // replica, or an earlier replay) are skipped by sequence number.
+                        let res = replay::replay(&ctx, &ep, 0, idle, total, cfg.max_frame_bytes, |seq, payload| {
+                            if let Ok(b) = kvroute_events::decode_batch(payload) {
+                                if b.events.len() <= cfg.max_batch_events && applier.apply_seq(pod, "", seq, &b) {
+                                    batches.fetch_add(1, Relaxed);
+                                }
+                            }
+                        });
+                        match res {
+                            Ok(_) => _ = replayed.fetch_add(1, Relaxed),
+                            Err(e) => tracing::warn!(pod = %name, endpoint = %ep, "start-up replay failed: {e}"),
+                        }
+                    }
+                });
+            }
+        });
+        (replayed.into_inner(), batches.into_inner())
     }
 
     /// Per-pod counters, with `blocks(pod)` filled in by the caller (from the index).
