@@ -184,3 +184,41 @@ impl Receiver_ {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(known: &[&str], accept_unknown: bool) -> PodGuard {
+        PodGuard {
+            known: known.iter().map(|s| s.to_string()).collect(),
+            accept_unknown,
+            max_pods: 2,
+            max_unknown_tracked: 3,
+            accepted: HashSet::new(),
+            unknown: HashSet::new(),
+        }
+    }
+
+    #[test]
+    fn known_pods_only_and_bounded_tracking() {
+        let m = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let log = RateLog::new(Duration::from_secs(60));
+        let mut g = guard(&["10.0.0.1:8000"], false);
+        assert!(g.admit("10.0.0.1:8000", &m, &log));
+        for n in 0..10 {
+            assert!(!g.admit(&format!("forged-{n}"), &m, &log));
+        }
+        assert_eq!((m.unknown_pod.get(), m.unknown_pods.get(), g.unknown.len()), (10, 3, 3));
+    }
+
+    #[test]
+    fn accepting_unknown_pods_is_capped() {
+        let m = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let log = RateLog::new(Duration::from_secs(60));
+        let mut g = guard(&[], true);
+        assert!(g.admit("a", &m, &log) && g.admit("b", &m, &log) && g.admit("a", &m, &log));
+        assert!(!g.admit("c", &m, &log), "over max_pods");
+        assert_eq!(m.unknown_pod.get(), 1);
+    }
+}
