@@ -120,6 +120,38 @@ pub struct ServeArgs {
     /// Messages queued per worker before dropping [default: 65536].
     #[arg(long)]
     queue_capacity: Option<usize>,
+
+    // ---- KV-event integrity (config file: the `ingest:` section) ----
+    /// Events whose topic names a pod that is not a --backend, --zmq-connect pod or
+    /// --zmq-known-pod: auto (drop them when backends or dial targets are given, else
+    /// accept), drop, or accept (any pod; no replay for them) [default: auto].
+    #[arg(long, value_name = "auto|drop|accept")]
+    zmq_unknown_pods: Option<kvroute_ingest::UnknownPods>,
+    /// A pod (`host:port`, as in topics) whose events are accepted besides the backends
+    /// (repeatable); with --replay-port its host is replayed from.
+    #[arg(long = "zmq-known-pod", value_name = "POD")]
+    zmq_known_pods: Vec<String>,
+    /// Largest ZMQ frame accepted, bytes: a bigger one drops the publisher's connection
+    /// [default: 16777216].
+    #[arg(long)]
+    zmq_max_frame_bytes: Option<usize>,
+    /// Most events in one batch; bigger batches are dropped [default: 65536].
+    #[arg(long)]
+    zmq_max_batch_events: Option<usize>,
+    /// Replays running at once [default: 4].
+    #[arg(long)]
+    zmq_replay_concurrency: Option<usize>,
+    /// Source address or network allowed to publish to the bound SUB sockets, e.g.
+    /// 10.0.0.0/8 (repeatable) [default: any].
+    #[arg(long = "zmq-allow-source", value_name = "IP[/PREFIX]")]
+    zmq_allow_sources: Vec<String>,
+    /// CurveZMQ on the bound SUB sockets: file with their secret key (Z85, 40 characters)
+    /// [default: off].
+    #[arg(long, value_name = "FILE")]
+    zmq_curve_secret_key_file: Option<PathBuf>,
+    /// A publisher public key (Z85) allowed with CurveZMQ (repeatable) [default: any key].
+    #[arg(long = "zmq-curve-allow", value_name = "KEY")]
+    zmq_curve_allow: Vec<String>,
 }
 
 fn parse_dial(s: &str) -> Result<DialTarget, String> {
@@ -208,6 +240,23 @@ impl ServeArgs {
         if !self.zmq_connect.is_empty() {
             c.ingest.connect = self.zmq_connect.clone();
         }
+        // KV-event integrity.
+        set!(self.zmq_unknown_pods, c.ingest.unknown_pods);
+        if !self.zmq_known_pods.is_empty() {
+            c.ingest.known_pods = self.zmq_known_pods.clone();
+        }
+        set!(self.zmq_max_frame_bytes, c.ingest.max_frame_bytes);
+        set!(self.zmq_max_batch_events, c.ingest.max_batch_events);
+        set!(self.zmq_replay_concurrency, c.ingest.replay_concurrency);
+        if !self.zmq_allow_sources.is_empty() {
+            c.ingest.allow_sources = self.zmq_allow_sources.clone();
+        }
+        if self.zmq_curve_secret_key_file.is_some() {
+            c.ingest.curve_secret_key_file = self.zmq_curve_secret_key_file.clone();
+        }
+        if !self.zmq_curve_allow.is_empty() {
+            c.ingest.curve_allowed_keys = self.zmq_curve_allow.clone();
+        }
         Ok(c)
     }
 }
@@ -256,6 +305,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         if let crate::config::BackendSpec::Full { url, zmq: Some(ep), replay, .. } = b {
             let pod = url.trim_end_matches('/').trim_start_matches("http://").to_string();
             cfg.ingest.connect.push(DialTarget { pod, endpoint: ep.clone(), replay: replay.clone() });
+        }
+    }
+    // Backends are known pods: their events are accepted on the bound sockets.
+    for b in &cfg.backends {
+        let pod = b.url().trim_end_matches('/').trim_start_matches("http://").to_string();
+        if !cfg.ingest.known_pods.contains(&pod) {
+            cfg.ingest.known_pods.push(pod);
         }
     }
     tracing_subscriber::fmt()
