@@ -267,7 +267,7 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
     assert_eq!(pod2.as_deref(), Some(pod.as_str()));
     assert!(second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 100, "{second}");
     let matched = |f: &Fleet| -> u64 {
-        let (_, ex, _) = post(&f.router, "/v1/route/explain", json!({"model": "m", "prompt": prompt}));
+        let (_, ex, _) = post(&common::admin(&f.router), "/v1/route/explain", json!({"model": "m", "prompt": prompt}));
         ex["pods"].as_array().unwrap().iter().map(|p| p["matched_blocks"].as_u64().unwrap()).max().unwrap()
     };
     let t = Instant::now();

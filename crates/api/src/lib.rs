@@ -8,6 +8,13 @@
 //! * `GET /metrics` — Prometheus text: ingestion counters, index size, lookup latency.
 //!
 //! Bad requests get a 4xx with `{"error": "<message>"}`.
+//!
+//! [`listen`] serves an app with client-side limits (timeouts, connection caps, TLS);
+//! [`admin`] keeps the admin routes (`/v1/kv/*`, `/v1/route/explain`, `/metrics`) off the
+//! serving port unless asked, behind an optional bearer token.
+
+pub mod admin;
+pub mod listen;
 
 use std::sync::Arc;
 use std::time::Instant;
