@@ -157,6 +157,7 @@ fn over_the_connection_limit_only_health_answers_and_heads_are_bounded() {
     let admin = common::admin(&base);
     // A head over --max-header-bytes (default 64 KiB) gets 431.
     let mut big = TcpStream::connect(("127.0.0.1", router)).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let head = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(100 << 10));
     let _ = big.write_all(head.as_bytes());
     let mut resp = String::new();
