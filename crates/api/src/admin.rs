@@ -1,7 +1,8 @@
 //! The admin surface: which routes a listener serves, and the admin bearer token.
 //!
 //! Admin routes (`/v1/kv/score`, `/v1/kv/pods`, `/v1/route/explain`, `/metrics`) reveal the
-//! fleet's cache contents (explain is a prompt oracle across tenants) and its internals.
+//! fleet's cache contents (explain is a prompt oracle across tenants) and its internals;
+//! `/reset_prefix_cache` empties every pod's cache (vLLM serves it only in dev mode).
 //! By default they are served only on the admin listener (loopback); the serving port
 //! answers them 404. `/health` is public on both.
 
@@ -15,7 +16,8 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 /// The admin routes.
-pub const ADMIN_PATHS: &[&str] = &["/v1/kv/score", "/v1/kv/pods", "/v1/route/explain", "/metrics"];
+pub const ADMIN_PATHS: &[&str] =
+    &["/v1/kv/score", "/v1/kv/pods", "/v1/route/explain", "/metrics", "/reset_prefix_cache"];
 
 /// `admin:` in the configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
