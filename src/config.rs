@@ -51,12 +51,14 @@
 //!   max_connections: 8192       # then reserve_connections more that get only /health
 //!   reserve_connections: 64
 //!   max_header_bytes: 65536     # larger request heads: 431
-//!   tls_cert: null              # PEM chain + key: serve HTTPS
-//!   tls_key: null
 //! admin:                        # /v1/kv/*, /v1/route/explain, /metrics
 //!   listen: 127.0.0.1:9090      # null = no admin listener
 //!   on_serving_port: false      # also serve them on `listen`
 //!   token_file: null            # bearer token they require (or KVROUTE_ADMIN_TOKEN)
+//! tls:                          # rustls; off while cert is null
+//!   cert: null                  # PEM chain (+ key): HTTPS on listen and admin.listen
+//!   key: null
+//!   grpc: false                 # ext_proc and gRPC health over TLS too
 //! ```
 
 use std::net::SocketAddr;
@@ -227,6 +229,8 @@ pub struct ServeConfig {
     pub http: kvroute_api::listen::ClientLimits,
     /// The admin surface: `/v1/kv/*`, `/v1/route/explain`, `/metrics` (`kvroute_api::admin`).
     pub admin: kvroute_api::admin::AdminSection,
+    /// TLS of the HTTP (and gRPC) listeners.
+    pub tls: kvroute_api::listen::TlsSection,
 }
 
 impl Default for ServeConfig {
@@ -246,6 +250,7 @@ impl Default for ServeConfig {
             saturation: SaturationSection::default(),
             http: Default::default(),
             admin: Default::default(),
+            tls: Default::default(),
         }
     }
 }

@@ -199,8 +199,13 @@ fn over_the_connection_limit_only_health_answers_and_heads_are_bounded() {
     }
 }
 
-const ADMIN_ROUTES: [(&str, &str); 4] =
-    [("GET", "/metrics"), ("GET", "/v1/kv/pods"), ("POST", "/v1/kv/score"), ("POST", "/v1/route/explain")];
+const ADMIN_ROUTES: [(&str, &str); 5] = [
+    ("GET", "/metrics"),
+    ("GET", "/v1/kv/pods"),
+    ("POST", "/v1/kv/score"),
+    ("POST", "/v1/route/explain"),
+    ("POST", "/reset_prefix_cache"),
+];
 
 fn call(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
     let mut r = ureq::request(method, url).timeout(Duration::from_secs(5));
@@ -329,13 +334,13 @@ fn https(cfg: Arc<tokio_rustls::rustls::ClientConfig>, port: u16, request: &str)
 }
 
 #[test]
-fn tls_on_the_serving_and_admin_ports() {
-    let p = free_ports(3);
-    let (router, zmq, s) = (p[0], p[1], p[2]);
+fn tls_on_the_serving_admin_and_grpc_ports() {
+    let p = free_ports(5);
+    let (router, zmq, s, ext_proc, health_port) = (p[0], p[1], p[2], p[3], p[4]);
     let dir = std::env::temp_dir().join(format!("kvroute-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key, der) = self_signed();
-    std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
     std::fs::write(dir.join("key.pem"), key).unwrap();
     let mut kids = Children(vec![sim(s, zmq, &[])]);
     let admin_args = common::admin_args(router);
@@ -349,6 +354,8 @@ fn tls_on_the_serving_and_admin_ports() {
             dir.join("key.pem").to_str().unwrap(),
         ])
         .args(&admin_args)
+        .args(["--ext-proc-listen", &format!("127.0.0.1:{ext_proc}")])
+        .args(["--grpc-health-listen", &format!("127.0.0.1:{health_port}"), "--tls-grpc"])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null());
     kids.0.push(cmd.spawn().unwrap());
@@ -387,5 +394,30 @@ fn tls_on_the_serving_and_admin_ports() {
     let mut out = Vec::new();
     let _ = plain.read_to_end(&mut out);
     assert!(!out.starts_with(b"HTTP/1.1 200"), "plain HTTP served on the TLS port");
+    // --tls-grpc: gRPC health and ext_proc over TLS; plaintext gRPC is refused.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&cert)).domain_name("localhost");
+        let channel = |port: u16, tls: Option<ClientTlsConfig>| async move {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let e = Channel::from_shared(format!("{scheme}://127.0.0.1:{port}")).unwrap();
+            let e = match tls {
+                Some(t) => e.tls_config(t).unwrap(),
+                None => e,
+            };
+            e.timeout(Duration::from_secs(3)).connect().await
+        };
+        let ch = channel(health_port, Some(tls.clone())).await.unwrap();
+        let req = HealthCheckRequest { service: "envoy.service.ext_proc.v3.ExternalProcessor".into() };
+        let r = HealthClient::new(ch).check(req.clone()).await.unwrap().into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        channel(ext_proc, Some(tls)).await.expect("ext_proc over TLS");
+        let plain = match channel(health_port, None).await {
+            Ok(ch) => HealthClient::new(ch).check(req).await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!plain, "plaintext gRPC served with --tls-grpc");
+    });
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -157,6 +157,9 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve --ext-proc-listen and --grpc-health-listen over TLS too (with --tls-cert).
+    #[arg(long)]
+    tls_grpc: bool,
 }
 
 /// `--admin-listen`: an address, or `off`.
@@ -272,8 +275,11 @@ impl ServeArgs {
         set!(self.reserve_connections, c.http.reserve_connections);
         set!(self.max_header_bytes, c.http.max_header_bytes);
         if self.tls_cert.is_some() {
-            c.http.tls_cert = self.tls_cert.clone();
-            c.http.tls_key = self.tls_key.clone();
+            c.tls.cert = self.tls_cert.clone();
+            c.tls.key = self.tls_key.clone();
+        }
+        if self.tls_grpc {
+            c.tls.grpc = true;
         }
         Ok(c)
     }
@@ -488,7 +494,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let listen_metrics = kvroute_api::listen::ListenMetrics::new(&registry)?;
-    let serving = kvroute_api::listen::Listener::new("serving", &cfg.http, listen_metrics.clone())?;
+    let tls = cfg.tls.acceptor()?;
+    let grpc_tls = grpc_tls(&cfg.tls)?;
+    let serving = kvroute_api::listen::Listener::new("serving", &cfg.http, tls.clone(), listen_metrics.clone())?;
     let admin_token = cfg.admin.token()?;
     let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -510,10 +518,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {addr} (ext_proc)"))?;
             tracing::info!(%addr, "ext_proc serving");
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let server = grpc_builder(grpc_tls.clone())?;
             tokio::spawn(async move {
                 // Large HTTP/2 windows: a 200 KB body crosses without waiting for window
                 // updates (h2's default is 64 KB).
-                if let Err(e) = tonic::transport::Server::builder()
+                if let Err(e) = server
                     .initial_stream_window_size(Some(8 << 20))
                     .initial_connection_window_size(Some(32 << 20))
                     .add_service(svc.into_server())
@@ -534,17 +543,33 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (gRPC health)"))?;
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let mut server = grpc_builder(grpc_tls.clone())?;
             tokio::spawn(async move {
                 let _keep = reporter;
-                if let Err(e) =
-                    tonic::transport::Server::builder().add_service(health).serve_with_incoming(incoming).await
-                {
+                if let Err(e) = server.add_service(health).serve_with_incoming(incoming).await {
                     tracing::error!("gRPC health server failed: {e}");
                 }
             });
         }
         let app = kvroute_api::router(state).merge(kvroute_gateway::router(gateway));
-        serve_http(listener, app, serving, &cfg, admin_token, listen_metrics).await
+        serve_http(listener, app, serving, tls, &cfg, admin_token, listen_metrics).await
+    })
+}
+
+/// `tls.grpc`: the gRPC listeners' TLS identity (`tls.cert`, `tls.key`).
+fn grpc_tls(t: &kvroute_api::listen::TlsSection) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let Some((cert, key)) = t.files()?.filter(|_| t.grpc) else { return Ok(None) };
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let id = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    Ok(Some(tonic::transport::ServerTlsConfig::new().identity(id)))
+}
+
+/// A gRPC server, over TLS when `tls` is set (a bad identity is an error at start).
+fn grpc_builder(tls: Option<tonic::transport::ServerTlsConfig>) -> anyhow::Result<tonic::transport::Server> {
+    let b = tonic::transport::Server::builder();
+    Ok(match tls {
+        Some(t) => b.tls_config(t).context("gRPC TLS (--tls-cert, --tls-key)")?,
+        None => b,
     })
 }
 
@@ -556,6 +581,7 @@ async fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     serving: kvroute_api::listen::Listener,
+    tls: Option<kvroute_api::listen::TlsAcceptor>,
     cfg: &ServeConfig,
     token: Option<String>,
     metrics: kvroute_api::listen::ListenMetrics,
@@ -580,7 +606,7 @@ async fn serve_http(
             reserve_connections: 0,
             ..cfg.http.clone()
         };
-        let admin = kvroute_api::listen::Listener::new("admin", &limits, metrics)?;
+        let admin = kvroute_api::listen::Listener::new("admin", &limits, tls, metrics)?;
         let app = gated(app.clone(), Gate { admin: true, public: false, token: token.clone() });
         tracing::info!(%addr, token = token.is_some(), "admin routes serving");
         tokio::spawn(admin.serve(l, app, std::future::pending()));

@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::rustls;
+pub use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 /// Client-side limits of an HTTP listener (`http:` in the configuration).
@@ -53,10 +54,6 @@ pub struct ClientLimits {
     pub reserve_connections: usize,
     /// Largest request head (request line + headers), bytes (at least 1024).
     pub max_header_bytes: usize,
-    /// PEM certificate chain: serve HTTPS (with `tls_key`).
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// PEM private key of `tls_cert`.
-    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for ClientLimits {
@@ -67,20 +64,38 @@ impl Default for ClientLimits {
             max_connections: 8192,
             reserve_connections: 64,
             max_header_bytes: 64 << 10,
-            tls_cert: None,
-            tls_key: None,
         }
     }
 }
 
-impl ClientLimits {
-    /// The TLS acceptor of `tls_cert` / `tls_key`, if both are set.
-    pub fn tls(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
-        match (&self.tls_cert, &self.tls_key) {
-            (None, None) => Ok(None),
-            (Some(cert), Some(key)) => tls_acceptor(cert, key).map(Some),
+/// `tls:` in the configuration: rustls on the HTTP listeners (and the gRPC ones).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain: serve HTTPS on the serving and admin listeners (with `key`).
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<std::path::PathBuf>,
+    /// Serve the ext_proc and gRPC health listeners over TLS too.
+    pub grpc: bool,
+}
+
+impl TlsSection {
+    /// The PEM files (cert, key), if TLS is on.
+    pub fn files(&self) -> anyhow::Result<Option<(&std::path::Path, &std::path::Path)>> {
+        match (&self.cert, &self.key) {
+            (None, None) => {
+                anyhow::ensure!(!self.grpc, "tls.grpc (--tls-grpc) needs a certificate (--tls-cert, --tls-key)");
+                Ok(None)
+            }
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
             _ => anyhow::bail!("TLS needs both a certificate (--tls-cert) and its key (--tls-key)"),
         }
+    }
+
+    /// The HTTP listeners' TLS acceptor, if TLS is on.
+    pub fn acceptor(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+        self.files()?.map(|(c, k)| tls_acceptor(c, k)).transpose()
     }
 }
 
@@ -169,7 +184,12 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn new(name: &'static str, l: &ClientLimits, metrics: ListenMetrics) -> anyhow::Result<Self> {
+    pub fn new(
+        name: &'static str,
+        l: &ClientLimits,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        metrics: ListenMetrics,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(l.max_connections > 0, "max_connections must be at least 1");
         Ok(Self {
             name,
@@ -179,7 +199,7 @@ impl Listener {
             reserve_connections: l.reserve_connections,
             max_header_bytes: l.max_header_bytes.max(1024),
             reserve_paths: &["/health"],
-            tls: l.tls()?,
+            tls,
             metrics,
         })
     }
