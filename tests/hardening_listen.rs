@@ -187,6 +187,7 @@ fn over_the_connection_limit_only_health_answers_and_heads_are_bounded() {
     extra.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut b = [0u8; 16];
     assert!(matches!(extra.read(&mut b), Ok(0) | Err(_)), "over both limits: closed");
+    assert_eq!(get(&format!("{admin}/health")).0, 200, "the admin port still answers");
     assert!(
         metric(&admin, "kvroute_http_connections_closed_total{listener=\"serving\",reason=\"over_capacity\"}") >= 1.0
     );

@@ -1,6 +1,8 @@
 //! # kvroute-api — the router's HTTP surface (request → keys → scores)
 //!
-//! * `GET /health` — 200 `ok`.
+//! * `GET /health` — 200 `ok` (every listener, no token).
+//!
+//! Admin routes (served on the admin listener, see [`admin`]):
 //! * `POST /v1/kv/score` — `{"model", "token_ids", "pods"?, "lora_name"?, "cache_salt"?}` →
 //!   `{"block_size", "blocks", "scores": [{"pod", "matched_blocks", "score"}, …]}`, best
 //!   first, every pod with at least one matched block (restricted to `pods` when given).
