@@ -45,7 +45,8 @@ fn stored(blocks: u64, first: u64, rank: Option<i64>) -> Vec<u8> {
 }
 
 fn pods(port: u16) -> Vec<Value> {
-    let v: Value = ureq::get(&format!("http://127.0.0.1:{port}/v1/kv/pods")).call().unwrap().into_json().unwrap();
+    let admin = common::admin_port(port);
+    let v: Value = ureq::get(&format!("http://127.0.0.1:{admin}/v1/kv/pods")).call().unwrap().into_json().unwrap();
     v["pods"].as_array().cloned().unwrap_or_default()
 }
 
@@ -302,6 +303,7 @@ fn serve_logged(http: u16, z: u16, extra: &[&str]) -> (std::process::Child, std:
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
         .args(["serve", "--listen", &format!("127.0.0.1:{http}"), "--zmq-bind", &format!("tcp://127.0.0.1:{z}")])
+        .args(common::admin_args(http))
         .args(extra)
         .env("RUST_LOG", "warn")
         .env("NO_COLOR", "1")
@@ -383,6 +385,7 @@ fn curve_without_libzmq_support_refuses_to_start() {
     let secret = zmq::z85_encode(&[7u8; 32]).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
         .args(["serve", "--listen", &format!("127.0.0.1:{http}"), "--zmq-bind", &format!("tcp://127.0.0.1:{z}")])
+        .args(common::admin_args(http))
         .args(["--zmq-curve-secret-key-file", &key_file("nocurve", &secret)])
         .output()
         .unwrap();
@@ -527,6 +530,7 @@ fn start_up_replays_of_silent_pods_run_concurrently() {
     let t = Instant::now();
     let router = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
         .args(["serve", "--listen", &format!("127.0.0.1:{http}"), "--zmq-bind", &format!("tcp://127.0.0.1:{z}")])
+        .args(common::admin_args(http))
         .args(&extra)
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::null())

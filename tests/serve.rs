@@ -42,16 +42,19 @@ fn frames(v: &Value) -> Vec<Vec<Vec<u8>>> {
 struct Server {
     child: Child,
     base: String,
+    /// The admin listener (`/v1/kv/*`, `/metrics`).
+    admin: String,
 }
 
 impl Server {
     fn start(args: &[String]) -> Server {
         // Retried with another HTTP port if the child exits early (port taken meanwhile).
         for _ in 0..3 {
-            let port = free_port();
+            let (port, admin_port) = (free_port(), free_port());
             let mut child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
                 .arg("serve")
                 .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
                 .args(args)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
@@ -62,7 +65,7 @@ impl Server {
             let t = Instant::now();
             loop {
                 if ureq::get(&format!("{base}/health")).call().is_ok() {
-                    return Server { child, base };
+                    return Server { child, base, admin: format!("http://127.0.0.1:{admin_port}") };
                 }
                 if child.try_wait().unwrap().is_some() {
                     break;
@@ -75,7 +78,7 @@ impl Server {
     }
 
     fn score(&self, tokens: &[u32]) -> Value {
-        ureq::post(&format!("{}/v1/kv/score", self.base))
+        ureq::post(&format!("{}/v1/kv/score", self.admin))
             .send_json(json!({"model": "m", "token_ids": tokens}))
             .unwrap()
             .into_json()
@@ -93,12 +96,12 @@ impl Server {
     }
 
     fn pod(&self, pod: &str) -> Value {
-        let v: Value = ureq::get(&format!("{}/v1/kv/pods", self.base)).call().unwrap().into_json().unwrap();
+        let v: Value = ureq::get(&format!("{}/v1/kv/pods", self.admin)).call().unwrap().into_json().unwrap();
         v["pods"].as_array().unwrap().iter().find(|p| p["pod"] == pod).cloned().unwrap_or(Value::Null)
     }
 
     fn metric(&self, name: &str) -> f64 {
-        let text = ureq::get(&format!("{}/metrics", self.base)).call().unwrap().into_string().unwrap();
+        let text = ureq::get(&format!("{}/metrics", self.admin)).call().unwrap().into_string().unwrap();
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
@@ -404,7 +407,7 @@ fn score_api_rejects_bad_requests_with_a_message() {
         ("not json", "invalid request body"),
         ("{\"model\": \"m\", \"token_ids\": [], \"bogus\": 1}", "unknown field"),
     ] {
-        let err = ureq::post(&format!("{}/v1/kv/score", s.base))
+        let err = ureq::post(&format!("{}/v1/kv/score", s.admin))
             .set("content-type", "application/json")
             .send_string(body)
             .unwrap_err();
