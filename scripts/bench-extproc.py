@@ -96,7 +96,8 @@ def main():
     procs = []
     try:
         procs.append(subprocess.Popen([KV, "serve", "--listen", f"127.0.0.1:{router}", "--zmq-bind", f"tcp://127.0.0.1:{zmq}",
-                                       "--backend", f"http://127.0.0.1:{sim}", "--ext-proc-listen", f"127.0.0.1:{grpc}"],
+                                       "--backend", f"http://127.0.0.1:{sim}", "--ext-proc-listen", f"127.0.0.1:{grpc}",
+                                       "--admin-listen", "off", "--admin-on-serving-port"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen([KV, "sim", "--port", str(sim), "--model", "m", "--speedup", "1000",
                                        "--max-model-len", "200000", "--max-num-seqs", "64"],

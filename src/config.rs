@@ -2,7 +2,7 @@
 //! (`--config`) may carry any of it; command-line flags override the file.
 //!
 //! ```yaml
-//! listen: 0.0.0.0:8080          # HTTP: OpenAI gateway, /v1/kv/*, /v1/route/explain, /metrics
+//! listen: 0.0.0.0:8080          # HTTP: OpenAI gateway and /health (admin routes: `admin:`)
 //! backends:                     # pods to route to (pod = host:port of the URL)
 //!   - http://10.0.0.1:8000
 //!   - {url: "http://10.0.0.2:8000", labels: {llm-d.ai/role: decode},
@@ -50,6 +50,20 @@
 //!   queue_capacity: 65536
 //!   replay_idle_timeout_ms: 2000
 //!   replay_total_timeout_ms: 30000
+//! http:                         # client-side limits of the serving port
+//!   header_timeout_ms: 10000    # request head complete within this of accept / first byte
+//!   idle_timeout_ms: 60000      # kept-alive connection with nothing in flight: closed
+//!   max_connections: 8192       # then reserve_connections more that get only /health
+//!   reserve_connections: 64
+//!   max_header_bytes: 65536     # larger request heads: 431
+//! admin:                        # /v1/kv/*, /v1/route/explain, /metrics
+//!   listen: 127.0.0.1:9090      # null = no admin listener
+//!   on_serving_port: false      # also serve them on `listen`
+//!   token_file: null            # bearer token they require (or KVROUTE_ADMIN_TOKEN)
+//! tls:                          # rustls; off while cert is null
+//!   cert: null                  # PEM chain (+ key): HTTPS on listen and admin.listen
+//!   key: null
+//!   grpc: false                 # ext_proc and gRPC health over TLS too
 //! ```
 
 use std::net::SocketAddr;
@@ -259,6 +273,12 @@ pub struct ServeConfig {
     pub ext_proc: ExtProcSection,
     pub saturation: SaturationSection,
     pub upstream: UpstreamSection,
+    /// Client-side limits and TLS of the serving port (`kvroute_api::listen`).
+    pub http: kvroute_api::listen::ClientLimits,
+    /// The admin surface: `/v1/kv/*`, `/v1/route/explain`, `/metrics` (`kvroute_api::admin`).
+    pub admin: kvroute_api::admin::AdminSection,
+    /// TLS of the HTTP (and gRPC) listeners.
+    pub tls: kvroute_api::listen::TlsSection,
 }
 
 impl Default for ServeConfig {
@@ -277,6 +297,9 @@ impl Default for ServeConfig {
             ext_proc: ExtProcSection::default(),
             saturation: SaturationSection::default(),
             upstream: UpstreamSection::default(),
+            http: Default::default(),
+            admin: Default::default(),
+            tls: Default::default(),
         }
     }
 }

@@ -112,7 +112,7 @@ fn requests_through_envoy_land_where_kvroute_chose_and_the_seed_test_hits_the_ca
         (metric_sum(&s.sims, "vllm:prefix_cache_queries_total"), metric_sum(&s.sims, "vllm:prefix_cache_hits_total"));
     assert!(h / q >= 0.87, "seed-test hit rate through Envoy {:.3}", h / q);
     // ext_proc read `usage` from the responses: the servers' own counters, seen by the router.
-    let text = ureq::get(&format!("{}/metrics", s.router)).call().unwrap().into_string().unwrap();
+    let text = ureq::get(&format!("{}/metrics", common::admin(&s.router))).call().unwrap().into_string().unwrap();
     let m = |n: &str| -> f64 {
         text.lines().find(|l| l.starts_with(n)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(-1.0)
     };

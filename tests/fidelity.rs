@@ -256,7 +256,8 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
     assert_eq!(code, 404);
     assert!(pod.is_some(), "answered by a pod");
 
-    // /reset_prefix_cache empties the pods' caches and the router's view of them.
+    // /reset_prefix_cache (an admin route) empties the pods' caches and the router's view of them.
+    let admin = common::admin(r);
     let prompt = common::words("reset", 300);
     let body = json!({"model": "m", "prompt": prompt, "max_tokens": 2});
     let (_, first, pod) = post(r, "/v1/completions", body.clone());
@@ -267,7 +268,7 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
     assert_eq!(pod2.as_deref(), Some(pod.as_str()));
     assert!(second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 100, "{second}");
     let matched = |f: &Fleet| -> u64 {
-        let (_, ex, _) = post(&f.router, "/v1/route/explain", json!({"model": "m", "prompt": prompt}));
+        let (_, ex, _) = post(&common::admin(&f.router), "/v1/route/explain", json!({"model": "m", "prompt": prompt}));
         ex["pods"].as_array().unwrap().iter().map(|p| p["matched_blocks"].as_u64().unwrap()).max().unwrap()
     };
     let t = Instant::now();
@@ -276,7 +277,7 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // aiperf's call: POST, no body.
-    let resp = ureq::post(&format!("{r}/reset_prefix_cache")).call();
+    let resp = ureq::post(&format!("{admin}/reset_prefix_cache")).call();
     let reset: Value = resp.unwrap().into_json().unwrap();
     assert_eq!(reset["reset"].as_array().map(Vec::len), Some(2), "{reset}");
     assert_eq!(matched(&f), 0, "the router forgot the pods' blocks at once");
@@ -296,12 +297,12 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // A model nobody serves; then a dead pod: a clear error naming it.
-    assert_eq!(post(r, "/reset_prefix_cache?model=nope", json!({})).0, 404);
+    assert_eq!(post(&admin, "/reset_prefix_cache?model=nope", json!({})).0, 404);
     let victim = f.sims[1 - holder];
     let mut c = f.children.0.remove(2 - holder); // children: [serve, sim0, sim1]
     let _ = c.kill();
     let _ = c.wait();
-    let (code, e, _) = post(r, "/reset_prefix_cache", json!({"model": "m"}));
+    let (code, e, _) = post(&admin, "/reset_prefix_cache", json!({"model": "m"}));
     assert_eq!(code, 502, "{e}");
     let msg = e["error"]["message"].as_str().unwrap();
     assert!(msg.contains(&format!(":{victim}")) && msg.contains("1 of 2"), "{msg}");
@@ -314,7 +315,7 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
     // the live pod resets, the dead one is listed as unreachable.
     let t = Instant::now();
     let e = loop {
-        let (code, e, _) = post(r, "/reset_prefix_cache", json!({"model": "m"}));
+        let (code, e, _) = post(&admin, "/reset_prefix_cache", json!({"model": "m"}));
         if code == 200 {
             break e;
         }
@@ -344,7 +345,7 @@ fn a_reset_during_a_running_request_is_refused_by_the_sim_and_reported_by_the_ga
     assert_eq!(code, 409, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("not freed yet"), "{e}");
     // ?reset_running_requests=true waits for the running request instead.
-    let ok = ureq::post(&format!("{}/reset_prefix_cache?reset_running_requests=true", f.router)).call();
+    let ok = ureq::post(&format!("{}/reset_prefix_cache?reset_running_requests=true", common::admin(&f.router))).call();
     assert!(ok.is_ok(), "{ok:?}");
     assert_eq!(long.join().unwrap(), 200);
 }

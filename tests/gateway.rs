@@ -40,7 +40,11 @@ impl Fleet {
     }
 
     fn explain(&self, body: Value) -> Value {
-        ureq::post(&format!("{}/v1/route/explain", self.router)).send_json(body).unwrap().into_json().unwrap()
+        ureq::post(&format!("{}/v1/route/explain", common::admin(&self.router)))
+            .send_json(body)
+            .unwrap()
+            .into_json()
+            .unwrap()
     }
 
     fn hits(&self) -> (f64, f64) {
@@ -92,7 +96,7 @@ fn seed_test_sticks_to_one_pod_and_hits_the_cache() {
     let (q, h) = f.hits();
     assert!(h / q >= 0.87, "hit rate {}", h / q);
     // The gateway observed TTFT for each request, split by whether the pick had the prefix.
-    let text = ureq::get(&format!("{}/metrics", f.router)).call().unwrap().into_string().unwrap();
+    let text = ureq::get(&format!("{}/metrics", common::admin(&f.router))).call().unwrap().into_string().unwrap();
     let count = |cache: &str| -> f64 {
         let key = format!("kvroute_router_ttft_seconds_count{{cache=\"{cache}\"}}");
         text.lines().find(|l| l.starts_with(&key)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
@@ -191,7 +195,7 @@ fn past_the_tokenize_deadline_requests_route_on_the_approximate_prefix() {
     let ex = f.explain(json!({"model": "m", "prompt": prompt}));
     assert_eq!(ex["tokenized"], false);
     assert_eq!(ex["pick"], first.as_str());
-    let text = ureq::get(&format!("{}/metrics", f.router)).call().unwrap().into_string().unwrap();
+    let text = ureq::get(&format!("{}/metrics", common::admin(&f.router))).call().unwrap().into_string().unwrap();
     let n: f64 = text
         .lines()
         .find(|l| l.starts_with("kvroute_router_tokenize_fallbacks_total "))
@@ -241,7 +245,8 @@ fn a_yaml_pool_with_roles_and_dialled_event_endpoints() {
                         "zmq": format!("tcp://127.0.0.1:{}", zmqs[i])})
         })
         .collect();
-    let cfg = json!({"listen": format!("127.0.0.1:{rp}"), "backends": backends,
+    let admin = common::admin_args(rp)[1].clone();
+    let cfg = json!({"listen": format!("127.0.0.1:{rp}"), "backends": backends, "admin": {"listen": admin},
         "scheduler_config": dir.join("epp.yaml"), "health_interval_ms": 100, "ingest": {"bind": []}});
     std::fs::write(dir.join("serve.yaml"), serde_json::to_string(&cfg).unwrap()).unwrap(); // JSON is YAML
     std::fs::write(
@@ -274,7 +279,7 @@ fn a_yaml_pool_with_roles_and_dialled_event_endpoints() {
     assert!(picks.iter().all(|p| p != &format!("127.0.0.1:{}", sims[0])), "a prefill pod got traffic: {picks:?}");
     assert!(picks.windows(2).skip(1).all(|w| w[0] == w[1]), "decode traffic follows the prefix: {picks:?}");
     // The dialled publishers' events reached the index under the backends' identities.
-    let pods: Value = ureq::get(&format!("{router}/v1/kv/pods")).call().unwrap().into_json().unwrap();
+    let pods: Value = ureq::get(&format!("{}/v1/kv/pods", common::admin(&router))).call().unwrap().into_json().unwrap();
     let chosen = pods["pods"]
         .as_array()
         .unwrap()
@@ -370,7 +375,7 @@ fn a_burst_of_one_new_prompt_lands_on_one_pod() {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let m = ureq::get(&format!("{}/metrics", f.router)).call().unwrap().into_string().unwrap();
+        let m = ureq::get(&format!("{}/metrics", common::admin(&f.router))).call().unwrap().into_string().unwrap();
         let counts: Vec<&str> =
             m.lines().filter(|l| l.contains("decisions_total") || l.contains("tokenize_fallbacks_total")).collect();
         assert!(pods.iter().all(|p| *p == pods[0]), "round {round}: {pods:?} {counts:?}");

@@ -52,8 +52,9 @@ fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A router's metric (on its admin port), summed over the series with all `labels`.
 fn metric(router: u16, name: &str, labels: &[&str]) -> f64 {
-    let text = get(&format!("http://127.0.0.1:{router}/metrics")).1;
+    let text = get(&format!("http://127.0.0.1:{}/metrics", common::admin_port(router))).1;
     text.lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -273,7 +274,8 @@ fn a_redirecting_backend_gets_no_prompt_sent_elsewhere_and_the_client_a_502() {
 }
 
 fn pod_blocks(router: u16, pod: &str) -> u64 {
-    let v: Value = serde_json::from_str(&get(&format!("http://127.0.0.1:{router}/v1/kv/pods")).1).unwrap();
+    let v: Value =
+        serde_json::from_str(&get(&format!("http://127.0.0.1:{}/v1/kv/pods", common::admin_port(router))).1).unwrap();
     let list = v.as_array().cloned().or_else(|| v["pods"].as_array().cloned()).unwrap_or_default();
     list.iter().find(|p| p["pod"] == pod).and_then(|p| p["blocks"].as_u64()).unwrap_or(0)
 }
@@ -287,6 +289,7 @@ fn readiness_waits_for_a_backend_that_passed_a_probe_and_liveness_does_not() {
     let serve = Command::new(env!("CARGO_BIN_EXE_kvroute"))
         .args(["serve", "--listen", &format!("127.0.0.1:{rp}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zp}")])
         .args(["--backend", &format!("http://127.0.0.1:{sim}"), "--health-interval-ms", "1500"])
+        .args(common::admin_args(rp))
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -342,7 +345,8 @@ fn gateway_errors_are_openai_json_unknown_models_404_batches_route_and_big_bodie
         let idx: Vec<_> = v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64()).collect();
         assert_eq!(idx, [Some(0), Some(1)], "{text}");
         assert_eq!(v["usage"]["completion_tokens"], 2, "{text}");
-        let (code, text, _, _) = post(&format!("{base}/v1/route/explain"), &json!({"model": "m", "prompt": prompt}));
+        let explain = format!("{}/v1/route/explain", common::admin(&base));
+        let (code, text, _, _) = post(&explain, &json!({"model": "m", "prompt": prompt}));
         assert_eq!(code, 200, "{text}");
     }
     // 400s of the gateway carry a type.

@@ -49,6 +49,7 @@ fn sim(port: u16, zmq: u16, block_size: u32) -> Child {
 fn serve(port: u16, backends: &[u16], args: &[&str]) -> (Child, mpsc::Receiver<String>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--health-interval-ms", "100"]);
+    cmd.args(common::admin_args(port));
     for b in backends {
         cmd.args(["--backend", &format!("http://127.0.0.1:{b}")]);
     }
@@ -113,11 +114,11 @@ fn complete(base: &str, prompt: &str) -> (u16, String) {
 }
 
 fn explain(base: &str, body: Value) -> Value {
-    ureq::post(&format!("{base}/v1/route/explain")).send_json(body).unwrap().into_json().unwrap()
+    ureq::post(&format!("{}/v1/route/explain", common::admin(base))).send_json(body).unwrap().into_json().unwrap()
 }
 
 fn metric_line(base: &str, prefix: &str) -> Option<f64> {
-    let text = ureq::get(&format!("{base}/metrics")).call().ok()?.into_string().ok()?;
+    let text = ureq::get(&format!("{}/metrics", common::admin(base))).call().ok()?.into_string().ok()?;
     text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 

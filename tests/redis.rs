@@ -23,6 +23,7 @@ fn serve_with(port: u16, redis_port: u16, dial: &[(u16, u16, u16)], sims: &[u16]
 fn serve_on(port: u16, redis_url: &str, dial: &[(u16, u16, u16)], sims: &[u16], extra: &[&str]) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kvroute"));
     c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--health-interval-ms", "100", "--no-zmq-bind"]);
+    c.args(common::admin_args(port));
     c.args(["--index-backend", "redis", "--redis-url", redis_url]);
     for (p, z, r) in dial {
         c.args(["--zmq-connect", &format!("127.0.0.1:{p}=tcp://127.0.0.1:{z},replay=tcp://127.0.0.1:{r}")]);
@@ -47,7 +48,7 @@ fn complete(router: u16, prompt: &str) -> (u16, String) {
 
 /// Blocks of `prompt` the router's index says `pod` holds.
 fn matched(router: u16, prompt: &str, pod: &str) -> u64 {
-    let ex: Value = ureq::post(&format!("http://127.0.0.1:{router}/v1/route/explain"))
+    let ex: Value = ureq::post(&format!("http://127.0.0.1:{}/v1/route/explain", common::admin_port(router)))
         .send_json(json!({"model": "m", "prompt": prompt}))
         .unwrap()
         .into_json()
@@ -95,7 +96,7 @@ fn replicas_share_the_index_and_survive_a_redis_restart() {
     eventually("replica B sees the blocks replica A ingested", || matched(b, &prompt, &pod) == 10);
     // B would route that prompt to the same pod without having seen an event (explain:
     // the decision without forwarding, so no speculative entry is left behind in B).
-    let ex: Value = ureq::post(&format!("http://127.0.0.1:{b}/v1/route/explain"))
+    let ex: Value = ureq::post(&format!("http://127.0.0.1:{}/v1/route/explain", common::admin_port(b)))
         .send_json(json!({"model": "m", "prompt": prompt}))
         .unwrap()
         .into_json()
@@ -111,7 +112,11 @@ fn replicas_share_the_index_and_survive_a_redis_restart() {
         assert_eq!(complete(if i % 2 == 0 { a } else { b }, &p).0, 200, "request {i} while Redis is down");
     }
     eventually("replica A reports Redis down", || {
-        let m = ureq::get(&format!("http://127.0.0.1:{a}/metrics")).call().unwrap().into_string().unwrap();
+        let m = ureq::get(&format!("http://127.0.0.1:{}/metrics", common::admin_port(a)))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
         m.contains("kvroute_index_redis_up 0")
     });
     // Back, empty: replica A replays every pod's buffered events into it (triggered by the

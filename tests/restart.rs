@@ -24,6 +24,7 @@ fn a_router_started_after_the_fleet_replays_its_caches_before_serving() {
     std::thread::sleep(Duration::from_millis(200));
     let mut serve = Command::new(env!("CARGO_BIN_EXE_kvroute"));
     serve.args(["serve", "--listen", &format!("127.0.0.1:{router}"), "--no-zmq-bind"]);
+    serve.args(common::admin_args(router));
     for (p, z, r) in dial {
         serve.args(["--backend", &format!("http://127.0.0.1:{p}")]);
         serve.args(["--zmq-connect", &format!("127.0.0.1:{p}=tcp://127.0.0.1:{z},replay=tcp://127.0.0.1:{r}")]);
@@ -32,7 +33,7 @@ fn a_router_started_after_the_fleet_replays_its_caches_before_serving() {
     let _children = Children(children);
     wait_healthy(&format!("http://127.0.0.1:{router}"));
     // No live event has arrived since the router started; the replay filled the index.
-    let ex: Value = ureq::post(&format!("http://127.0.0.1:{router}/v1/route/explain"))
+    let ex: Value = ureq::post(&format!("http://127.0.0.1:{}/v1/route/explain", common::admin_port(router)))
         .send_json(json!({"model": "m", "prompt": prompt}))
         .unwrap()
         .into_json()

@@ -101,7 +101,7 @@ impl Fleet {
             "--zmq-bind",
             &format!("tcp://127.0.0.1:{zmq_port}"),
         ]);
-        serve.args(["--health-interval-ms", "200"]);
+        serve.args(["--health-interval-ms", "200", "--admin-listen", "off"]);
         if let Some(s) = scheduler {
             serve.arg("--scheduler-config").arg(s);
         }

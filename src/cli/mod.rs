@@ -30,8 +30,9 @@ pub enum Command {
     /// Start a local fleet of simulated vLLM servers behind a kvroute router and compare
     /// round-robin with kvroute on llm-d's seed test and a shared-prefix workload.
     Demo(demo::DemoArgs),
-    /// Run the router: follow the fleet's KV events over ZMQ and serve the scoring API
-    /// (`/v1/kv/score`, `/v1/kv/pods`, `/metrics`, `/health`).
+    /// Run the router: follow the fleet's KV events over ZMQ, route OpenAI requests
+    /// (`--listen`), and serve the admin API (`/v1/kv/score`, `/v1/kv/pods`,
+    /// `/v1/route/explain`, `/metrics`) on `--admin-listen` (loopback by default).
     Serve(Box<serve::ServeArgs>),
     /// Run a vLLM-compatible model-server simulator (OpenAI API, prefix cache with
     /// vLLM-exact block hashes, KV events over ZMQ, vLLM metrics, latency model).

@@ -138,6 +138,88 @@ pub struct ServeArgs {
     /// event; 0 = no limit [default: 600000].
     #[arg(long)]
     upstream_timeout_ms: Option<u64>,
+
+    // ---- KV-event integrity (config file: the `ingest:` section) ----
+    /// Events whose topic names a pod that is not a --backend, --zmq-connect pod or
+    /// --zmq-known-pod: auto (drop them when backends or dial targets are given, else
+    /// accept), drop, or accept (any pod; no replay for them) [default: auto].
+    #[arg(long, value_name = "auto|drop|accept")]
+    zmq_unknown_pods: Option<kvroute_ingest::UnknownPods>,
+    /// A pod (`host:port`, as in topics) whose events are accepted besides the backends
+    /// (repeatable); with --replay-port its host is replayed from.
+    #[arg(long = "zmq-known-pod", value_name = "POD")]
+    zmq_known_pods: Vec<String>,
+    /// Largest ZMQ frame accepted, bytes: a bigger one drops the publisher's connection
+    /// [default: 16777216].
+    #[arg(long)]
+    zmq_max_frame_bytes: Option<usize>,
+    /// Most events in one batch; bigger batches are dropped [default: 65536].
+    #[arg(long)]
+    zmq_max_batch_events: Option<usize>,
+    /// Replays running at once [default: 4].
+    #[arg(long)]
+    zmq_replay_concurrency: Option<usize>,
+    /// Source address or network allowed to publish to the bound SUB sockets, e.g.
+    /// 10.0.0.0/8 (repeatable) [default: any].
+    #[arg(long = "zmq-allow-source", value_name = "IP[/PREFIX]")]
+    zmq_allow_sources: Vec<String>,
+    /// CurveZMQ on the bound SUB sockets: file with their secret key (Z85, 40 characters)
+    /// [default: off].
+    #[arg(long, value_name = "FILE")]
+    zmq_curve_secret_key_file: Option<PathBuf>,
+    /// A publisher public key (Z85) allowed with CurveZMQ (repeatable) [default: any key].
+    #[arg(long = "zmq-curve-allow", value_name = "KEY")]
+    zmq_curve_allow: Vec<String>,
+    // Listeners: the admin surface, client limits, TLS (docs/security.md).
+    /// Admin listener for /v1/kv/score, /v1/kv/pods, /v1/route/explain and /metrics (the
+    /// serving port answers them 404); `off` for none [default: 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR|off", value_parser = parse_admin_listen)]
+    admin_listen: Option<AdminListen>,
+    /// Serve the admin routes on the serving port (--listen) too.
+    #[arg(long)]
+    admin_on_serving_port: bool,
+    /// File holding the bearer token the admin routes require (`Authorization: Bearer …`);
+    /// without it, the KVROUTE_ADMIN_TOKEN environment variable [default: no token].
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// A request head must be complete this long after the connection opened (or after the
+    /// first byte of a kept-alive connection's next request), ms [default: 10000].
+    #[arg(long)]
+    header_timeout_ms: Option<u64>,
+    /// A client connection with no request in flight and nothing received this long is
+    /// closed, ms [default: 60000].
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Client connections served on the serving port [default: 8192].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Connections accepted beyond --max-connections that get only /health (503 with
+    /// Retry-After for the rest) [default: 64].
+    #[arg(long)]
+    reserve_connections: Option<usize>,
+    /// Largest request head (request line + headers), bytes; larger: 431 [default: 65536].
+    #[arg(long)]
+    max_header_bytes: Option<usize>,
+    /// PEM certificate chain: serve HTTPS on --listen and --admin-listen (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve --ext-proc-listen and --grpc-health-listen over TLS too (with --tls-cert).
+    #[arg(long)]
+    tls_grpc: bool,
+}
+
+/// `--admin-listen`: an address, or `off`.
+#[derive(Clone, Debug)]
+struct AdminListen(Option<std::net::SocketAddr>);
+
+fn parse_admin_listen(s: &str) -> Result<AdminListen, String> {
+    match s {
+        "off" | "none" => Ok(AdminListen(None)),
+        _ => s.parse().map(|a| AdminListen(Some(a))).map_err(|e| format!("expected ADDR:PORT or off: {e}")),
+    }
 }
 
 fn parse_dial(s: &str) -> Result<DialTarget, String> {
@@ -231,6 +313,45 @@ impl ServeArgs {
         set!(self.upstream_first_byte_timeout_ms, c.upstream.first_byte_timeout_ms);
         set!(self.upstream_idle_timeout_ms, c.upstream.idle_timeout_ms);
         set!(self.upstream_timeout_ms, c.upstream.total_timeout_ms);
+        // KV-event integrity.
+        set!(self.zmq_unknown_pods, c.ingest.unknown_pods);
+        if !self.zmq_known_pods.is_empty() {
+            c.ingest.known_pods = self.zmq_known_pods.clone();
+        }
+        set!(self.zmq_max_frame_bytes, c.ingest.max_frame_bytes);
+        set!(self.zmq_max_batch_events, c.ingest.max_batch_events);
+        set!(self.zmq_replay_concurrency, c.ingest.replay_concurrency);
+        if !self.zmq_allow_sources.is_empty() {
+            c.ingest.allow_sources = self.zmq_allow_sources.clone();
+        }
+        if self.zmq_curve_secret_key_file.is_some() {
+            c.ingest.curve_secret_key_file = self.zmq_curve_secret_key_file.clone();
+        }
+        if !self.zmq_curve_allow.is_empty() {
+            c.ingest.curve_allowed_keys = self.zmq_curve_allow.clone();
+        }
+        // Listeners.
+        if let Some(AdminListen(a)) = &self.admin_listen {
+            c.admin.listen = *a;
+        }
+        if self.admin_on_serving_port {
+            c.admin.on_serving_port = true;
+        }
+        if self.admin_token_file.is_some() {
+            c.admin.token_file = self.admin_token_file.clone();
+        }
+        set!(self.header_timeout_ms, c.http.header_timeout_ms);
+        set!(self.idle_timeout_ms, c.http.idle_timeout_ms);
+        set!(self.max_connections, c.http.max_connections);
+        set!(self.reserve_connections, c.http.reserve_connections);
+        set!(self.max_header_bytes, c.http.max_header_bytes);
+        if self.tls_cert.is_some() {
+            c.tls.cert = self.tls_cert.clone();
+            c.tls.key = self.tls_key.clone();
+        }
+        if self.tls_grpc {
+            c.tls.grpc = true;
+        }
         Ok(c)
     }
 }
@@ -279,6 +400,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         if let crate::config::BackendSpec::Full { url, zmq: Some(ep), replay, .. } = b {
             let pod = url.trim_end_matches('/').trim_start_matches("http://").to_string();
             cfg.ingest.connect.push(DialTarget { pod, endpoint: ep.clone(), replay: replay.clone() });
+        }
+    }
+    // Backends are known pods: their events are accepted on the bound sockets.
+    for b in &cfg.backends {
+        let pod = b.url().trim_end_matches('/').trim_start_matches("http://").to_string();
+        if !cfg.ingest.known_pods.contains(&pod) {
+            cfg.ingest.known_pods.push(pod);
         }
     }
     tracing_subscriber::fmt()
@@ -444,6 +572,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         Some(_) => Some(kvroute_extproc::ExtProc::new(gateway.clone(), &registry)?),
         None => None,
     };
+    let listen_metrics = kvroute_api::listen::ListenMetrics::new(&registry)?;
+    let tls = cfg.tls.acceptor()?;
+    let grpc_tls = grpc_tls(&cfg.tls)?;
+    let serving = kvroute_api::listen::Listener::new("serving", &cfg.http, tls.clone(), listen_metrics.clone())?;
+    let admin_token = cfg.admin.token()?;
     let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
     // A pod rejoining the rotation keeps its index entries only if its KV events went on
     // in sequence while it was out (kvroute_gateway::recovery).
@@ -454,9 +587,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     }));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let listener =
+            kvroute_api::listen::bind(cfg.listen).with_context(|| format!("cannot listen on {}", cfg.listen))?;
         tracing::info!(
             listen = %cfg.listen,
             bind = ?cfg.ingest.bind,
@@ -472,10 +604,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {addr} (ext_proc)"))?;
             tracing::info!(%addr, "ext_proc serving");
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let server = grpc_builder(grpc_tls.clone())?;
             tokio::spawn(async move {
                 // Large HTTP/2 windows: a 200 KB body crosses without waiting for window
                 // updates (h2's default is 64 KB).
-                if let Err(e) = tonic::transport::Server::builder()
+                if let Err(e) = server
                     .initial_stream_window_size(Some(8 << 20))
                     .initial_connection_window_size(Some(32 << 20))
                     .add_service(svc.into_server())
@@ -496,29 +629,81 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (gRPC health)"))?;
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let mut server = grpc_builder(grpc_tls.clone())?;
             tokio::spawn(async move {
                 let _keep = reporter;
-                if let Err(e) =
-                    tonic::transport::Server::builder().add_service(health).serve_with_incoming(incoming).await
-                {
+                if let Err(e) = server.add_service(health).serve_with_incoming(incoming).await {
                     tracing::error!("gRPC health server failed: {e}");
                 }
             });
         }
         let app = kvroute_api::router(state).merge(kvroute_gateway::router(gateway));
-        // TCP_NODELAY: small streamed chunks (SSE) go out at once instead of waiting ~40 ms
-        // for Nagle + delayed ACK.
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("HTTP server failed")
+        serve_http(listener, app, serving, tls, &cfg, admin_token, listen_metrics).await
     })
+}
+
+/// `tls.grpc`: the gRPC listeners' TLS identity (`tls.cert`, `tls.key`).
+fn grpc_tls(t: &kvroute_api::listen::TlsSection) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let Some((cert, key)) = t.files()?.filter(|_| t.grpc) else { return Ok(None) };
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let id = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    Ok(Some(tonic::transport::ServerTlsConfig::new().identity(id)))
+}
+
+/// A gRPC server, over TLS when `tls` is set (a bad identity is an error at start).
+fn grpc_builder(tls: Option<tonic::transport::ServerTlsConfig>) -> anyhow::Result<tonic::transport::Server> {
+    let b = tonic::transport::Server::builder();
+    Ok(match tls {
+        Some(t) => b.tls_config(t).context("gRPC TLS (--tls-cert, --tls-key)")?,
+        None => b,
+    })
+}
+
+/// The serving port (OpenAI routes, /health, and the admin routes if asked) and the admin
+/// listener, each under its client limits (`kvroute_api::listen`). Connections set
+/// TCP_NODELAY: small streamed chunks (SSE) go out at once instead of waiting ~40 ms for
+/// Nagle + delayed ACK.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    serving: kvroute_api::listen::Listener,
+    tls: Option<kvroute_api::listen::TlsAcceptor>,
+    cfg: &ServeConfig,
+    token: Option<String>,
+    metrics: kvroute_api::listen::ListenMetrics,
+) -> anyhow::Result<()> {
+    use kvroute_api::admin::{gated, Gate};
+    let admin_here = cfg.admin.on_serving_port;
+    let nofile = kvroute_api::listen::raise_nofile_limit();
+    let admin_max = 256;
+    let wanted = (cfg.http.max_connections + cfg.http.reserve_connections + admin_max + 1024) as u64;
+    if nofile < wanted {
+        tracing::warn!(
+            nofile,
+            "the open-files limit is below max_connections + reserve_connections + 1280 (admin, backends, \
+             events): raise it (ulimit -n) or lower --max-connections"
+        );
+    }
+    if let Some(addr) = cfg.admin.listen {
+        let l = kvroute_api::listen::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} (admin; --admin-listen off for none)"))?;
+        let limits = kvroute_api::listen::ClientLimits {
+            max_connections: admin_max,
+            reserve_connections: 0,
+            ..cfg.http.clone()
+        };
+        let admin = kvroute_api::listen::Listener::new("admin", &limits, tls, metrics)?;
+        let app = gated(app.clone(), Gate { admin: true, public: false, token: token.clone() });
+        tracing::info!(%addr, token = token.is_some(), "admin routes serving");
+        tokio::spawn(admin.serve(l, app, std::future::pending()));
+    }
+    let app = gated(app, Gate { admin: admin_here, public: true, token });
+    serving
+        .serve(listener, app, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+    Ok(())
 }
 
 /// Compares each pod's scraped block size with kvroute's: a gauge per pod, and one warning

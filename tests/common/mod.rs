@@ -1,8 +1,10 @@
 //! Helpers shared by the black-box tests: ports, readiness, child processes.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub fn free_ports(n: usize) -> Vec<u16> {
@@ -56,9 +58,32 @@ pub fn sim_publishing(port: u16, pub_port: u16, replay_port: u16) -> Child {
     c
 }
 
+/// Admin port of each router these helpers started (serving port → admin port).
+static ADMIN: Mutex<Option<HashMap<u16, u16>>> = Mutex::new(None);
+
+/// `--admin-listen` on a free loopback port for the router serving on `port`; [`admin`]
+/// and [`metric_sum`] find it from then on.
+pub fn admin_args(port: u16) -> Vec<String> {
+    let a = free_ports(1)[0];
+    ADMIN.lock().unwrap().get_or_insert_with(HashMap::new).insert(port, a);
+    vec!["--admin-listen".into(), format!("127.0.0.1:{a}")]
+}
+
+/// The admin port of the router serving on `port` (`port` itself for anything else).
+pub fn admin_port(port: u16) -> u16 {
+    ADMIN.lock().unwrap().as_ref().and_then(|m| m.get(&port).copied()).unwrap_or(port)
+}
+
+/// `http://127.0.0.1:<admin port>` of the router at `base` (`http://127.0.0.1:<port>`).
+pub fn admin(base: &str) -> String {
+    let port = base.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(0);
+    format!("http://127.0.0.1:{}", admin_port(port))
+}
+
 /// `kvroute serve` on `port` with KV events bound on `zmq` and the sims on `backends`
 /// as backends, hashing like [`sim`] (block 16, `sha256_cbor`, seed 42), probing every
-/// 100 ms, plus `extra`; returns once `/health` answers. `SERVE_LOG` sets the router's `RUST_LOG` (e.g. `kvroute_gateway=debug` logs every
+/// 100 ms, its admin routes on a free loopback port ([`admin`]), plus `extra`; returns
+/// once `/health` answers. `SERVE_LOG` sets the router's `RUST_LOG` (e.g. `kvroute_gateway=debug` logs every
 /// routing decision).
 pub fn serve(port: u16, zmq: u16, backends: &[u16], extra: &[&str]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute"));
@@ -66,6 +91,9 @@ pub fn serve(port: u16, zmq: u16, backends: &[u16], extra: &[&str]) -> Child {
     cmd.args(["--block-size", "16", "--hash-algo", "sha256_cbor", "--hash-seed", "42", "--health-interval-ms", "100"]);
     for p in backends {
         cmd.args(["--backend", &format!("http://127.0.0.1:{p}")]);
+    }
+    if !extra.contains(&"--admin-listen") {
+        cmd.args(admin_args(port));
     }
     let child = cmd
         .args(extra)
@@ -77,12 +105,16 @@ pub fn serve(port: u16, zmq: u16, backends: &[u16], extra: &[&str]) -> Child {
     child
 }
 
-/// Sum of a metric over the servers' `/metrics`.
+/// Sum of a metric over the servers' `/metrics` (a router's on its admin port).
 pub fn metric_sum(ports: &[u16], name: &str) -> f64 {
     ports
         .iter()
         .map(|p| {
-            let text = ureq::get(&format!("http://127.0.0.1:{p}/metrics")).call().unwrap().into_string().unwrap();
+            let text = ureq::get(&format!("http://127.0.0.1:{}/metrics", admin_port(*p)))
+                .call()
+                .unwrap()
+                .into_string()
+                .unwrap();
             text.lines()
                 .filter(|l| l.starts_with(name))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -1,6 +1,8 @@
 //! # kvroute-api — the router's HTTP surface (request → keys → scores)
 //!
-//! * `GET /health` — 200 `ok`.
+//! * `GET /health` — 200 `ok` (every listener, no token).
+//!
+//! Admin routes (served on the admin listener, see [`admin`]):
 //! * `POST /v1/kv/score` — `{"model", "token_ids", "pods"?, "lora_name"?, "cache_salt"?}` →
 //!   `{"block_size", "blocks", "scores": [{"pod", "matched_blocks", "score"}, …]}`, best
 //!   first, every pod with at least one matched block (restricted to `pods` when given).
@@ -8,6 +10,13 @@
 //! * `GET /metrics` — Prometheus text: ingestion counters, index size, lookup latency.
 //!
 //! Bad requests get a 4xx with `{"error": "<message>"}`.
+//!
+//! [`listen`] serves an app with client-side limits (timeouts, connection caps, TLS);
+//! [`admin`] keeps the admin routes (`/v1/kv/*`, `/v1/route/explain`, `/metrics`) off the
+//! serving port unless asked, behind an optional bearer token.
+
+pub mod admin;
+pub mod listen;
 
 use std::sync::Arc;
 use std::time::Instant;

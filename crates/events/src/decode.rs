@@ -11,6 +11,11 @@ use rmp::Marker;
 
 use crate::model::{BlockRemoved, BlockStored, EventBatch, KvEvent, Value};
 
+/// Elements reserved up front for a collection, whatever length it announces: a length is
+/// only bounded by the bytes left (one per element), and an element in memory is far
+/// bigger than one byte (a 16 MiB frame announcing 16 M events would reserve gigabytes).
+const PREALLOC: usize = 1024;
+
 /// Deepest nesting accepted inside generic values (extra keys, skipped fields).
 const MAX_DEPTH: usize = 32;
 
@@ -192,6 +197,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Element count, bounded by the bytes left (each element takes at least one).
+    /// A length, checked against the bytes left (each element takes at least one).
     fn bounded(&self, n: u64) -> Result<usize> {
         if n > (self.buf.len() - self.pos) as u64 {
             return Err(DecodeError::Truncated { at: self.pos, needed: n as usize });
@@ -300,7 +306,7 @@ impl<'a> Reader<'a> {
 
     fn u32_list(&mut self, what: &'static str) -> Result<Vec<u32>> {
         let n = self.array_len()?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC));
         for _ in 0..n {
             v.push(self.u32(what)?);
         }
@@ -337,7 +343,7 @@ impl<'a> Reader<'a> {
 
     fn hash_list(&mut self) -> Result<Vec<u64>> {
         let n = self.array_len()?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC));
         for _ in 0..n {
             v.push(self.hash()?);
         }
@@ -382,7 +388,7 @@ impl<'a> Reader<'a> {
             Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
                 self.pos = at;
                 let n = self.array_len()?;
-                let mut items = Vec::with_capacity(n);
+                let mut items = Vec::with_capacity(n.min(PREALLOC));
                 for _ in 0..n {
                     items.push(self.value(depth + 1)?);
                 }
@@ -391,7 +397,7 @@ impl<'a> Reader<'a> {
             Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
                 self.pos = at;
                 let n = self.map_len_opt()?.unwrap_or(0);
-                let mut kv = Vec::with_capacity(n);
+                let mut kv = Vec::with_capacity(n.min(PREALLOC));
                 for _ in 0..n {
                     let k = self.value(depth + 1)?;
                     kv.push((k, self.value(depth + 1)?));
@@ -435,7 +441,7 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         let n = self.array_len()?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC));
         for _ in 0..n {
             v.push(if self.nil()? { None } else { Some(self.value(1)?) });
         }
@@ -447,7 +453,7 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         let n = self.array_len()?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC));
         for _ in 0..n {
             v.push(self.u32_list("lookahead token id")?);
         }
@@ -559,7 +565,7 @@ impl<'a> Reader<'a> {
 
     fn events(&mut self) -> Result<(Vec<KvEvent>, u32)> {
         let n = self.array_len()?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC));
         let mut unknown = 0;
         for _ in 0..n {
             match self.event()? {

@@ -460,7 +460,12 @@ impl Gateway {
             return Err(RouteError::new(StatusCode::TOO_MANY_REQUESTS, "every candidate pod is saturated"));
         }
         let req = RequestView { prompt_tokens: est_tokens, block_size: bs, total_blocks: est_tokens / bs.max(1) };
-        let d = self.profile.schedule(&req, &views);
+        // A dry run (explain, `decision` is None) leaves the pickers' and scorers' state alone.
+        let d = if decision.is_none() {
+            self.profile.schedule_dry(&req, &views)
+        } else {
+            self.profile.schedule(&req, &views)
+        };
         for (name, secs) in &d.scorer_seconds {
             self.plugin_seconds.with_label_values(&[name]).observe(*secs);
         }

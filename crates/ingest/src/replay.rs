@@ -26,17 +26,20 @@ pub struct ReplayOutcome {
 }
 
 /// Replays from `endpoint` starting at `from`, handing each `(seq, payload)` to `f` in
-/// order. `idle` bounds the wait for each reply, `total` the whole replay.
+/// order. `idle` bounds the wait for each reply, `total` the whole replay; a reply frame
+/// over `max_frame_bytes` makes libzmq drop the connection (the replay then times out).
 pub fn replay(
     ctx: &zmq::Context,
     endpoint: &str,
     from: u64,
     idle: Duration,
     total: Duration,
+    max_frame_bytes: usize,
     mut f: impl FnMut(u64, &[u8]),
 ) -> Result<ReplayOutcome, ReplayError> {
     let sock = ctx.socket(zmq::DEALER)?;
     sock.set_linger(0)?;
+    sock.set_maxmsgsize(max_frame_bytes.min(i64::MAX as usize) as i64)?;
     sock.set_rcvtimeo(idle.as_millis().min(i32::MAX as u128) as i32)?;
     sock.connect(endpoint)?;
     sock.send_multipart([&b""[..], &from.to_be_bytes()[..]], 0)?;

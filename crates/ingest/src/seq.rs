@@ -1,6 +1,10 @@
-//! Per-stream sequence tracking: in order, duplicate, gap, or engine restart.
+//! Per-stream sequence tracking: in order, duplicate, gap, or a backwards sequence.
+//!
+//! The tracker only classifies; what the worker does with an anomaly (a gap or a
+//! backwards sequence) is its *confirmation rule* (see [`crate::Ingestor`]): an anomalous
+//! message is held as a suspect and acted upon only when the stream continues from it.
 
-/// What to do with a live message, given its sequence number.
+/// What a live message's sequence number says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// The next one expected: apply it.
@@ -10,12 +14,13 @@ pub enum Verdict {
     Joined,
     /// Already applied through a replay: skip it.
     Duplicate,
-    /// Messages `from..seq` were lost: replay them (or, without replay, stop trusting
-    /// what the index holds for this pod).
+    /// Messages `from..seq` were not seen: replay them if possible; without a replay that
+    /// covers them, the gap only counts once the stream continues after it.
     Gap { from: u64 },
-    /// The sequence went backwards: the engine restarted with a fresh publisher and an
-    /// empty cache. Clear the pod, then replay the new publisher's buffer.
-    Restart,
+    /// The sequence went back to or below one already seen live: an engine restart (fresh
+    /// publisher, empty cache) — or a forged or stray message. Acted upon only once the
+    /// stream continues from it.
+    Backwards,
 }
 
 /// Sequence state of one publisher (one pod, one data-parallel rank).
@@ -26,11 +31,10 @@ pub struct SeqTracker {
 }
 
 impl SeqTracker {
-    pub fn on_live(&mut self, seq: u64) -> Verdict {
-        let restart = self.last_live.is_some_and(|l| seq <= l);
-        self.last_live = Some(seq);
-        if restart {
-            return Verdict::Restart;
+    /// Classifies a live message (does not record it: see [`SeqTracker::seen`]).
+    pub fn on_live(&self, seq: u64) -> Verdict {
+        if self.last_live.is_some_and(|l| seq <= l) {
+            return Verdict::Backwards;
         }
         match self.last_applied {
             None if seq == 0 => Verdict::Apply,
@@ -41,14 +45,19 @@ impl SeqTracker {
         }
     }
 
+    /// Records a live message accepted as part of the stream (not a held suspect).
+    pub fn seen(&mut self, seq: u64) {
+        self.last_live = Some(self.last_live.map_or(seq, |l| l.max(seq)));
+    }
+
     /// Records that the batch `seq` has been applied (live or replayed).
     pub fn applied(&mut self, seq: u64) {
         self.last_applied = Some(self.last_applied.map_or(seq, |a| a.max(seq)));
     }
 
-    /// Forgets what was applied (after a restart or an unrecoverable gap).
-    pub fn reset_applied(&mut self) {
-        self.last_applied = None;
+    /// Forgets everything (a confirmed restart or unrepairable gap).
+    pub fn reset(&mut self) {
+        *self = Self::default();
     }
 
     pub fn last_applied(&self) -> Option<u64> {
@@ -64,30 +73,48 @@ impl SeqTracker {
 mod tests {
     use super::*;
 
+    fn live(t: &mut SeqTracker, seq: u64) -> Verdict {
+        let v = t.on_live(seq);
+        if matches!(v, Verdict::Apply | Verdict::Joined | Verdict::Duplicate) {
+            t.seen(seq);
+        }
+        v
+    }
+
     #[test]
-    fn in_order_gap_duplicate_restart() {
+    fn in_order_gap_duplicate_backwards() {
         let mut t = SeqTracker::default();
-        assert_eq!(t.on_live(0), Verdict::Apply);
+        assert_eq!(live(&mut t, 0), Verdict::Apply);
         t.applied(0);
-        assert_eq!(t.on_live(1), Verdict::Apply);
+        assert_eq!(live(&mut t, 1), Verdict::Apply);
         t.applied(1);
-        assert_eq!(t.on_live(4), Verdict::Gap { from: 2 });
+        assert_eq!(live(&mut t, 4), Verdict::Gap { from: 2 });
         // The replay applied 2..=5; 5 then arrives live.
         (2..=5).for_each(|s| t.applied(s));
-        assert_eq!(t.on_live(5), Verdict::Duplicate);
-        assert_eq!(t.on_live(6), Verdict::Apply);
+        assert_eq!(live(&mut t, 5), Verdict::Duplicate);
+        assert_eq!(live(&mut t, 6), Verdict::Apply);
         t.applied(6);
-        assert_eq!(t.on_live(0), Verdict::Restart);
-        t.reset_applied();
+        assert_eq!(live(&mut t, 0), Verdict::Backwards);
+        t.reset();
         t.applied(0);
-        assert_eq!(t.on_live(1), Verdict::Apply);
+        assert_eq!(live(&mut t, 1), Verdict::Apply);
+    }
+
+    #[test]
+    fn a_held_suspect_does_not_move_the_stream() {
+        let mut t = SeqTracker::default();
+        assert_eq!(live(&mut t, 0), Verdict::Apply);
+        t.applied(0);
+        assert_eq!(live(&mut t, 1_000_000), Verdict::Gap { from: 1 });
+        // Not recorded as seen: the real next message is still in order.
+        assert_eq!(live(&mut t, 1), Verdict::Apply);
     }
 
     #[test]
     fn joining_mid_stream() {
         let mut t = SeqTracker::default();
-        assert_eq!(t.on_live(41), Verdict::Joined);
+        assert_eq!(live(&mut t, 41), Verdict::Joined);
         t.applied(41);
-        assert_eq!(t.on_live(42), Verdict::Apply);
+        assert_eq!(live(&mut t, 42), Verdict::Apply);
     }
 }

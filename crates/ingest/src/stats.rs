@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use prometheus::{IntCounter, Opts, Registry};
+use prometheus::{IntCounter, IntGauge, Opts, Registry};
 use serde::Serialize;
 
 /// Counters of one pod (one publisher stream; data-parallel ranks are separate pods).
@@ -20,6 +20,8 @@ pub struct PodCounters {
     pub replays: AtomicU64,
     pub replay_failures: AtomicU64,
     pub restarts: AtomicU64,
+    /// Out-of-sequence messages held and then discarded (the stream went on without them).
+    pub anomalies_ignored: AtomicU64,
     /// Last sequence number received live, + 1 (0 = none yet).
     pub last_seq_plus_one: AtomicU64,
     pub model: Mutex<String>,
@@ -42,6 +44,7 @@ pub struct PodStatus {
     pub replays: u64,
     pub replay_failures: u64,
     pub restarts: u64,
+    pub anomalies_ignored: u64,
 }
 
 /// Fleet-wide counters, registered in a Prometheus registry.
@@ -56,6 +59,22 @@ pub struct Metrics {
     pub replays: IntCounter,
     pub replay_failures: IntCounter,
     pub restarts: IntCounter,
+    /// Messages whose topic names a pod that is not a known backend (or over the pod cap).
+    pub unknown_pod: IntCounter,
+    /// Distinct unknown pods seen (counted up to the tracking cap).
+    pub unknown_pods: IntGauge,
+    /// Batches whose data-parallel rank is not below the configured data-parallel size.
+    pub bad_rank: IntCounter,
+    /// Batches with more events than allowed.
+    pub oversized: IntCounter,
+    /// Gaps or backwards sequences held and then discarded because the stream went on
+    /// from before them.
+    pub anomalies_ignored: IntCounter,
+    /// ZAP refusals (publisher key or source address not allowed).
+    pub auth_denied: IntCounter,
+    /// Publisher connections to bound sockets that closed (publisher gone, or a frame
+    /// over the size limit refused by libzmq).
+    pub disconnects: IntCounter,
 }
 
 impl Metrics {
@@ -74,7 +93,42 @@ impl Metrics {
             gaps: c("kvroute_kv_seq_gaps_total", "Sequence gaps detected")?,
             replays: c("kvroute_kv_replays_total", "Replay requests made")?,
             replay_failures: c("kvroute_kv_replay_failures_total", "Replays that failed or were incomplete")?,
-            restarts: c("kvroute_kv_engine_restarts_total", "Engine restarts detected (sequence went backwards)")?,
+            restarts: c(
+                "kvroute_kv_engine_restarts_total",
+                "Engine restarts detected (sequence went backwards and the stream continued from there)",
+            )?,
+            unknown_pod: c(
+                "kvroute_ingest_unknown_pod_messages_total",
+                "KV-event messages dropped because their topic names a pod that is not a known backend",
+            )?,
+            unknown_pods: {
+                let g = IntGauge::with_opts(Opts::new(
+                    "kvroute_ingest_unknown_pods",
+                    "Distinct unknown pods seen in topics (counted up to the tracking cap)",
+                ))?;
+                reg.register(Box::new(g.clone()))?;
+                g
+            },
+            bad_rank: c(
+                "kvroute_ingest_bad_dp_rank_messages_total",
+                "KV-event batches dropped because their data-parallel rank is not below the configured size",
+            )?,
+            oversized: c(
+                "kvroute_ingest_oversized_batches_total",
+                "KV-event batches dropped because they hold more events than allowed",
+            )?,
+            anomalies_ignored: c(
+                "kvroute_ingest_seq_anomalies_ignored_total",
+                "Out-of-sequence messages (gap or backwards) discarded because the stream continued without them",
+            )?,
+            auth_denied: c(
+                "kvroute_ingest_auth_denied_total",
+                "Publisher connections refused by the ZAP handler (key or source address not allowed)",
+            )?,
+            disconnects: c(
+                "kvroute_ingest_publisher_disconnects_total",
+                "Publisher connections to bound SUB sockets that closed (publisher gone, or a frame over max_frame_bytes refused)",
+            )?,
         })
     }
 }
@@ -113,6 +167,7 @@ impl PodTable {
                     replays: c.replays.load(Relaxed),
                     replay_failures: c.replay_failures.load(Relaxed),
                     restarts: c.restarts.load(Relaxed),
+                    anomalies_ignored: c.anomalies_ignored.load(Relaxed),
                 }
             })
             .collect()

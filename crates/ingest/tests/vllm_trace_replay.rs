@@ -39,25 +39,35 @@ fn publisher(pub_ep: String, router_ep: String, rx: Receiver<Cmd>) -> std::threa
         router.bind(&router_ep).unwrap();
         let topic = b"kv@pod-a@m".to_vec();
         let mut buffer: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
-        loop {
+        // Applies the commands sent so far; false once the test hung up.
+        fn drain(rx: &Receiver<Cmd>, sock: &zmq::Socket, topic: &[u8], buffer: &mut VecDeque<(u64, Vec<u8>)>) -> bool {
             loop {
                 match rx.try_recv() {
                     Ok(Cmd::Publish { seq, payload, live }) => {
                         if live {
-                            pub_sock.send_multipart([&topic[..], &seq.to_be_bytes()[..], &payload[..]], 0).unwrap();
+                            sock.send_multipart([topic, &seq.to_be_bytes()[..], &payload[..]], 0).unwrap();
                         }
                         buffer.push_back((seq, payload));
                     }
                     Ok(Cmd::Resend(seq)) => {
                         if let Some((_, p)) = buffer.iter().find(|b| b.0 == seq) {
-                            pub_sock.send_multipart([&topic[..], &seq.to_be_bytes()[..], &p[..]], 0).unwrap();
+                            sock.send_multipart([topic, &seq.to_be_bytes()[..], &p[..]], 0).unwrap();
                         }
                     }
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
                 }
             }
+        }
+        loop {
+            if !drain(&rx, &pub_sock, &topic, &mut buffer) {
+                return;
+            }
             if router.poll(zmq::POLLIN, 1).unwrap_or(0) > 0 {
+                // A request that arrived during the poll must see every batch sent before it.
+                if !drain(&rx, &pub_sock, &topic, &mut buffer) {
+                    return;
+                }
                 while let Ok(req) = router.recv_multipart(zmq::DONTWAIT) {
                     let [id, _empty, start] = req.as_slice() else { continue };
                     let start = u64::from_be_bytes(start.as_slice().try_into().unwrap());

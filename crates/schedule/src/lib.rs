@@ -100,6 +100,9 @@ pub trait Picker: Send + Sync {
     fn reseed(&self, _seed: u64) {}
     /// Index of the chosen pod (`scores` are the weighted totals).
     fn pick(&self, scores: &[f64]) -> Option<usize>;
+    /// What [`Picker::pick`] would choose now, leaving the picker's state (rotation,
+    /// random stream) as it is: dry runs (`/v1/route/explain`).
+    fn peek(&self, scores: &[f64]) -> Option<usize>;
 }
 
 /// Any plugin.
@@ -185,6 +188,16 @@ impl Profile {
     }
 
     pub fn schedule(&self, req: &RequestView, pods: &[PodView]) -> Decision {
+        self.run(req, pods, true)
+    }
+
+    /// [`Profile::schedule`] without side effects: pickers peek, scorers with memory are
+    /// not told the pick (the next real decision is the same as without this call).
+    pub fn schedule_dry(&self, req: &RequestView, pods: &[PodView]) -> Decision {
+        self.run(req, pods, false)
+    }
+
+    fn run(&self, req: &RequestView, pods: &[PodView], commit: bool) -> Decision {
         let mut idx: Vec<usize> = (0..pods.len()).collect();
         for f in &self.filters {
             let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
@@ -203,8 +216,8 @@ impl Profile {
             }
             scores.push((s.name().to_string(), *w, v));
         }
-        let pick = self.picker.pick(&totals);
-        if let Some(j) = pick {
+        let pick = if commit { self.picker.pick(&totals) } else { self.picker.peek(&totals) };
+        if let (Some(j), true) = (pick, commit) {
             for (s, _) in &self.scorers {
                 s.observe_pick(req, &view, j);
             }
@@ -212,7 +225,7 @@ impl Profile {
         let pick = pick.map(|j| idx[j]);
         let prefill = match (&self.prefill, pick) {
             (Some(stage), Some(p)) if stage.decider.disaggregate(req, &pods[p]) => {
-                let d = stage.profile.schedule(req, pods);
+                let d = stage.profile.run(req, pods, commit);
                 scorer_seconds.extend(d.scorer_seconds);
                 d.pick
             }

@@ -18,10 +18,18 @@ impl Picker for MaxScorePicker {
         *self.rng.lock() = rand::rngs::StdRng::seed_from_u64(seed);
     }
     fn pick(&self, scores: &[f64]) -> Option<usize> {
-        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let best: Vec<usize> = (0..scores.len()).filter(|&i| scores[i] >= max - 1e-9).collect();
-        (!best.is_empty()).then(|| best[self.rng.lock().random_range(0..best.len())])
+        max_score(&mut self.rng.lock(), scores)
     }
+    fn peek(&self, scores: &[f64]) -> Option<usize> {
+        let mut rng = self.rng.lock().clone();
+        max_score(&mut rng, scores)
+    }
+}
+
+fn max_score(rng: &mut rand::rngs::StdRng, scores: &[f64]) -> Option<usize> {
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let best: Vec<usize> = (0..scores.len()).filter(|&i| scores[i] >= max - 1e-9).collect();
+    (!best.is_empty()).then(|| best[rng.random_range(0..best.len())])
 }
 
 pub(crate) struct RandomPicker {
@@ -40,10 +48,18 @@ impl Picker for RandomPicker {
         *self.rng.lock() = rand::rngs::StdRng::seed_from_u64(seed);
     }
     fn pick(&self, scores: &[f64]) -> Option<usize> {
+        self.choose(&mut self.rng.lock(), scores)
+    }
+    fn peek(&self, scores: &[f64]) -> Option<usize> {
+        let mut rng = self.rng.lock().clone();
+        self.choose(&mut rng, scores)
+    }
+}
+impl RandomPicker {
+    fn choose(&self, rng: &mut rand::rngs::StdRng, scores: &[f64]) -> Option<usize> {
         if scores.is_empty() {
             return None;
         }
-        let mut rng = self.rng.lock();
         let total: f64 = scores.iter().map(|s| s.max(0.0)).sum();
         if !self.weighted || total <= 0.0 {
             return Some(rng.random_range(0..scores.len()));
@@ -69,6 +85,9 @@ impl Picker for RoundRobinPicker {
     }
     fn pick(&self, scores: &[f64]) -> Option<usize> {
         (!scores.is_empty()).then(|| self.next.fetch_add(1, Relaxed) % scores.len())
+    }
+    fn peek(&self, scores: &[f64]) -> Option<usize> {
+        (!scores.is_empty()).then(|| self.next.load(Relaxed) % scores.len())
     }
 }
 

@@ -248,3 +248,15 @@ fn what_kvroute_cannot_honour_is_named() {
     let l = SchedulerConfig::load(&ONRAMP.replace("speculativeIndexing: true", "speculativeIndexing: false")).unwrap();
     assert!(l.warnings.iter().any(|w| w.contains("speculativeIndexing: false is not honoured")));
 }
+
+#[test]
+fn dry_runs_leave_picks_unchanged() {
+    let req = RequestView { prompt_tokens: 64, block_size: 16, total_blocks: 4 };
+    let pods = vec![pod("a", 0, 0), pod("b", 0, 0), pod("c", 0, 0)];
+    for p in [SchedulerConfig::default_profile(), SchedulerConfig::round_robin()] {
+        let dry: Vec<_> = (0..5).map(|_| p.schedule_dry(&req, &pods).pick).collect();
+        assert!(dry.iter().all(|d| *d == dry[0]), "{}: dry runs agree: {dry:?}", p.name);
+        assert_eq!(p.schedule(&req, &pods).pick, dry[0], "{}: the real pick is the one explained", p.name);
+        assert_ne!(p.schedule_dry(&req, &pods).pick, dry[0], "{}: a real pick moves on", p.name);
+    }
+}
