@@ -36,7 +36,8 @@ impl Fleet {
         let ports = free_ports(n + 2);
         let (rp, zp) = (ports[0], ports[1]);
         let model = format!("m={q}");
-        let serve = common::serve(rp, zp, &ports[2..], &["--model", &model]);
+        // A benchmark fleet: /reset_prefix_cache also on the serving port (aiperf calls it there).
+        let serve = common::serve(rp, zp, &ports[2..], &["--model", &model, "--reset-on-serving-port"]);
         let mut children: Vec<Child> = vec![serve];
         for &p in &ports[2..] {
             children.push(common::sim(p, zp, &["--tokenizer", q]));
@@ -276,8 +277,8 @@ fn vllms_other_endpoints_answer_through_the_gateway() {
         assert!(t.elapsed() < Duration::from_secs(5), "the router never saw the prompt's blocks");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // aiperf's call: POST, no body.
-    let resp = ureq::post(&format!("{admin}/reset_prefix_cache")).call();
+    // aiperf's call (--reset-kv-cache): POST, no body, to the URL it benchmarks.
+    let resp = ureq::post(&format!("{r}/reset_prefix_cache")).call();
     let reset: Value = resp.unwrap().into_json().unwrap();
     assert_eq!(reset["reset"].as_array().map(Vec::len), Some(2), "{reset}");
     assert_eq!(matched(&f), 0, "the router forgot the pods' blocks at once");

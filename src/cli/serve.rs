@@ -178,6 +178,10 @@ pub struct ServeArgs {
     /// Serve the admin routes on the serving port (--listen) too.
     #[arg(long)]
     admin_on_serving_port: bool,
+    /// Serve POST /reset_prefix_cache on the serving port too, without the token (as vLLM
+    /// does in dev mode; for benchmark fleets, e.g. aiperf's --reset-kv-cache).
+    #[arg(long)]
+    reset_on_serving_port: bool,
     /// File holding the bearer token the admin routes require (`Authorization: Bearer …`);
     /// without it, the KVROUTE_ADMIN_TOKEN environment variable [default: no token].
     #[arg(long, value_name = "FILE")]
@@ -336,6 +340,9 @@ impl ServeArgs {
         }
         if self.admin_on_serving_port {
             c.admin.on_serving_port = true;
+        }
+        if self.reset_on_serving_port {
+            c.admin.reset_on_serving_port = true;
         }
         if self.admin_token_file.is_some() {
             c.admin.token_file = self.admin_token_file.clone();
@@ -693,11 +700,12 @@ async fn serve_http(
             ..cfg.http.clone()
         };
         let admin = kvroute_api::listen::Listener::new("admin", &limits, tls, metrics)?;
-        let app = gated(app.clone(), Gate { admin: true, public: false, token: token.clone() });
+        let app = gated(app.clone(), Gate { admin: true, public: false, token: token.clone(), public_reset: false });
         tracing::info!(%addr, token = token.is_some(), "admin routes serving");
         tokio::spawn(admin.serve(l, app, std::future::pending()));
     }
-    let app = gated(app, Gate { admin: admin_here, public: true, token });
+    let public_reset = cfg.admin.reset_on_serving_port;
+    let app = gated(app, Gate { admin: admin_here, public: true, token, public_reset });
     serving
         .serve(listener, app, async {
             let _ = tokio::signal::ctrl_c().await;

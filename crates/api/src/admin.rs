@@ -4,7 +4,9 @@
 //! fleet's cache contents (explain is a prompt oracle across tenants) and its internals;
 //! `/reset_prefix_cache` empties every pod's cache (vLLM serves it only in dev mode).
 //! By default they are served only on the admin listener (loopback); the serving port
-//! answers them 404. `/health` is public on both.
+//! answers them 404. `/health` is public on both. `reset_on_serving_port` puts
+//! `/reset_prefix_cache` alone back on the serving port (what vLLM's dev mode does for a
+//! single server; benchmark tools such as aiperf's `--reset-kv-cache` call it there).
 
 use std::sync::Arc;
 
@@ -29,6 +31,9 @@ pub struct AdminSection {
     pub on_serving_port: bool,
     /// A file holding the bearer token admin routes require (also `KVROUTE_ADMIN_TOKEN`).
     pub token_file: Option<std::path::PathBuf>,
+    /// Serve `/reset_prefix_cache` on the serving port too (without the token), as vLLM does
+    /// with `VLLM_SERVER_DEV_MODE=1`: for benchmark fleets, not for shared ones.
+    pub reset_on_serving_port: bool,
 }
 
 impl Default for AdminSection {
@@ -37,6 +42,7 @@ impl Default for AdminSection {
             listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9090))),
             on_serving_port: false,
             token_file: None,
+            reset_on_serving_port: false,
         }
     }
 }
@@ -68,6 +74,8 @@ pub struct Gate {
     pub public: bool,
     /// Bearer token the admin routes require.
     pub token: Option<String>,
+    /// `/reset_prefix_cache` is served here as a public route (no token).
+    pub public_reset: bool,
 }
 
 /// `app` with its routes restricted by `gate` (by the matched route, so no spelling of a
@@ -85,7 +93,7 @@ async fn check(gate: &Gate, req: Request, next: Next) -> Response {
     if route == "/health" {
         return next.run(req).await;
     }
-    let is_admin = ADMIN_PATHS.contains(&route.as_str());
+    let is_admin = ADMIN_PATHS.contains(&route.as_str()) && !(gate.public_reset && route == "/reset_prefix_cache");
     if (is_admin && !gate.admin) || (!is_admin && !gate.public) {
         return json_error(StatusCode::NOT_FOUND, "NotFoundError", format!("no route {}", req.uri().path()));
     }
