@@ -56,11 +56,13 @@ async def stream(port, model, tokens, stats, i):
         await w.drain()
         stats["open"] += 1
         status = (await r.readline()).split(b" ")[1:2]
-        chunks, done = 0, False
+        chunks, done, last = 0, False, b""
         while True:
             line = await r.readline()
             if not line:
                 break
+            if line.strip():
+                last = line.strip()
             if line.startswith(b"data: "):
                 if line.strip() == b"data: [DONE]":
                     done = True
@@ -72,7 +74,7 @@ async def stream(port, model, tokens, stats, i):
             stats["ok"] += 1
         else:
             stats["lost"] += 1
-            stats["why"].append(f"stream {i}: status {status} done {done} chunks {chunks}")
+            stats["why"].append(f"stream {i}: status {status} done {done} chunks {chunks}: {last[:200]!r}")
     except OSError as e:
         stats["lost"] += 1
         stats["why"].append(f"stream {i}: {e}")

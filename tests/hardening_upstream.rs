@@ -136,14 +136,16 @@ fn a_stopped_pod_fails_over_within_the_first_byte_timeout_then_504_and_health_ta
     assert_eq!(e["error"]["code"], 504);
     assert!(!text.contains("http://"), "internal URL in {text}");
 
-    // Nothing usable: not ready (503 + Retry-After), but alive.
+    // Nothing usable: not ready (503 + Retry-After), but alive. Requests are still tried
+    // on the model's pods (panic mode) and time out: 504.
     wait_for(Duration::from_secs(5), "no pod in rotation", || healthy_backends(rp) == 0);
     let (code, text, retry) = get(&format!("http://127.0.0.1:{rp}/ready"));
     assert_eq!((code, retry.as_deref()), (503, Some("1")), "{text}");
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["code"], 503);
     assert_eq!(get(&format!("http://127.0.0.1:{rp}/health")).0, 200);
-    let (code, text, _, retry) = post(&url, &body);
-    assert_eq!((code, retry.as_deref()), (503, Some("1")), "{text}");
+    let (code, text, _, _) = post(&url, &body);
+    assert_eq!(code, 504, "{text}");
+    assert!(metric(rp, "kvroute_router_panic_routes_total", &[]) >= 1.0);
     for k in &kids.0[..2] {
         signal(k.id(), "-CONT");
     }
@@ -425,4 +427,43 @@ fn the_sim_rejects_invalid_sampling_parameters_as_vllm_does() {
         assert_eq!(code, 200, "{text}");
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["usage"]["completion_tokens"], 3);
     }
+}
+
+/// Panic mode: when no pod of the model is in rotation (a saturated fleet fails its health
+/// probes while still serving), requests are tried on every pod of the model instead of
+/// all being refused with 503. Here the only pod is taken out by two timed-out requests and
+/// probes are too rare to bring it back; it serves again, so the next request succeeds.
+#[test]
+fn with_no_pod_in_rotation_requests_are_still_tried_on_the_models_pods() {
+    let ports = free_ports(3);
+    let (sim, rp, zp) = (ports[0], ports[1], ports[2]);
+    let mut kids = Children(vec![common::sim(sim, zp, &[])]);
+    // Probes every minute: the pod stays out once requests took it out.
+    let serve = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{rp}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zp}")])
+        .args(["--backend", &format!("http://127.0.0.1:{sim}"), "--health-interval-ms", "60000"])
+        .args(["--upstream-first-byte-timeout-ms", "300"])
+        .args(common::admin_args(rp))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    kids.0.push(serve);
+    common::wait_healthy(&format!("http://127.0.0.1:{rp}"));
+    wait_for(Duration::from_secs(5), "the first probe", || healthy_backends(rp) == 1);
+    let ports = [sim];
+    let url = format!("http://127.0.0.1:{rp}/v1/completions");
+    // Two requests time out on the paused pod: that takes it out of rotation; then it
+    // resumes (and serves), but no probe brings it back for a minute.
+    signal(kids.0[0].id(), "-STOP");
+    for _ in 0..2 {
+        let (code, text, _, _) = post(&url, &json!({"model": "m", "prompt": "paused", "max_tokens": 1}));
+        assert_eq!(code, 504, "{text}");
+    }
+    signal(kids.0[0].id(), "-CONT");
+    wait_for(Duration::from_secs(3), "the pod out of rotation", || healthy_backends(rp) == 0);
+    let (code, text, pod, _) = post(&url, &json!({"model": "m", "prompt": "still served", "max_tokens": 2}));
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(pod.as_deref(), Some(format!("127.0.0.1:{}", ports[0]).as_str()));
+    assert!(metric(rp, "kvroute_router_panic_routes_total", &[]) >= 1.0);
 }

@@ -91,6 +91,7 @@ pub struct Gateway {
     decisions: IntCounterVec,
     decision_seconds: Histogram,
     matched_blocks: Histogram,
+    panic_routes: prometheus::IntCounter,
 }
 
 /// What routing decided for one request.
@@ -187,6 +188,11 @@ impl Gateway {
                 .buckets(vec![5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2]),
         )?;
         registry.register(Box::new(decision_seconds.clone()))?;
+        let panic_routes = prometheus::IntCounter::new(
+            "kvroute_router_panic_routes_total",
+            "Requests routed over every pod of the model because none was in rotation",
+        )?;
+        registry.register(Box::new(panic_routes.clone()))?;
         let matched_blocks = Histogram::with_opts(
             HistogramOpts::new("kvroute_router_matched_blocks", "Prefix blocks the chosen pod had cached")
                 .buckets(vec![0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
@@ -231,6 +237,7 @@ impl Gateway {
             decisions,
             decision_seconds,
             matched_blocks,
+            panic_routes,
         })
     }
 
@@ -387,13 +394,26 @@ impl Gateway {
         if !self.pool.backends.iter().any(|b| b.serves(model)) {
             return Err(model_not_found(model));
         }
-        let backends: Vec<Arc<Backend>> = self
-            .pool
-            .backends
-            .iter()
-            .filter(|b| b.is_healthy() && b.serves(model) && b.in_subset(req.subset))
-            .cloned()
-            .collect();
+        let in_rotation = |healthy: bool| -> Vec<Arc<Backend>> {
+            self.pool
+                .backends
+                .iter()
+                .filter(|b| (b.is_healthy() || !healthy) && b.serves(model) && b.in_subset(req.subset))
+                .cloned()
+                .collect()
+        };
+        let mut backends = in_rotation(true);
+        if backends.is_empty() {
+            // Panic mode (Envoy's healthy-panic threshold, at zero): with no pod of the model
+            // in rotation, try them all rather than refuse everything — a saturated fleet
+            // fails its 1 s health probes while still serving, and refusing every request
+            // would turn slowness into an outage. Dead pods still fail fast (connect errors,
+            // timeouts) and the client gets 503/504 after the attempts.
+            backends = in_rotation(false);
+            if !backends.is_empty() && !req.dry_run {
+                self.panic_routes.inc();
+            }
+        }
         if backends.is_empty() {
             return Err(RouteError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
