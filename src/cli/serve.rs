@@ -683,12 +683,16 @@ async fn serve_http(
     let admin_here = cfg.admin.on_serving_port;
     let nofile = kvroute_api::listen::raise_nofile_limit();
     let admin_max = 256;
-    let wanted = (cfg.http.max_connections + cfg.http.reserve_connections + admin_max + 1024) as u64;
+    // A proxied request holds two descriptors: the client's connection and the upstream one
+    // (the soak ran out at 2 × 9,990 streams under a hard limit of 20,000).
+    let wanted = (2 * cfg.http.max_connections + cfg.http.reserve_connections + admin_max + 1024) as u64;
     if nofile < wanted {
         tracing::warn!(
             nofile,
-            "the open-files limit is below max_connections + reserve_connections + 1280 (admin, backends, \
-             events): raise it (ulimit -n) or lower --max-connections"
+            wanted,
+            "the open-files limit is below 2 × max_connections + reserve_connections + 1280 (each proxied \
+             request holds a client and an upstream socket; admin, probes, events): raise it (ulimit -n) or \
+             lower --max-connections"
         );
     }
     if let Some(addr) = cfg.admin.listen {
