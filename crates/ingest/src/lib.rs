@@ -46,6 +46,7 @@ use std::time::Duration;
 use kvroute_index::{BlockIndex, EventApplier, Pods};
 use serde::{Deserialize, Serialize};
 
+pub use pipeline::message_parts;
 pub use replay::{replay, ReplayError, ReplayOutcome};
 pub use seq::{SeqTracker, Verdict};
 pub use stats::{Metrics, PodStatus, PodTable};

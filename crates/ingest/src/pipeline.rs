@@ -35,6 +35,14 @@ pub(crate) enum Source {
     Dial { pod: String, replay: Option<String> },
 }
 
+/// A live message's parts, `[topic, seq (8 bytes, big-endian), payload]`; `None` for any
+/// other framing (counted as malformed by the receiver).
+pub fn message_parts(frames: &[Vec<u8>]) -> Option<(std::borrow::Cow<'_, str>, u64, &[u8])> {
+    let [topic, seq, payload] = frames else { return None };
+    let seq = u64::from_be_bytes(seq.as_slice().try_into().ok()?);
+    Some((String::from_utf8_lossy(topic), seq, payload))
+}
+
 pub(crate) fn fnv1a(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193))
 }
@@ -153,9 +161,9 @@ impl Receiver_ {
             );
             return;
         }
+        let Some((topic, seq, _)) = message_parts(&frames) else { return };
+        let topic = topic.into_owned();
         let payload = frames.pop().unwrap_or_default();
-        let seq = u64::from_be_bytes(frames[1].as_slice().try_into().unwrap_or([0; 8]));
-        let topic = String::from_utf8_lossy(&frames[0]);
         let t = parse_topic(&topic);
         let (pod, replay) = match &self.sockets[socket].1 {
             Source::Bind { replay_port } => {
