@@ -33,8 +33,8 @@ fn gateway() -> &'static (Gateway, tokio::runtime::Runtime) {
         tokenizers.insert("m".to_string(), kvroute_tokenize::load(None).unwrap());
         let profile = kvroute_schedule::SchedulerConfig::default_profile();
         let registry = prometheus::Registry::new();
-        let g = Gateway::new(pool, profile, applier, Arc::new(RequestKeys::Request(keyer)), tokenizers, &registry)
-            .unwrap();
+        let g =
+            Gateway::new(pool, profile, applier, Arc::new(RequestKeys::Request(keyer)), tokenizers, &registry).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         (g, rt)
     })
