@@ -394,7 +394,11 @@ fn curve_without_libzmq_support_refuses_to_start() {
     assert!(err.contains("no CurveZMQ support"), "{err}");
 }
 
+/// Skipped (ignored) while the `zmq` crate's vendored libzmq has no CURVE support — it
+/// would otherwise pass without testing anything; run with `--run-ignored all` on a build
+/// linked to a libzmq with libsodium.
 #[test]
+#[ignore = "the zmq crate's vendored libzmq is built without CURVE (zmq-sys 0.12)"]
 fn with_curve_only_publishers_with_an_allowed_key_are_heard() {
     if zmq::has("curve") != Some(true) {
         eprintln!("libzmq without CurveZMQ: see curve_without_libzmq_support_refuses_to_start");
