@@ -31,18 +31,7 @@ fn config_file(tag: &str, text: &str, zmq: u16) -> PathBuf {
 
 /// A `kvroute sim` (model `m`) with this block size, publishing KV events to `zmq`.
 fn sim(port: u16, zmq: u16, block_size: u32) -> Child {
-    let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
-        "endpoint": format!("tcp://127.0.0.1:{zmq}"), "topic": format!("kv@127.0.0.1:{port}@m")});
-    let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-        .args(["sim", "--port", &port.to_string(), "--model", "m", "--block-size", &block_size.to_string()])
-        .args(["--hash-algo", "sha256_cbor", "--speedup", "100", "--kv-events-config", &kv.to_string()])
-        .env("PYTHONHASHSEED", "42")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_healthy(&format!("http://127.0.0.1:{port}"));
-    c
+    common::sim_with_block_size(port, zmq, block_size, &[])
 }
 
 /// `kvroute serve` on `port` routing to `backends`, its stderr lines sent to the receiver.

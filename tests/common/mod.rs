@@ -27,10 +27,16 @@ pub fn words(tag: &str, n: usize) -> String {
 /// A `kvroute sim` on `port` publishing KV events to `zmq_port` (model `m`, block 16,
 /// `sha256_cbor`, `PYTHONHASHSEED=42`, 100× faster than model time).
 pub fn sim(port: u16, zmq_port: u16, extra: &[&str]) -> Child {
+    sim_with_block_size(port, zmq_port, 16, extra)
+}
+
+/// [`sim`] with another block size.
+pub fn sim_with_block_size(port: u16, zmq_port: u16, block_size: u32, extra: &[&str]) -> Child {
     let kv = serde_json::json!({"enable_kv_cache_events": true, "publisher": "zmq",
         "endpoint": format!("tcp://127.0.0.1:{zmq_port}"), "topic": format!("kv@127.0.0.1:{port}@m")});
+    let bs = block_size.to_string();
     let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-        .args(["sim", "--port", &port.to_string(), "--model", "m", "--block-size", "16", "--hash-algo", "sha256_cbor"])
+        .args(["sim", "--port", &port.to_string(), "--model", "m", "--block-size", &bs, "--hash-algo", "sha256_cbor"])
         .args(["--speedup", "100", "--kv-events-config", &kv.to_string()])
         .args(extra)
         .env("PYTHONHASHSEED", "42")
