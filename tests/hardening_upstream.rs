@@ -64,6 +64,12 @@ fn metric(router: u16, name: &str, labels: &[&str]) -> f64 {
 /// Sims on their ports (started first, so the router's first probe finds them), then the
 /// router; waits until the router knows the sims' models.
 fn fleet(sims: &[(u16, &[&str])], serve_extra: &[&str]) -> (u16, Children) {
+    let (rp, _, kids) = fleet_z(sims, serve_extra);
+    (rp, kids)
+}
+
+/// [`fleet`], also returning the router's bound KV-event port.
+fn fleet_z(sims: &[(u16, &[&str])], serve_extra: &[&str]) -> (u16, u16, Children) {
     let ports = free_ports(2);
     let (rp, zp) = (ports[0], ports[1]);
     // Children as they start: a start that fails (panics) still stops the earlier ones.
@@ -78,7 +84,7 @@ fn fleet(sims: &[(u16, &[&str])], serve_extra: &[&str]) -> (u16, Children) {
     });
     // The sims' KV-event publishers (re)connect and subscribe.
     std::thread::sleep(Duration::from_millis(500));
-    (rp, kids)
+    (rp, zp, kids)
 }
 
 fn healthy_backends(router: u16) -> i64 {
@@ -324,6 +330,39 @@ fn a_pod_that_comes_back_without_events_while_down_loses_its_index_entries() {
     wait_for(Duration::from_secs(5), "the pod back", || healthy_backends(rp) == 1);
     wait_for(Duration::from_secs(2), "its entries cleared", || pod_blocks(rp, &pod) == 0);
     assert_eq!(metric(rp, "kvroute_router_pod_recovery_clears_total", &[&pod]), 1.0);
+}
+
+/// The pod's other data-parallel ranks (`<pod>#dp1`) restart with it: they are cleared
+/// with it when it comes back without proof of continuity.
+#[test]
+fn a_returning_pods_data_parallel_ranks_are_cleared_with_it() {
+    use kvroute_events::{encode_batch, BlockStored, EventBatch, KvEvent, WireFormat};
+    let sim = free_ports(1)[0];
+    let (rp, zp, kids) = fleet_z(&[(sim, &[])], &["--data-parallel-size", "2"]);
+    let pod = format!("127.0.0.1:{sim}");
+    let rank1 = format!("{pod}#dp1");
+    // Rank 1's events, published under the pod's topic as vLLM's rank-1 publisher does.
+    let ctx = zmq::Context::new();
+    let publisher = ctx.socket(zmq::PUB).unwrap();
+    publisher.set_linger(0).unwrap();
+    publisher.connect(&format!("tcp://127.0.0.1:{zp}")).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let ev = KvEvent::BlockStored(BlockStored {
+        block_hashes: vec![11, 12, 13],
+        token_ids: (0..48).collect(),
+        block_size: 16,
+        ..Default::default()
+    });
+    let batch = EventBatch { ts: 0.0, events: vec![ev], data_parallel_rank: Some(1), unknown_events: 0 };
+    let payload = encode_batch(&batch, WireFormat::Map);
+    let topic = format!("kv@{pod}@m");
+    publisher.send_multipart([topic.as_bytes(), &0u64.to_be_bytes()[..], &payload[..]], 0).unwrap();
+    wait_for(Duration::from_secs(5), "rank 1's blocks in the index", || pod_blocks(rp, &rank1) == 3);
+    signal(kids.0[0].id(), "-STOP");
+    wait_for(Duration::from_secs(6), "the pod out of rotation", || healthy_backends(rp) == 0);
+    signal(kids.0[0].id(), "-CONT");
+    wait_for(Duration::from_secs(5), "the pod back", || healthy_backends(rp) == 1);
+    wait_for(Duration::from_secs(2), "rank 1's entries cleared too", || pod_blocks(rp, &rank1) == 0);
 }
 
 #[test]

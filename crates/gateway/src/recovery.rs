@@ -35,6 +35,10 @@ pub struct StreamMark {
 /// Reads a pod's stream mark by pod name (from the KV-event ingestion).
 pub type Marker = Box<dyn Fn(&str) -> Option<StreamMark> + Send + Sync>;
 
+/// A pod's other data-parallel ranks in the index (`<pod>#dp<r>`, r ≥ 1), by pod name:
+/// they restart with the engine, so they are cleared with it.
+pub type RankPods = Box<dyn Fn(&str) -> Vec<kvroute_index::PodId> + Send + Sync>;
+
 /// Whether the stream went on, in sequence, from `before` (pod went down) to `now`.
 pub fn continuous(before: StreamMark, now: StreamMark) -> bool {
     now.restarts == before.restarts && now.last_seq > before.last_seq
@@ -44,6 +48,7 @@ pub struct Recovery {
     applier: Arc<EventApplier<SharedIndex>>,
     approx: Arc<ApproxPrefix>,
     marker: OnceLock<Marker>,
+    ranks: OnceLock<RankPods>,
     down_marks: Mutex<HashMap<String, StreamMark>>,
     clears: IntCounterVec,
 }
@@ -62,13 +67,25 @@ impl Recovery {
             &["pod"],
         )?;
         registry.register(Box::new(clears.clone()))?;
-        Ok(Self { applier, approx, marker: OnceLock::new(), down_marks: Mutex::new(HashMap::new()), clears })
+        Ok(Self {
+            applier,
+            approx,
+            marker: OnceLock::new(),
+            ranks: OnceLock::new(),
+            down_marks: Mutex::new(HashMap::new()),
+            clears,
+        })
     }
 
     /// Sets where stream marks come from (once; without one, a returning pod is always
     /// cleared).
     pub fn set_marker(&self, m: Marker) {
         let _ = self.marker.set(m);
+    }
+
+    /// Sets how a pod's other data-parallel ranks are found (once).
+    pub fn set_rank_pods(&self, f: RankPods) {
+        let _ = self.ranks.set(f);
     }
 
     fn mark(&self, pod: &str) -> StreamMark {
@@ -92,8 +109,12 @@ impl HealthHook for Recovery {
         tracing::info!(pod = %b.name, "pod back without proof of continuity (it may have restarted): index entries cleared");
         self.clears.with_label_values(&[&b.name]).inc();
         self.approx.forget_pod(b.pod);
-        let (applier, pod) = (&self.applier, b.pod);
-        crate::blocking(|| applier.clear_pod(pod));
+        let mut cleared = vec![b.pod];
+        if let Some(f) = self.ranks.get() {
+            cleared.extend(f(&b.name));
+        }
+        let applier = &self.applier;
+        crate::blocking(|| cleared.iter().for_each(|&p| applier.clear_pod(p)));
     }
 }
 
