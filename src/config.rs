@@ -7,6 +7,18 @@
 //!   - http://10.0.0.1:8000
 //!   - {url: "http://10.0.0.2:8000", labels: {llm-d.ai/role: decode},
 //!      zmq: "tcp://10.0.0.2:5557", replay: "tcp://10.0.0.2:5558"}   # dialled for KV events
+//! discovery:                    # where the backends come from (docs/kubernetes.md)
+//!   mode: static                # static (the backends list) | kubernetes
+//!   kubernetes:
+//!     kubeconfig: null          # null: in-cluster service account, else $KUBECONFIG
+//!     namespace: null           # null: the service account's / kubeconfig's namespace
+//!     pool_name: null           # an InferencePool to follow, or:
+//!     pool_group: inference.networking.k8s.io   # v1; inference.networking.x-k8s.io = v1alpha2
+//!     endpoint_selector: null   # pods by label selector (no pool), e.g. "app=vllm"
+//!     target_ports: []          # their serving ports (default [8000])
+//!     kv_events_port: null      # dial tcp://<podIP>:<port> per pod; null = bind mode
+//!     kv_replay_port: null      # each pod's replay port
+//!     objectives: true          # InferenceObjective priorities (x-gateway-inference-objective)
 //! models: {my-model: /models/my-model}  # tokenizer.json dir per model (default: built-in)
 //! scheduler_config: null        # llm-d EndpointPickerConfig YAML (default profile if null)
 //! health_interval_ms: 1000
@@ -50,6 +62,9 @@
 //!   queue_capacity: 65536
 //!   replay_idle_timeout_ms: 2000
 //!   replay_total_timeout_ms: 30000
+//!   hold_unknown_ms: null       # bind mode: hold unknown pods' events for discovery; null =
+//!                               # 10000 with Kubernetes discovery, else 0 (drop at once)
+//!   max_held_messages: 4096
 //! http:                         # client-side limits of the serving port
 //!   header_timeout_ms: 10000    # request head complete within this of accept / first byte
 //!   idle_timeout_ms: 60000      # kept-alive connection with nothing in flight: closed
@@ -257,6 +272,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// vLLM servers to route to; each is the pod `host:port` of its URL.
     pub backends: Vec<BackendSpec>,
+    /// Where the backends come from (default static: `backends`).
+    pub discovery: kvroute_discovery::DiscoverySection,
     /// Tokenizer directory per served model name (others: the built-in tokenizer).
     pub models: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// An llm-d `EndpointPickerConfig` YAML file; default: kvroute's default profile.
@@ -286,6 +303,7 @@ impl Default for ServeConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             backends: Vec::new(),
+            discovery: Default::default(),
             models: Default::default(),
             scheduler_config: None,
             health_interval_ms: 1000,

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod events;
+mod fleet;
 mod hash;
 mod serve;
 mod simulate;

@@ -29,6 +29,8 @@ pub struct ServeArgs {
     /// A vLLM server to route to, `http://HOST:PORT` (repeatable); it is the pod `HOST:PORT`.
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
+    #[command(flatten)]
+    discovery: super::fleet::DiscoveryArgs,
     /// Tokenizer of a served model: NAME=DIR with tokenizer.json (+ tokenizer_config.json)
     /// (repeatable) [default: the built-in tokenizer, as `kvroute sim` uses].
     #[arg(long = "model", value_name = "NAME=DIR")]
@@ -274,6 +276,7 @@ impl ServeArgs {
         if !self.backends.is_empty() {
             c.backends = self.backends.iter().cloned().map(crate::config::BackendSpec::Url).collect();
         }
+        self.discovery.apply(&mut c.discovery);
         for m in &self.models {
             let (name, dir) = m.split_once('=').with_context(|| format!("--model expects NAME=DIR, got {m:?}"))?;
             c.models.insert(name.to_string(), dir.into());
@@ -402,6 +405,23 @@ impl ServeArgs {
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = a.config()?;
+    let kubernetes = cfg.discovery.mode == kvroute_discovery::Mode::Kubernetes;
+    if kubernetes {
+        cfg.discovery.kubernetes.validate().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            cfg.backends.is_empty(),
+            "discovery: kubernetes finds the backends; drop --backend / `backends:` (or use discovery: static)"
+        );
+        // Pods are known once discovered: others' events are held a while, then dropped.
+        if cfg.ingest.unknown_pods == kvroute_ingest::UnknownPods::Auto {
+            cfg.ingest.unknown_pods = kvroute_ingest::UnknownPods::Drop;
+        }
+        cfg.ingest.hold_unknown_ms.get_or_insert(10_000);
+        // Dial mode needs no bound SUB socket unless one was asked for.
+        if cfg.discovery.kubernetes.kv_events_port.is_some() && a.explicit()?.bind.is_none() {
+            cfg.ingest.bind.clear();
+        }
+    }
     // Backends with their own KV-event endpoints are dialled under their pod identity.
     for b in &cfg.backends {
         if let crate::config::BackendSpec::Full { url, zmq: Some(ep), replay, .. } = b {
@@ -550,13 +570,14 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let url = spec.url();
         anyhow::ensure!(url.starts_with("http://"), "a backend must be http://HOST:PORT, got {url:?}");
         let name = url.trim_end_matches('/').trim_start_matches("http://");
-        let mut b = kvroute_gateway::Backend::new(url, pods.intern(name)?);
+        let b = kvroute_gateway::Backend::new(url, pods.intern(name)?);
         if let crate::config::BackendSpec::Full { labels, .. } = spec {
-            b.labels = labels.clone();
+            *b.labels.write() = labels.clone();
         }
         backends.push(Arc::new(b));
     }
-    let pool = Arc::new(kvroute_gateway::Pool { backends, lora_names: Default::default() });
+    let pool = Arc::new(kvroute_gateway::Pool::new(backends));
+    let control = ingestor.control();
     let mut gateway =
         kvroute_gateway::Gateway::new(pool.clone(), profile, applier.clone(), keys.clone(), tokenizers, &registry)?;
     gateway.tokenize_deadline = Duration::from_millis(cfg.tokenize_deadline_ms);
@@ -584,6 +605,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let grpc_tls = grpc_tls(&cfg.tls)?;
     let serving = kvroute_api::listen::Listener::new("serving", &cfg.http, tls.clone(), listen_metrics.clone())?;
     let admin_token = cfg.admin.token()?;
+    let discovery_registry = registry.clone();
     let state = Arc::new(AppState::new(applier, pods, keys, Some(ingestor), registry)?);
     // A pod rejoining the rotation keeps its index entries only if its KV events went on
     // in sequence while it was out (kvroute_gateway::recovery).
@@ -607,6 +629,25 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             key_mode = ?cfg.key_mode,
             "kvroute serving"
         );
+        // (Held until the listeners close: dropping it stops the watches.)
+        let _discovery = if kubernetes {
+            let objectives = gateway.objectives.clone();
+            let d = kvroute_discovery::start_kubernetes(&cfg.discovery.kubernetes, &discovery_registry, objectives)
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("Kubernetes discovery")?;
+            let reconciler = super::fleet::Reconciler {
+                pool: pool.clone(),
+                gateway: gateway.clone(),
+                pods: state.pods.clone(),
+                control: control.clone(),
+                replay_wait: Duration::from_millis(cfg.ingest.replay_total_timeout_ms),
+            };
+            tokio::spawn(reconciler.run(d.fleet.clone()));
+            Some(d)
+        } else {
+            None
+        };
         pool.spawn_probes(gateway.client.clone(), Duration::from_millis(cfg.health_interval_ms.max(50)));
         watch_block_sizes(pool.clone(), block_mismatch, cfg.hash.block_size, cfg.health_interval_ms.max(50));
         if let (Some(addr), Some(svc)) = (cfg.ext_proc.listen, ext_proc) {
@@ -728,7 +769,7 @@ fn watch_block_sizes(pool: Arc<kvroute_gateway::Pool>, gauge: prometheus::IntGau
     tokio::spawn(async move {
         let mut warned = std::collections::HashSet::new();
         loop {
-            for b in &pool.backends {
+            for b in pool.backends().iter() {
                 let Some(theirs) = b.block_size() else { continue };
                 let differs = theirs != ours as u64;
                 gauge.with_label_values(&[b.name.as_str()]).set(differs as i64);

@@ -28,7 +28,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{processing_request, ProcessingRequest, ProcessingResponse};
 use futures_util::Stream;
-use kvroute_gateway::{is_sheddable, Gateway, InFlight, RouteError, RouteRequest};
+use kvroute_gateway::{Gateway, InFlight, RouteError, RouteRequest};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -223,7 +223,7 @@ impl ExtProc {
             Err(e) => return self.refuse(tx, &e).await,
         };
         let session = s.header("x-session-id").or_else(|| s.header("x-session-token"));
-        let sheddable = is_sheddable(|h| s.header(h));
+        let sheddable = self.gw.sheddable(|h| s.header(h));
         let req = RouteRequest {
             chat,
             model: &model,

@@ -45,7 +45,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use serde_json::{json, Value};
 
 pub use axum::http::StatusCode;
-pub use pool::{Backend, Pool};
+pub use pool::{Backend, DiscoveryStatus, Pool};
 pub use upstream::Timeouts;
 
 /// Exact prompt → tokens entries, and their insertion order (FIFO eviction at 4,096).
@@ -86,6 +86,8 @@ pub struct Gateway {
     pub max_retries: usize,
     pub scrape_max_age: Duration,
     pub saturation: Saturation,
+    /// InferenceObjective priorities by name (discovery fills it; empty = header rules only).
+    pub objectives: Arc<parking_lot::RwLock<HashMap<String, i64>>>,
     shed: prometheus::IntCounter,
     scorer: LongestPrefixScorer,
     decisions: IntCounterVec,
@@ -153,6 +155,18 @@ pub fn is_sheddable<'a>(header: impl Fn(&str) -> Option<&'a str>) -> bool {
 }
 
 impl Gateway {
+    /// Whether a request may be shed: `x-gateway-inference-objective: <name>` of a known
+    /// InferenceObjective with a negative priority (llm-d's rule); for unknown names, the
+    /// header rules of [`is_sheddable`].
+    pub fn sheddable<'a>(&self, header: impl Fn(&str) -> Option<&'a str>) -> bool {
+        if let Some(name) = header("x-gateway-inference-objective") {
+            if let Some(&p) = self.objectives.read().get(name.trim()) {
+                return p < 0;
+            }
+        }
+        is_sheddable(header)
+    }
+
     pub fn new(
         pool: Arc<Pool>,
         profile: Profile,
@@ -205,9 +219,7 @@ impl Gateway {
         registry.register(Box::new(shed.clone()))?;
         let approx = Arc::new(approx::ApproxPrefix::default());
         let recovery = Arc::new(recovery::Recovery::new(applier.clone(), approx.clone(), registry)?);
-        for b in &pool.backends {
-            let _ = b.hook.set(recovery.clone());
-        }
+        pool.set_hook(recovery.clone());
         let timeouts = Timeouts::default();
         Ok(Self {
             pool,
@@ -232,6 +244,7 @@ impl Gateway {
             max_retries: 2,
             scrape_max_age: Duration::from_secs(10),
             saturation: Saturation::default(),
+            objectives: Default::default(),
             shed,
             scorer: LongestPrefixScorer::default(),
             decisions,
@@ -239,6 +252,12 @@ impl Gateway {
             matched_blocks,
             panic_routes,
         })
+    }
+
+    /// Forgets what the router recorded for a pod that left the fleet (its approximate
+    /// prefixes; its index entries go with its KV-event streams).
+    pub fn forget_pod(&self, pod: kvroute_index::PodId) {
+        self.approx.forget_pod(pod);
     }
 
     /// Sets the upstream timeouts (and rebuilds the client for the connect timeout).
@@ -348,7 +367,7 @@ impl Gateway {
     /// route on (no body, or an API the gateway does not parse).
     pub fn any_ready(&self, subset: Option<&[String]>) -> Option<Arc<Backend>> {
         self.pool
-            .backends
+            .backends()
             .iter()
             .filter(|b| b.is_healthy() && b.in_subset(subset))
             .min_by_key(|b| b.in_flight.load(Relaxed))
@@ -391,13 +410,12 @@ impl Gateway {
             self.keys.keys(t, lora, salt, &mut keys);
         }
         let text_keys = approx::chunk_keys(&format!("{model}\0{}", salt.unwrap_or("")), &text);
-        if !self.pool.backends.iter().any(|b| b.serves(model)) {
+        let all = self.pool.backends();
+        if !all.iter().any(|b| b.serves(model)) {
             return Err(model_not_found(model));
         }
         let in_rotation = |healthy: bool| -> Vec<Arc<Backend>> {
-            self.pool
-                .backends
-                .iter()
+            all.iter()
                 .filter(|b| (b.is_healthy() || !healthy) && b.serves(model) && b.in_subset(req.subset))
                 .cloned()
                 .collect()
@@ -464,7 +482,7 @@ impl Gateway {
                     session_pod: session_pod.as_deref() == Some(b.name.as_str()),
                     waiting: b.waiting(self.scrape_max_age),
                     lora_active: lora.map(|l| b.running_loras.read().iter().any(|x| x == l)),
-                    labels: b.labels.clone(),
+                    labels: b.labels.read().clone(),
                 }
             })
             .collect();
@@ -655,9 +673,25 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 
 /// Readiness (`GET /ready`): 200 while some backend is in rotation and has passed a probe
 /// (or none is configured), else 503. `/health` stays liveness (the router process answers).
+/// A discovered pool is also not ready before discovery's first full listing, or while it
+/// has no endpoint (the body says why, e.g. the pool does not exist).
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     let healthy = gw.pool.ready_backends();
-    let total = gw.pool.backends.len();
+    let total = gw.pool.backends().len();
+    let discovery = gw.pool.discovery.read().clone();
+    if let Some(d) = discovery {
+        if !d.synced {
+            let why = d.problem.map(|p| format!(" ({p})")).unwrap_or_default();
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: discovery has not listed the fleet yet{why}"),
+            );
+        }
+        if total == 0 {
+            let why = d.problem.unwrap_or_else(|| "discovery found no endpoint".into());
+            return error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {why}"));
+        }
+    }
     // (No backends at all: an index-only router, ready as soon as it serves.)
     if healthy == 0 && total > 0 {
         return error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: none of {total} backends is in rotation"));

@@ -41,7 +41,7 @@ pub fn routes() -> Router<Arc<Gateway>> {
 /// Healthy pods serving `model` (every healthy pod for `None`), least loaded first.
 fn candidates(gw: &Gateway, model: Option<&str>) -> Vec<Arc<Backend>> {
     let mut v: Vec<Arc<Backend>> =
-        gw.pool.backends.iter().filter(|b| b.is_healthy() && model.is_none_or(|m| b.serves(m))).cloned().collect();
+        gw.pool.backends().iter().filter(|b| b.is_healthy() && model.is_none_or(|m| b.serves(m))).cloned().collect();
     v.sort_by_key(|b| b.in_flight.load(std::sync::atomic::Ordering::Relaxed));
     v
 }
@@ -68,7 +68,7 @@ async fn forward(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
     };
     let model = v.get("model").and_then(Value::as_str).filter(|m| !m.is_empty());
-    if let Some(m) = model.filter(|m| !gw.pool.backends.iter().any(|b| b.serves(m))) {
+    if let Some(m) = model.filter(|m| !gw.pool.backends().iter().any(|b| b.serves(m))) {
         return crate::model_not_found(m).into_response();
     }
     let pods = candidates(&gw, model);
@@ -143,7 +143,7 @@ async fn version(State(gw): State<Arc<Gateway>>) -> Response {
 /// defaults).
 async fn models(State(gw): State<Arc<Gateway>>) -> Response {
     let mut seen = std::collections::BTreeMap::new();
-    for b in gw.pool.backends.iter().filter(|b| b.is_healthy()) {
+    for b in gw.pool.backends().iter().filter(|b| b.is_healthy()) {
         for m in b.models.read().iter() {
             if let Some(id) = m.get("id").and_then(Value::as_str) {
                 seen.entry(id.to_string()).or_insert_with(|| model_card(m, id));
@@ -193,7 +193,7 @@ async fn reset_prefix_cache(State(gw): State<Arc<Gateway>>, RawQuery(query): Raw
     };
     // Every pod of the model, healthy or not: a pod out of rotation still holds its cache.
     let pods: Vec<Arc<Backend>> =
-        gw.pool.backends.iter().filter(|b| model.as_deref().is_none_or(|m| b.serves(m))).cloned().collect();
+        gw.pool.backends().iter().filter(|b| model.as_deref().is_none_or(|m| b.serves(m))).cloned().collect();
     if pods.is_empty() {
         let m = model.as_deref().unwrap_or_default();
         return error(StatusCode::NOT_FOUND, &format!("no pod serves model `{m}`"));

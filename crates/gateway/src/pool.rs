@@ -1,4 +1,6 @@
-//! The pod pool: static backends, health probes, and scraped vLLM metrics.
+//! The pod pool: the backends (a static list, or discovery's fleet swapped in whole as it
+//! changes — requests in flight keep their `Arc<Backend>`), health probes, and scraped
+//! vLLM metrics.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
@@ -15,8 +17,9 @@ pub struct Backend {
     pub name: String,
     pub url: String,
     pub pod: PodId,
-    /// Labels from the pool configuration (e.g. `llm-d.ai/role: decode`).
-    pub labels: std::collections::BTreeMap<String, String>,
+    /// Labels from the pool configuration or the pod (e.g. `llm-d.ai/role: decode`);
+    /// discovery updates them in place when a pod's labels change.
+    pub labels: RwLock<std::collections::BTreeMap<String, String>>,
     pub healthy: AtomicBool,
     /// A probe has succeeded at least once (readiness counts only such pods).
     pub probed_ok: AtomicBool,
@@ -62,7 +65,7 @@ impl Backend {
             name,
             url,
             pod,
-            labels: Default::default(),
+            labels: RwLock::new(Default::default()),
             healthy: AtomicBool::new(true),
             probed_ok: AtomicBool::new(false),
             failures: AtomicU32::new(0),
@@ -165,18 +168,59 @@ impl Backend {
 
 /// Every backend, probed in the background.
 pub struct Pool {
-    pub backends: Vec<Arc<Backend>>,
+    backends: RwLock<Arc<Vec<Arc<Backend>>>>,
     pub lora_names: RwLock<HashSet<String>>,
+    /// Installed on every backend, present and future.
+    hook: std::sync::OnceLock<Arc<dyn HealthHook>>,
+    /// Discovery's view: `None` for a static pool.
+    pub discovery: RwLock<Option<DiscoveryStatus>>,
+}
+
+/// How a discovered pool stands (readiness reports it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiscoveryStatus {
+    /// The first full listing arrived.
+    pub synced: bool,
+    /// What keeps routing from working as configured.
+    pub problem: Option<String>,
 }
 
 impl Pool {
     pub fn new(backends: Vec<Arc<Backend>>) -> Self {
-        Self { backends, lora_names: Default::default() }
+        Self {
+            backends: RwLock::new(Arc::new(backends)),
+            lora_names: Default::default(),
+            hook: Default::default(),
+            discovery: RwLock::new(None),
+        }
+    }
+
+    /// The backends now (a snapshot: later fleet changes do not alter it).
+    pub fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.backends.read().clone()
+    }
+
+    /// Replaces the backends (discovery); new ones get the health hook.
+    pub fn set_backends(&self, list: Vec<Arc<Backend>>) {
+        if let Some(h) = self.hook.get() {
+            for b in &list {
+                let _ = b.hook.set(h.clone());
+            }
+        }
+        *self.backends.write() = Arc::new(list);
+    }
+
+    /// Sets the health hook of every backend, present and future (once).
+    pub fn set_hook(&self, h: Arc<dyn HealthHook>) {
+        for b in self.backends().iter() {
+            let _ = b.hook.set(h.clone());
+        }
+        let _ = self.hook.set(h);
     }
 
     /// Pods in rotation that a probe has found up (readiness).
     pub fn ready_backends(&self) -> usize {
-        self.backends.iter().filter(|b| b.is_healthy() && b.probed_ok.load(Acquire)).count()
+        self.backends().iter().filter(|b| b.is_healthy() && b.probed_ok.load(Acquire)).count()
     }
 }
 
@@ -213,7 +257,7 @@ impl Pool {
         let pool = self.clone();
         tokio::spawn(async move {
             loop {
-                for b in &pool.backends {
+                for b in pool.backends().iter() {
                     let ok = client
                         .get(format!("{}/health", b.url))
                         .timeout(Duration::from_secs(1))

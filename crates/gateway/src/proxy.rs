@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
 use crate::upstream::{describe, error_kind, guard};
-use crate::{error, is_sheddable, parse_request, Gateway, RouteRequest};
+use crate::{error, parse_request, Gateway, RouteRequest};
 
 /// An attempt that ended before the pod's first byte.
 enum Outcome {
@@ -43,7 +43,7 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     let t0 = Instant::now();
     let deadline = t0 + gw.timeouts.total;
     let session = ["x-session-id", "x-session-token"].iter().find_map(|h| headers.get(*h)?.to_str().ok());
-    let sheddable = is_sheddable(|h| headers.get(h).and_then(|v| v.to_str().ok()));
+    let sheddable = gw.sheddable(|h| headers.get(h).and_then(|v| v.to_str().ok()));
     let routed = match gw
         .route(&RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: None, dry_run: false })
         .await

@@ -27,8 +27,13 @@
 //!   before the frame is read whole; batches over `max_batch_events` are dropped; an
 //!   optional ZAP handler checks publishers' source addresses and CurveZMQ keys. Dropped
 //!   and malformed messages are counted and logged, one warning per kind per interval.
+//! * fleet changes while running ([`Control`], from discovery): pods are dialled and
+//!   replayed when they join, forgotten (sockets closed, index entries removed) when they
+//!   leave; in bind mode, messages of pods discovery has not seen yet are held a bounded
+//!   time (`hold_unknown_ms`) instead of dropped.
 
 mod auth;
+mod control;
 mod pipeline;
 mod ratelog;
 mod replay;
@@ -46,6 +51,7 @@ use std::time::Duration;
 use kvroute_index::{BlockIndex, EventApplier, Pods};
 use serde::{Deserialize, Serialize};
 
+pub use control::{Control, IngestControl};
 pub use pipeline::message_parts;
 pub use replay::{replay, ReplayError, ReplayOutcome};
 pub use seq::{SeqTracker, Verdict};
@@ -118,6 +124,12 @@ pub struct IngestConfig {
     pub curve_secret_key_file: Option<std::path::PathBuf>,
     /// Publisher public keys (Z85) allowed with CurveZMQ (default empty = any key).
     pub curve_allowed_keys: Vec<String>,
+    /// Bind mode with discovery: how long messages of a pod that is not (yet) in the fleet
+    /// are held for discovery to catch up before they are dropped, ms (default none = auto:
+    /// 10000 with Kubernetes discovery, 0 = drop at once without).
+    pub hold_unknown_ms: Option<u64>,
+    /// Most messages held at once (default 4096; the oldest go first).
+    pub max_held_messages: usize,
 }
 
 /// What to do with a message whose topic names an unknown pod.
@@ -168,6 +180,8 @@ impl Default for IngestConfig {
             allow_sources: Vec::new(),
             curve_secret_key_file: None,
             curve_allowed_keys: Vec::new(),
+            hold_unknown_ms: None,
+            max_held_messages: 4096,
         }
     }
 }
@@ -189,6 +203,7 @@ pub struct Ingestor {
     resync: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<JoinHandle<()>>,
     table: Arc<PodTable>,
+    control: IngestControl,
 }
 
 impl Ingestor {
@@ -239,20 +254,12 @@ impl Ingestor {
                 sockets.push((s, Source::Bind { replay_port: cfg.replay_port }));
             }
         }
+        let dial_opts = control::DialOpts { max_msg, ranks };
         for t in &cfg.connect {
-            for r in 0..ranks {
-                let ep = offset_endpoint(&t.endpoint, r);
-                let s = ctx.socket(zmq::SUB).map_err(sock_err(&ep))?;
-                s.set_rcvhwm(100_000).map_err(sock_err(&ep))?;
-                s.set_maxmsgsize(max_msg).map_err(sock_err(&ep))?;
-                s.set_reconnect_ivl(100).map_err(sock_err(&ep))?;
-                s.set_reconnect_ivl_max(5000).map_err(sock_err(&ep))?;
-                s.set_subscribe(b"").map_err(sock_err(&ep))?;
-                s.connect(&ep).map_err(sock_err(&ep))?;
-                sockets.push((s, Source::Dial { pod: t.pod.clone(), replay: t.replay.clone() }));
-            }
+            sockets.extend(control::dial_sockets(&ctx, t, dial_opts)?);
         }
         let table = Arc::new(PodTable::default());
+        let joins_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let sh = Arc::new(Shared {
             applier,
             pods,
@@ -268,6 +275,7 @@ impl Ingestor {
             max_batch_events: cfg.max_batch_events,
             data_parallel_size: ranks,
             stop: stop.clone(),
+            joins_done: joins_done.clone(),
         });
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -287,6 +295,7 @@ impl Ingestor {
                 streams: Default::default(),
                 resync: resync.clone(),
                 resync_seen: 0,
+                forgotten: Default::default(),
             };
             threads.push(std::thread::Builder::new().name(format!("kv-worker-{n}")).spawn(move || w.run(rx))?);
         }
@@ -312,9 +321,41 @@ impl Ingestor {
             accepted: Default::default(),
             unknown: Default::default(),
         };
-        let r = Receiver_ { sockets, monitors, senders, stop: stop.clone(), table: table.clone(), metrics, guard, log };
+        let (control_tx, control_rx) = std::sync::mpsc::channel();
+        let held = control::Held {
+            ttl: Duration::from_millis(cfg.hold_unknown_ms.unwrap_or(0)),
+            cap: cfg.max_held_messages,
+            queue: Default::default(),
+        };
+        let r = Receiver_ {
+            sockets,
+            monitors,
+            senders,
+            stop: stop.clone(),
+            table: table.clone(),
+            metrics,
+            guard,
+            log,
+            ctx: ctx.clone(),
+            dial_opts,
+            control: control_rx,
+            held,
+            bind_replay_port: cfg.replay_port,
+            joins_done: joins_done.clone(),
+        };
         threads.push(std::thread::Builder::new().name("kv-receiver".into()).spawn(move || r.run())?);
-        Ok(Self { stop, resync, threads, table })
+        Ok(Self {
+            stop,
+            resync,
+            threads,
+            table,
+            control: IngestControl { tx: control_tx, ranks, joins_requested: Default::default(), joins_done },
+        })
+    }
+
+    /// A handle for fleet changes (pods joining and leaving; see [`Control`]).
+    pub fn control(&self) -> IngestControl {
+        self.control.clone()
     }
 
     /// A handle that makes every pod's stream rejoin: its next message triggers a replay

@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,12 +91,21 @@ pub(crate) struct Receiver_ {
     pub metrics: Metrics,
     pub guard: PodGuard,
     pub log: Arc<RateLog>,
+    // ---- fleet changes (crate::control) ----
+    pub ctx: zmq::Context,
+    pub dial_opts: crate::control::DialOpts,
+    pub control: std::sync::mpsc::Receiver<crate::control::Control>,
+    pub held: crate::control::Held,
+    /// Bound sockets' replay port (`ingest.replay_port`).
+    pub bind_replay_port: Option<u16>,
+    pub joins_done: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Receiver_ {
     pub fn run(mut self) {
         while !self.stop.load(Relaxed) {
             self.log.flush();
+            self.on_control();
             let mut items: Vec<zmq::PollItem<'_>> = self
                 .sockets
                 .iter()
@@ -165,8 +174,19 @@ impl Receiver_ {
         let topic = topic.into_owned();
         let payload = frames.pop().unwrap_or_default();
         let t = parse_topic(&topic);
-        let (pod, replay) = match &self.sockets[socket].1 {
-            Source::Bind { replay_port } => {
+        let source = match &self.sockets[socket].1 {
+            Source::Bind { replay_port } => Err(*replay_port),
+            Source::Dial { pod, replay } => Ok((pod.clone(), replay.clone())),
+        };
+        let (pod, replay) = match source {
+            Err(replay_port) => {
+                let unknown = !self.guard.known.contains(t.pod) && !self.guard.accepted.contains(t.pod);
+                if unknown && !self.guard.accept_unknown && self.held.enabled() {
+                    // Discovery may not have seen this pod yet: hold, don't drop.
+                    let m = Msg { model: t.model.to_string(), pod: t.pod.to_string(), seq, payload, replay: None };
+                    self.hold(m);
+                    return;
+                }
                 if !self.guard.admit(t.pod, &self.metrics, &self.log) {
                     return;
                 }
@@ -175,21 +195,10 @@ impl Receiver_ {
                 let known = self.guard.known.contains(t.pod);
                 (t.pod.to_string(), replay_port.filter(|_| known).map(|p| format!("tcp://{}:{}", pod_host(t.pod), p)))
             }
-            Source::Dial { pod, replay } => (pod.clone(), replay.clone()),
+            Ok(dialled) => dialled,
         };
-        let shard = fnv1a(&pod) as usize % self.senders.len();
-        let msg = Msg { model: t.model.to_string(), pod, seq, payload, replay };
-        match self.senders[shard].try_send(Input::Live(msg)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(m)) => {
-                self.metrics.dropped.inc();
-                if let Input::Live(m) = m {
-                    self.table.get(&m.pod).dropped.fetch_add(1, Relaxed);
-                    self.log.note("queue_full", format_args!("worker queue full, dropped a message of pod {}", m.pod));
-                }
-            }
-            Err(TrySendError::Disconnected(_)) => self.stop.store(true, Relaxed),
-        }
+        let msg = Msg { model: t.model.to_string(), pod: pod.clone(), seq, payload, replay };
+        self.to_worker(&pod, Input::Live(msg));
     }
 }
 

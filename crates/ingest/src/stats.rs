@@ -75,6 +75,13 @@ pub struct Metrics {
     /// Publisher connections to bound sockets that closed (publisher gone, or a frame
     /// over the size limit refused by libzmq).
     pub disconnects: IntCounter,
+    /// Messages of pods not (yet) in the fleet held for discovery to catch up, released
+    /// once the pod joined, and dropped when the hold expired.
+    pub held: IntCounter,
+    pub held_released: IntCounter,
+    pub held_expired: IntCounter,
+    /// Pods that left the fleet (discovery) and were forgotten: sockets closed, index cleared.
+    pub pods_removed: IntCounter,
 }
 
 impl Metrics {
@@ -129,6 +136,22 @@ impl Metrics {
                 "kvroute_ingest_publisher_disconnects_total",
                 "Publisher connections to bound SUB sockets that closed (publisher gone, or a frame over max_frame_bytes refused)",
             )?,
+            held: c(
+                "kvroute_ingest_held_messages_total",
+                "KV-event messages of pods not (yet) discovered, held until the pod joins the fleet",
+            )?,
+            held_released: c(
+                "kvroute_ingest_held_released_total",
+                "Held KV-event messages released because their pod joined the fleet",
+            )?,
+            held_expired: c(
+                "kvroute_ingest_held_expired_total",
+                "Held KV-event messages dropped because their pod did not join in time (or the hold was full)",
+            )?,
+            pods_removed: c(
+                "kvroute_ingest_pods_removed_total",
+                "Pods that left the fleet: their event sockets closed and index entries removed",
+            )?,
         })
     }
 }
@@ -145,6 +168,12 @@ impl PodTable {
             return c.clone();
         }
         self.inner.write().entry(pod.to_string()).or_default().clone()
+    }
+
+    /// Forgets a pod's counters and its data-parallel ranks' (`<pod>#dp<r>`).
+    pub fn remove(&self, pod: &str) {
+        let rank = format!("{pod}#dp");
+        self.inner.write().retain(|k, _| k != pod && !k.starts_with(&rank));
     }
 
     pub fn snapshot(&self, blocks: impl Fn(&str) -> u64) -> Vec<PodStatus> {

@@ -32,10 +32,21 @@ use crate::topic::offset_endpoint;
 /// Live messages a stream holds while its replay runs; more are dropped (and counted).
 const QUEUED_PER_STREAM: usize = 4096;
 
-/// What a worker receives: live messages, and its streams' finished replays.
+/// What a worker receives: live messages, its streams' finished replays, and fleet
+/// changes (discovery) for its pods.
 pub(crate) enum Input {
     Live(Msg),
     Replayed(ReplayDone),
+    /// A pod joined: replay each data-parallel rank's buffer from 0 (rank r at the replay
+    /// endpoint + r) before its live messages, as for a stream that joined mid-sequence.
+    Join {
+        pod: String,
+        replay: String,
+    },
+    /// A pod left: forget its streams and clear its (and its ranks') index entries.
+    Forget {
+        pod: String,
+    },
 }
 
 /// Replay timing.
@@ -58,6 +69,9 @@ pub(crate) struct Shared<I: BlockIndex> {
     pub max_batch_events: usize,
     pub data_parallel_size: u16,
     pub stop: Arc<AtomicBool>,
+    /// Join replays (one per data-parallel rank of each pod that joined) finished or
+    /// skipped; compared with [`crate::IngestControl`]'s requested count.
+    pub joins_done: Arc<AtomicU64>,
 }
 
 impl<I: BlockIndex> Shared<I> {
@@ -101,10 +115,13 @@ pub(crate) struct ReplayJob {
     from: u64,
     tracker: SeqTracker,
     counters: Arc<PodCounters>,
+    /// A pod that just joined the fleet: an empty buffer is no failure.
+    join: bool,
 }
 
 /// A replay's result, sent back to the stream's worker.
 pub(crate) struct ReplayDone {
+    join: bool,
     stream: String,
     tracker: SeqTracker,
 }
@@ -140,6 +157,9 @@ pub(crate) struct Worker<I: BlockIndex> {
     /// as newly joined (replayed from its start where the pod has a replay endpoint).
     pub resync: Arc<AtomicU64>,
     pub resync_seen: u64,
+    /// Streams forgotten while their replay ran: cleared again when the replay reports
+    /// back (it may have applied a batch after the first clear).
+    pub forgotten: HashMap<String, PodId>,
 }
 
 impl<I: BlockIndex> Worker<I> {
@@ -148,6 +168,8 @@ impl<I: BlockIndex> Worker<I> {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Input::Live(m)) => self.on_live(m),
                 Ok(Input::Replayed(d)) => self.on_replayed(d),
+                Ok(Input::Join { pod, replay }) => self.on_join(&pod, &replay),
+                Ok(Input::Forget { pod }) => self.on_forget(&pod),
                 Err(RecvTimeoutError::Timeout) if !self.sh.stop.load(Relaxed) => {}
                 Err(_) => return,
             }
@@ -205,24 +227,13 @@ impl<I: BlockIndex> Worker<I> {
         let name = stream_name(&m.pod, rank);
         let mut st = match self.streams.remove(&name) {
             Some(s) => s,
-            None => {
-                let counters = sh.table.get(&name);
-                let Ok(pod) = sh.pods.intern(&name) else {
-                    counters.dropped.fetch_add(1, Relaxed);
+            None => match self.new_stream(&name) {
+                Some(s) => s,
+                None => {
+                    sh.table.get(&name).dropped.fetch_add(1, Relaxed);
                     return;
-                };
-                Stream {
-                    pod,
-                    counters,
-                    tracker: SeqTracker::default(),
-                    replay: None,
-                    replaying: false,
-                    stale: false,
-                    after: None,
-                    queued: VecDeque::new(),
-                    suspect: None,
                 }
-            }
+            },
         };
         let c = st.counters.clone();
         c.received.fetch_add(1, Relaxed);
@@ -249,6 +260,65 @@ impl<I: BlockIndex> Worker<I> {
         self.streams.insert(name, st);
     }
 
+    fn new_stream(&self, name: &str) -> Option<Stream> {
+        let counters = self.sh.table.get(name);
+        let pod = self.sh.pods.intern(name).ok()?;
+        Some(Stream {
+            pod,
+            counters,
+            tracker: SeqTracker::default(),
+            replay: None,
+            replaying: false,
+            stale: false,
+            after: None,
+            queued: VecDeque::new(),
+            suspect: None,
+        })
+    }
+
+    fn on_join(&mut self, pod: &str, replay: &str) {
+        for rank in 0..i64::from(self.sh.data_parallel_size.max(1)) {
+            let name = stream_name(pod, rank);
+            self.forgotten.remove(&name);
+            let started = !self.streams.contains_key(&name) // else its own join replayed it
+                && match self.new_stream(&name) {
+                    Some(mut st) => {
+                        st.replay = Some(offset_endpoint(replay, rank as u16));
+                        self.start_replay(&name, &mut st, 0, After::Apply(Vec::new()));
+                        let started = st.replaying;
+                        self.streams.insert(name, st);
+                        started
+                    }
+                    None => false,
+                };
+            if !started {
+                self.sh.joins_done.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn on_forget(&mut self, pod: &str) {
+        let rank = format!("{pod}#dp");
+        let names: Vec<String> =
+            self.streams.keys().filter(|k| k.as_str() == pod || k.starts_with(&rank)).cloned().collect();
+        for name in names {
+            if let Some(st) = self.streams.remove(&name) {
+                if st.replaying {
+                    self.forgotten.insert(name, st.pod);
+                }
+            }
+        }
+        // Every rank the index knows, followed here or not.
+        let mut ids: Vec<PodId> = self.sh.pods.get(pod).into_iter().collect();
+        ids.extend((1..self.sh.data_parallel_size).filter_map(|r| self.sh.pods.get(&stream_name(pod, r.into()))));
+        for id in ids {
+            self.sh.applier.clear_pod(id);
+        }
+        self.sh.table.remove(pod);
+        self.sh.metrics.pods_removed.inc();
+        info!(pod, "pod left the fleet: its KV-event streams forgotten and index entries removed");
+    }
+
     fn apply_live(&self, st: &mut Stream, live: &Live) {
         if st.tracker.last_applied().is_none_or(|a| live.seq > a) {
             self.sh.apply(st.pod, &live.model, live.seq, &live.batch, &st.counters);
@@ -273,6 +343,7 @@ impl<I: BlockIndex> Worker<I> {
     fn start_replay(&self, name: &str, st: &mut Stream, from: u64, after: After) {
         let Some(endpoint) = st.replay.clone() else { return };
         st.replaying = true;
+        let join = matches!(&after, After::Apply(v) if v.is_empty());
         st.after = Some(after);
         let job = ReplayJob {
             worker: self.id,
@@ -287,6 +358,7 @@ impl<I: BlockIndex> Worker<I> {
             from,
             tracker: st.tracker,
             counters: st.counters.clone(),
+            join,
         };
         if self.jobs.send(job).is_err() {
             st.replaying = false;
@@ -371,6 +443,13 @@ impl<I: BlockIndex> Worker<I> {
     }
 
     fn on_replayed(&mut self, done: ReplayDone) {
+        if done.join {
+            self.sh.joins_done.fetch_add(1, Relaxed);
+        }
+        if let Some(pod) = self.forgotten.remove(&done.stream) {
+            self.sh.applier.clear_pod(pod);
+            return;
+        }
         let Some(mut st) = self.streams.remove(&done.stream) else { return };
         let name = done.stream;
         st.replaying = false;
@@ -445,7 +524,7 @@ pub(crate) fn spawn_replayers<I: BlockIndex + 'static>(
 
 /// Replays `job.from..`; batches the tracker already applied are skipped.
 fn run_replay<I: BlockIndex>(sh: &Shared<I>, job: ReplayJob) -> ReplayDone {
-    let ReplayJob { stream, pod, model, endpoint, from, mut tracker, counters: c, .. } = job;
+    let ReplayJob { stream, pod, model, endpoint, from, mut tracker, counters: c, join, .. } = job;
     c.replays.fetch_add(1, Relaxed);
     sh.metrics.replays.inc();
     let mut expect = from;
@@ -468,7 +547,7 @@ fn run_replay<I: BlockIndex>(sh: &Shared<I>, job: ReplayJob) -> ReplayDone {
             tracker.applied(seq);
         });
     let ok = match res {
-        Ok(o) => contiguous && o.batches > 0,
+        Ok(o) => contiguous && (o.batches > 0 || join),
         Err(e) => {
             sh.log.note("replay_failed", format_args!("replay of {stream} from {endpoint} (seq {from}..) failed: {e}"));
             false
@@ -478,5 +557,5 @@ fn run_replay<I: BlockIndex>(sh: &Shared<I>, job: ReplayJob) -> ReplayDone {
         c.replay_failures.fetch_add(1, Relaxed);
         sh.metrics.replay_failures.inc();
     }
-    ReplayDone { stream, tracker }
+    ReplayDone { join, stream, tracker }
 }
