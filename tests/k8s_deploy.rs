@@ -60,18 +60,24 @@ fn kvroute_container(objs: &[Value]) -> &Value {
     &find(objs, "Deployment", "kvroute")["spec"]["template"]["spec"]["containers"][0]
 }
 
-/// Runs `kubernetes-validate --strict` on `yaml`: its output, or the failure.
+/// Runs `kubernetes-validate --strict` (PyPI, as `python3 -m kubernetes_validate`) on
+/// `yaml`: its output, or the failure.
 fn kubernetes_validate(yaml: &str) -> Result<String, String> {
     let dir = std::env::temp_dir().join(format!("kvroute-validate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("{:x}.yaml", yaml.len() ^ yaml.bytes().map(u64::from).sum::<u64>() as usize));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let file = dir.join(format!("{}.yaml", N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
     std::fs::write(&file, yaml).unwrap();
-    let out = Command::new("kubernetes-validate").arg("--strict").arg(&file).output();
+    let out = Command::new("python3").args(["-m", "kubernetes_validate", "--strict"]).arg(&file).output();
     let _ = std::fs::remove_file(&file);
     let out = out.unwrap_or_else(|e| {
         panic!("kubernetes-validate: {e} (pip install kubernetes-validate; scripts/test.sh installs it)")
     });
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !text.contains("No module named kubernetes_validate"),
+        "kubernetes-validate is missing: pip install kubernetes-validate (scripts/test.sh installs it)"
+    );
     if out.status.success() {
         Ok(text)
     } else {
