@@ -70,6 +70,9 @@ struct State {
     spec: Option<PoolSpec>,
     pods: BTreeMap<String, Pod>,
     pods_synced: bool,
+    /// The selector `pods` were listed with (a new selector keeps the last fleet until
+    /// its own listing arrives).
+    pods_selector: Option<String>,
     reported: HashSet<(String, String)>,
     last: Vec<Endpoint>,
 }
@@ -105,6 +108,10 @@ impl Ctx {
             (Some(Err(e)), _) => {
                 // An invalid pool keeps the last good fleet.
                 problem = Some(format!("{} is invalid: {e} (serving its last valid pods)", self.pool_label()));
+                st.last.clone()
+            }
+            (_, Some(spec)) if st.pods_synced && st.pods_selector.as_deref() != Some(spec.selector.as_str()) => {
+                // The pool's selector changed: the old pods serve until the new ones are listed.
                 st.last.clone()
             }
             (_, Some(spec)) => {
@@ -360,6 +367,7 @@ async fn watch_pods(ctx: Arc<Ctx>, api: Api<Pod>, mut spec_rx: watch::Receiver<O
                             let mut st = ctx.state.lock();
                             st.pods = listing.take().unwrap_or_default();
                             st.pods_synced = true;
+                            st.pods_selector = Some(selector.clone());
                         }
                         Ok(Event::Apply(p)) => {
                             ctx.metrics.watch_up.set(1);
