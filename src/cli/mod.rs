@@ -3,7 +3,9 @@
 mod bench;
 mod demo;
 mod events;
+mod grpc;
 mod hash;
+mod lifecycle;
 mod serve;
 mod simulate;
 mod workload;
