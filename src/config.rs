@@ -3,6 +3,8 @@
 //!
 //! ```yaml
 //! listen: 0.0.0.0:8080          # HTTP: OpenAI gateway and /health (admin routes: `admin:`)
+//! shutdown_grace_s: 25          # SIGTERM/SIGINT: in-flight requests finish within this, then cut
+//! shutdown_delay_s: 0           # readiness false → listeners closed after this (load balancers)
 //! backends:                     # pods to route to (pod = host:port of the URL)
 //!   - http://10.0.0.1:8000
 //!   - {url: "http://10.0.0.2:8000", labels: {llm-d.ai/role: decode},
@@ -32,6 +34,11 @@
 //! ext_proc:                     # Envoy ext_proc door (GIE endpoint picker); off when null
 //!   listen: null                # e.g. 0.0.0.0:9002
 //!   health_listen: null         # gRPC health, e.g. 0.0.0.0:9003
+//!   max_connections: 1024       # per gRPC listener; beyond, new connections are closed
+//!   max_concurrent_streams: 1024  # gRPC calls at once per connection
+//!   handshake_timeout_ms: 10000 # first call must start within this of accept
+//!   keepalive_interval_ms: 30000  # HTTP/2 PING after this much silence; 0 = off
+//!   keepalive_timeout_ms: 10000 # unanswered PING: the peer is dead, connection closed
 //! saturation:                   # both doors answer 429 when every candidate is saturated
 //!   max_queued_per_pod: 512     # requests without a first byte: all pods there → 429
 //!   queue_depth: 5              # scraped waiting requests: busy (sheddable requests → 429)
@@ -116,14 +123,53 @@ impl Default for HashSection {
     }
 }
 
-/// The Envoy ext_proc door.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The Envoy ext_proc door, and the limits of its gRPC listeners (ext_proc and gRPC
+/// health; `kvroute_extproc::listen`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExtProcSection {
     /// `envoy.service.ext_proc.v3.ExternalProcessor` gRPC address (llm-d: 9002).
     pub listen: Option<SocketAddr>,
     /// gRPC health address (llm-d: 9003).
     pub health_listen: Option<SocketAddr>,
+    /// Connections served by each gRPC listener; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// gRPC calls at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// A connection's first call must start within this of its accept (TLS and the HTTP/2
+    /// preface included), ms.
+    pub handshake_timeout_ms: u64,
+    /// HTTP/2 PING after this long without traffic, ms; 0 = no pings.
+    pub keepalive_interval_ms: u64,
+    /// A PING unanswered this long closes the connection (a dead peer), ms.
+    pub keepalive_timeout_ms: u64,
+}
+
+impl Default for ExtProcSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            health_listen: None,
+            max_connections: 1024,
+            max_concurrent_streams: 1024,
+            handshake_timeout_ms: 10_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ExtProcSection {
+    pub fn limits(&self) -> kvroute_extproc::listen::GrpcLimits {
+        let ms = std::time::Duration::from_millis;
+        kvroute_extproc::listen::GrpcLimits {
+            max_connections: self.max_connections,
+            max_concurrent_streams: self.max_concurrent_streams,
+            handshake_timeout: ms(self.handshake_timeout_ms),
+            keepalive_interval: (self.keepalive_interval_ms > 0).then(|| ms(self.keepalive_interval_ms)),
+            keepalive_timeout: ms(self.keepalive_timeout_ms),
+        }
+    }
 }
 
 /// When pods count as saturated (429 from both doors).
@@ -270,6 +316,12 @@ impl BackendSpec {
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// On SIGTERM/SIGINT, requests in flight may finish for this long (from the signal,
+    /// the delay included); then the rest are cut and the process exits 0.
+    pub shutdown_grace_s: f64,
+    /// On SIGTERM/SIGINT, readiness turns false at once; the listeners close this much
+    /// later (so load balancers stop sending before connections are refused).
+    pub shutdown_delay_s: f64,
     /// vLLM servers to route to; each is the pod `host:port` of its URL.
     pub backends: Vec<BackendSpec>,
     /// Where the backends come from (default static: `backends`).
@@ -302,6 +354,8 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            shutdown_grace_s: 25.0,
+            shutdown_delay_s: 0.0,
             backends: Vec::new(),
             discovery: Default::default(),
             models: Default::default(),

@@ -215,6 +215,33 @@ pub struct ServeArgs {
     /// Serve --ext-proc-listen and --grpc-health-listen over TLS too (with --tls-cert).
     #[arg(long)]
     tls_grpc: bool,
+    /// Connections served by each gRPC listener (ext_proc, gRPC health); beyond, new ones
+    /// are closed at once [default: 1024].
+    #[arg(long)]
+    ext_proc_max_connections: Option<usize>,
+    /// gRPC calls at once on one connection (HTTP/2 max concurrent streams) [default: 1024].
+    #[arg(long)]
+    ext_proc_max_concurrent_streams: Option<u32>,
+    /// A gRPC connection's first call must start within this of its accept, ms
+    /// [default: 10000].
+    #[arg(long)]
+    ext_proc_handshake_timeout_ms: Option<u64>,
+    /// HTTP/2 PING on a gRPC connection after this long without traffic, ms; 0 = none
+    /// [default: 30000].
+    #[arg(long)]
+    ext_proc_keepalive_interval_ms: Option<u64>,
+    /// A PING unanswered this long closes the gRPC connection (dead peer), ms [default: 10000].
+    #[arg(long)]
+    ext_proc_keepalive_timeout_ms: Option<u64>,
+    // Shutdown (SIGTERM/SIGINT): docs/configuration.md "Shutdown".
+    /// Seconds requests in flight may take to finish after SIGTERM/SIGINT (the delay
+    /// included); then they are cut and the process exits 0 [default: 25].
+    #[arg(long, value_name = "SECONDS")]
+    shutdown_grace: Option<f64>,
+    /// Seconds between SIGTERM/SIGINT (readiness turns false at once) and closing the
+    /// listeners, for load balancers to notice first [default: 0].
+    #[arg(long, value_name = "SECONDS")]
+    shutdown_delay: Option<f64>,
 }
 
 /// `--admin-listen`: an address, or `off`.
@@ -362,6 +389,13 @@ impl ServeArgs {
         if self.tls_grpc {
             c.tls.grpc = true;
         }
+        set!(self.ext_proc_max_connections, c.ext_proc.max_connections);
+        set!(self.ext_proc_max_concurrent_streams, c.ext_proc.max_concurrent_streams);
+        set!(self.ext_proc_handshake_timeout_ms, c.ext_proc.handshake_timeout_ms);
+        set!(self.ext_proc_keepalive_interval_ms, c.ext_proc.keepalive_interval_ms);
+        set!(self.ext_proc_keepalive_timeout_ms, c.ext_proc.keepalive_timeout_ms);
+        set!(self.shutdown_grace, c.shutdown_grace_s);
+        set!(self.shutdown_delay, c.shutdown_delay_s);
         Ok(c)
     }
 }
@@ -440,6 +474,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    // Readiness holds and the shutdown drain (kvroute_api::lifecycle): /ready answers 503
+    // while a hold is out, e.g. `let synced = lifecycle.hold("discovery")` until discovery
+    // has synced.
+    let lifecycle = kvroute_api::lifecycle::Lifecycle::new();
+    let shutdown = super::lifecycle::Shutdown::from_secs(cfg.shutdown_grace_s, cfg.shutdown_delay_s)?;
     // An llm-d EndpointPickerConfig: its profiles, and the settings it keeps in plugin
     // parameters (block size, hash seed, KV-event subscription), checked against explicit
     // settings before anything uses them.
@@ -511,6 +550,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     let applier = Arc::new(EventApplier::new(index, mode));
     let registry = prometheus::Registry::new();
+    lifecycle.register(&registry)?;
     let metrics = Metrics::new(&registry)?;
     let ingestor = Ingestor::start(&cfg.ingest, applier.clone(), pods.clone(), metrics)
         .context("cannot start KV-event ingestion")?;
@@ -581,6 +621,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut gateway =
         kvroute_gateway::Gateway::new(pool.clone(), profile, applier.clone(), keys.clone(), tokenizers, &registry)?;
     gateway.tokenize_deadline = Duration::from_millis(cfg.tokenize_deadline_ms);
+    gateway.set_lifecycle(lifecycle.clone());
     gateway.set_timeouts(cfg.upstream.timeouts());
     gateway.saturation = kvroute_gateway::Saturation {
         max_queued_per_pod: cfg.saturation.max_queued_per_pod,
@@ -602,7 +643,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     let listen_metrics = kvroute_api::listen::ListenMetrics::new(&registry)?;
     let tls = cfg.tls.acceptor()?;
-    let grpc_tls = grpc_tls(&cfg.tls)?;
     let serving = kvroute_api::listen::Listener::new("serving", &cfg.http, tls.clone(), listen_metrics.clone())?;
     let admin_token = cfg.admin.token()?;
     let discovery_registry = registry.clone();
@@ -620,6 +660,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .set_rank_pods(Box::new(move |name| (1..ranks).filter_map(|r| pods2.get(&format!("{name}#dp{r}"))).collect()));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
+        let open = listen_metrics.clone();
+        super::lifecycle::handle_signals(lifecycle.clone(), shutdown, move || open.open_connections())?;
         let listener =
             kvroute_api::listen::bind(cfg.listen).with_context(|| format!("cannot listen on {}", cfg.listen))?;
         tracing::info!(
@@ -650,72 +692,26 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         };
         pool.spawn_probes(gateway.client.clone(), Duration::from_millis(cfg.health_interval_ms.max(50)));
         watch_block_sizes(pool.clone(), block_mismatch, cfg.hash.block_size, cfg.health_interval_ms.max(50));
-        if let (Some(addr), Some(svc)) = (cfg.ext_proc.listen, ext_proc) {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (ext_proc)"))?;
-            tracing::info!(%addr, "ext_proc serving");
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let server = grpc_builder(grpc_tls.clone())?;
-            tokio::spawn(async move {
-                // Large HTTP/2 windows: a 200 KB body crosses without waiting for window
-                // updates (h2's default is 64 KB).
-                if let Err(e) = server
-                    .initial_stream_window_size(Some(8 << 20))
-                    .initial_connection_window_size(Some(32 << 20))
-                    .add_service(svc.into_server())
-                    .serve_with_incoming(incoming)
-                    .await
-                {
-                    tracing::error!("ext_proc server failed: {e}");
-                }
-            });
-        }
-        if let Some(addr) = cfg.ext_proc.health_listen {
-            let (reporter, health) = tonic_health::server::health_reporter();
-            reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-            reporter
-                .set_service_status("envoy.service.ext_proc.v3.ExternalProcessor", tonic_health::ServingStatus::Serving)
-                .await;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (gRPC health)"))?;
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
-            let mut server = grpc_builder(grpc_tls.clone())?;
-            tokio::spawn(async move {
-                let _keep = reporter;
-                if let Err(e) = server.add_service(health).serve_with_incoming(incoming).await {
-                    tracing::error!("gRPC health server failed: {e}");
-                }
-            });
-        }
+        let mut tasks = super::grpc::spawn(&cfg, ext_proc, &lifecycle, &listen_metrics).await?;
         let app = kvroute_api::router(state).merge(kvroute_gateway::router(gateway));
-        serve_http(listener, app, serving, tls, &cfg, admin_token, listen_metrics).await
-    })
-}
-
-/// `tls.grpc`: the gRPC listeners' TLS identity (`tls.cert`, `tls.key`).
-fn grpc_tls(t: &kvroute_api::listen::TlsSection) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
-    let Some((cert, key)) = t.files()?.filter(|_| t.grpc) else { return Ok(None) };
-    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let id = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-    Ok(Some(tonic::transport::ServerTlsConfig::new().identity(id)))
-}
-
-/// A gRPC server, over TLS when `tls` is set (a bad identity is an error at start).
-fn grpc_builder(tls: Option<tonic::transport::ServerTlsConfig>) -> anyhow::Result<tonic::transport::Server> {
-    let b = tonic::transport::Server::builder();
-    Ok(match tls {
-        Some(t) => b.tls_config(t).context("gRPC TLS (--tls-cert, --tls-key)")?,
-        None => b,
-    })
+        let lc = lifecycle.clone();
+        tasks.extend(serve_http(listener, app, serving, tls, &cfg, admin_token, listen_metrics.clone(), &lc)?);
+        let open = || listen_metrics.open_connections();
+        super::lifecycle::until_drained(lifecycle, shutdown.grace, tasks, open).await;
+        anyhow::Ok(())
+    })?;
+    // Drained (or the grace is over): exit now, without tearing down the ingest threads,
+    // ZMQ sockets and index one by one (nothing of them needs to outlive the process).
+    std::process::exit(0)
 }
 
 /// The serving port (OpenAI routes, /health, and the admin routes if asked) and the admin
-/// listener, each under its client limits (`kvroute_api::listen`). Connections set
+/// listener, each under its client limits (`kvroute_api::listen`) and closing with the
+/// lifecycle (their tasks end once their connections have finished). Connections set
 /// TCP_NODELAY: small streamed chunks (SSE) go out at once instead of waiting ~40 ms for
 /// Nagle + delayed ACK.
-async fn serve_http(
+#[allow(clippy::too_many_arguments)]
+fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     serving: kvroute_api::listen::Listener,
@@ -723,7 +719,8 @@ async fn serve_http(
     cfg: &ServeConfig,
     token: Option<String>,
     metrics: kvroute_api::listen::ListenMetrics,
-) -> anyhow::Result<()> {
+    lc: &Arc<kvroute_api::lifecycle::Lifecycle>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     use kvroute_api::admin::{gated, Gate};
     let admin_here = cfg.admin.on_serving_port;
     let nofile = kvroute_api::listen::raise_nofile_limit();
@@ -740,6 +737,7 @@ async fn serve_http(
              lower --max-connections"
         );
     }
+    let mut tasks = Vec::new();
     if let Some(addr) = cfg.admin.listen {
         let l = kvroute_api::listen::bind(addr)
             .with_context(|| format!("cannot listen on {addr} (admin; --admin-listen off for none)"))?;
@@ -751,16 +749,12 @@ async fn serve_http(
         let admin = kvroute_api::listen::Listener::new("admin", &limits, tls, metrics)?;
         let app = gated(app.clone(), Gate { admin: true, public: false, token: token.clone(), public_reset: false });
         tracing::info!(%addr, token = token.is_some(), "admin routes serving");
-        tokio::spawn(admin.serve(l, app, std::future::pending()));
+        tasks.push(tokio::spawn(admin.serve(l, app, lc.closing())));
     }
     let public_reset = cfg.admin.reset_on_serving_port;
     let app = gated(app, Gate { admin: admin_here, public: true, token, public_reset });
-    serving
-        .serve(listener, app, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
-    Ok(())
+    tasks.push(tokio::spawn(serving.serve(listener, app, lc.closing())));
+    Ok(tasks)
 }
 
 /// Compares each pod's scraped block size with kvroute's: a gauge per pod, and one warning

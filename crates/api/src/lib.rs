@@ -13,9 +13,11 @@
 //!
 //! [`listen`] serves an app with client-side limits (timeouts, connection caps, TLS);
 //! [`admin`] keeps the admin routes (`/v1/kv/*`, `/v1/route/explain`, `/metrics`) off the
-//! serving port unless asked, behind an optional bearer token.
+//! serving port unless asked, behind an optional bearer token; [`lifecycle`] holds the
+//! process's readiness (named holds, e.g. until discovery has synced) and its shutdown drain.
 
 pub mod admin;
+pub mod lifecycle;
 pub mod listen;
 
 use std::sync::Arc;

@@ -160,13 +160,30 @@ impl ListenMetrics {
         let closed = IntCounterVec::new(
             Opts::new(
                 "kvroute_http_connections_closed_total",
-                "Client connections closed by a limit: header_timeout, idle_timeout, tls_handshake, over_capacity",
+                "Client connections closed by a limit: header_timeout, idle_timeout, tls_handshake, over_capacity \
+                 (gRPC: handshake_timeout)",
             ),
             &["listener", "reason"],
         )?;
         registry.register(Box::new(open.clone()))?;
         registry.register(Box::new(closed.clone()))?;
         Ok(Self { open, closed })
+    }
+
+    /// Open connections of every listener sharing these metrics (the drain counts them).
+    pub fn open_connections(&self) -> i64 {
+        use prometheus::core::Collector;
+        self.open.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_gauge().get_value() as i64).sum()
+    }
+
+    /// The gauge of open connections of `listener` in `pool`.
+    pub fn open_gauge(&self, listener: &str, pool: &str) -> prometheus::IntGauge {
+        self.open.with_label_values(&[listener, pool])
+    }
+
+    /// Counts a connection of `listener` closed for `reason`.
+    pub fn closed(&self, listener: &str, reason: &str) {
+        self.closed.with_label_values(&[listener, reason]).inc();
     }
 }
 

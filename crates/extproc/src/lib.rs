@@ -14,8 +14,10 @@
 //! request. On the response side it marks
 //! the pod's first byte (the router's in-flight view), adds `x-kvroute-pod`, and reads
 //! `usage` (vLLM's `prompt_tokens_details.cached_tokens`) from streamed and buffered
-//! bodies into metrics.
+//! bodies into metrics. [`listen`] serves the gRPC listeners under client limits
+//! (connection cap, handshake timeout, streams per connection, keepalive).
 
+pub mod listen;
 mod metrics;
 pub mod proto;
 

@@ -11,7 +11,8 @@
 //! [`proxy`] the attempts, [`recovery`] what happens when a pod comes back). The chosen pod
 //! gets speculative index entries for the request's blocks. `POST /v1/route/explain` shows
 //! the decision without forwarding; `GET /ready` is readiness (503 when no pod is in
-//! rotation). vLLM's other endpoints (`/v1/models`, `/tokenize`, `/detokenize`,
+//! rotation, a readiness hold is outstanding or the router is draining:
+//! `kvroute_api::lifecycle`). vLLM's other endpoints (`/v1/models`, `/tokenize`, `/detokenize`,
 //! `/v1/embeddings`, `/version`, `/reset_prefix_cache`) are in [`passthrough`]. Errors are
 //! OpenAI-style JSON (`{"error": {"message", "type", "code"}}`), `Retry-After` on 429/503.
 
@@ -94,6 +95,8 @@ pub struct Gateway {
     decision_seconds: Histogram,
     matched_blocks: Histogram,
     panic_routes: prometheus::IntCounter,
+    /// Readiness holds and the drain (`GET /ready` consults it; see [`Gateway::set_lifecycle`]).
+    pub lifecycle: Arc<kvroute_api::lifecycle::Lifecycle>,
 }
 
 /// What routing decided for one request.
@@ -251,6 +254,7 @@ impl Gateway {
             decision_seconds,
             matched_blocks,
             panic_routes,
+            lifecycle: kvroute_api::lifecycle::Lifecycle::new(),
         })
     }
 
@@ -671,32 +675,53 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
-/// Readiness (`GET /ready`): 200 while some backend is in rotation and has passed a probe
-/// (or none is configured), else 503. `/health` stays liveness (the router process answers).
-/// A discovered pool is also not ready before discovery's first full listing, or while it
-/// has no endpoint (the body says why, e.g. the pool does not exist).
-async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
-    let healthy = gw.pool.ready_backends();
-    let total = gw.pool.backends().len();
-    let discovery = gw.pool.discovery.read().clone();
+impl Gateway {
+    /// Answers readiness with `lifecycle` (its holds and drain), whose extra check becomes
+    /// this gateway's rule ([`pool_readiness`]) so that `kvroute_ready` agrees with `/ready`.
+    pub fn set_lifecycle(&mut self, lifecycle: Arc<kvroute_api::lifecycle::Lifecycle>) {
+        let pool = self.pool.clone();
+        lifecycle.set_check(Box::new(move || pool_readiness(&pool).map(|_| ())));
+        self.lifecycle = lifecycle;
+    }
+}
+
+/// The pool's part of readiness: (backends in rotation, backends) while some backend is in
+/// rotation and has passed a probe, or none is configured (an index-only router); else why not.
+/// A discovered pool is also not ready before discovery's first full listing (and the
+/// replays of the pods it found), or while it has no endpoint (the reason says why, e.g.
+/// the pool does not exist).
+pub fn pool_readiness(pool: &Pool) -> Result<(usize, usize), String> {
+    let healthy = pool.ready_backends();
+    let total = pool.backends().len();
+    let discovery = pool.discovery.read().clone();
     if let Some(d) = discovery {
         if !d.synced {
             let why = d.problem.map(|p| format!(" ({p})")).unwrap_or_default();
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("not ready: discovery has not listed the fleet yet{why}"),
-            );
+            return Err(format!("not ready: discovery has not listed the fleet yet{why}"));
         }
         if total == 0 {
-            let why = d.problem.unwrap_or_else(|| "discovery found no endpoint".into());
-            return error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {why}"));
+            return Err(format!("not ready: {}", d.problem.unwrap_or_else(|| "discovery found no endpoint".into())));
         }
     }
-    // (No backends at all: an index-only router, ready as soon as it serves.)
     if healthy == 0 && total > 0 {
-        return error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: none of {total} backends is in rotation"));
+        return Err(format!("not ready: none of {total} backends is in rotation"));
     }
-    Json(json!({"status": "ready", "healthy_backends": healthy, "backends": total})).into_response()
+    Ok((healthy, total))
+}
+
+/// Readiness (`GET /ready`): 200 while no readiness hold is outstanding, the router is not
+/// draining, and [`pool_readiness`] passes; else 503 (with the holds' names). `/health`
+/// stays liveness (the router process answers).
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    if let Some(not_ready) = gw.lifecycle.not_ready() {
+        return not_ready.into_response();
+    }
+    match pool_readiness(&gw.pool) {
+        Ok((healthy, total)) => {
+            Json(json!({"status": "ready", "healthy_backends": healthy, "backends": total})).into_response()
+        }
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, &why),
+    }
 }
 
 /// Rejections axum answers in plain text (413 body too large, 415, 400 from an

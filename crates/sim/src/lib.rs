@@ -83,7 +83,7 @@ pub fn entropy() -> [u8; 32] {
     out
 }
 
-/// Runs the simulator until interrupted.
+/// Runs the simulator until SIGTERM or SIGINT, then drains ([`shutdown_signals`]).
 pub fn run(a: SimArgs) -> Result<(), SimError> {
     let hasher = hasher(&a)?;
     let tokenizer = kvroute_tokenize::load(a.tokenizer.as_deref()).map_err(|e| SimError::Config(e.to_string()))?;
@@ -152,6 +152,7 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let addr = format!("{}:{}", a.host, a.port);
     rt.block_on(async move {
+        let signals = shutdown_signals()?;
         let listener = tokio::net::TcpListener::bind(&addr).await?;
         info!(%addr, model = %a.model, pod = %sim.pod, "kvroute sim serving");
         // TCP_NODELAY: small streamed chunks (SSE) go out at once instead of waiting ~40 ms
@@ -160,12 +161,33 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, http::router(sim))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
+        axum::serve(listener, http::router(sim)).with_graceful_shutdown(signals).await
     })?;
+    info!("every request finished; exiting");
     drop(publisher_thread);
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT. As vLLM's server (uvicorn) does then, the simulator
+/// closes its listening socket and idle connections and lets the requests and streams in
+/// flight finish before it exits 0; a second signal exits at once. The handlers are
+/// installed here, before the socket is bound.
+fn shutdown_signals() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(signal = name, "shutting down: no new connections; requests in flight finish");
+        tokio::spawn(async move {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            warn!(signal = name, "second signal: exiting at once");
+            std::process::exit(0);
+        });
+    })
 }
