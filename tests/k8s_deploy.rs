@@ -63,10 +63,9 @@ fn kvroute_container(objs: &[Value]) -> &Value {
 /// Runs `kubernetes-validate --strict` (PyPI, as `python3 -m kubernetes_validate`) on
 /// `yaml`: its output, or the failure.
 fn kubernetes_validate(yaml: &str) -> Result<String, String> {
-    let dir = std::env::temp_dir().join(format!("kvroute-validate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let file = dir.join(format!("{}.yaml", N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let file = std::env::temp_dir().join(format!("kvroute-validate-{}-{n}.yaml", std::process::id()));
     std::fs::write(&file, yaml).unwrap();
     let out = Command::new("python3").args(["-m", "kubernetes_validate", "--strict"]).arg(&file).output();
     let _ = std::fs::remove_file(&file);
