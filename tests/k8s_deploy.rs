@@ -63,10 +63,9 @@ fn kvroute_container(objs: &[Value]) -> &Value {
 /// Runs `kubernetes-validate --strict` (PyPI, as `python3 -m kubernetes_validate`) on
 /// `yaml`: its output, or the failure.
 fn kubernetes_validate(yaml: &str) -> Result<String, String> {
-    let dir = std::env::temp_dir().join(format!("kvroute-validate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let file = dir.join(format!("{}.yaml", N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let file = std::env::temp_dir().join(format!("kvroute-validate-{}-{n}.yaml", std::process::id()));
     std::fs::write(&file, yaml).unwrap();
     let out = Command::new("python3").args(["-m", "kubernetes_validate", "--strict"]).arg(&file).output();
     let _ = std::fs::remove_file(&file);
@@ -416,4 +415,124 @@ fn role_is_least_privilege() {
         let e = kube.kubectl_as(&kc, &denied).expect_err("forbidden");
         assert!(e.contains("forbidden") || e.contains("Forbidden"), "{denied:?}: {e}");
     }
+}
+
+/// The image and the Deployment agree: the image's user is the pod's `runAsUser`, it
+/// exposes the container's ports, and its default command reads the config where the
+/// ConfigMap is mounted.
+#[test]
+fn dockerfile_agrees_with_the_deployment() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let line = |word: &str| {
+        dockerfile
+            .lines()
+            .rev()
+            .find(|l| l.starts_with(word))
+            .unwrap_or_else(|| panic!("no {word} in the Dockerfile"))
+            .to_string()
+    };
+    assert!(dockerfile.contains("cargo build --release --locked"));
+    assert_eq!(dockerfile.matches("\nFROM ").count() + usize::from(dockerfile.starts_with("FROM ")), 2, "two stages");
+    let objs = docs(&render("gie"));
+    let pod = &find(&objs, "Deployment", "kvroute")["spec"]["template"]["spec"];
+    let c = kvroute_container(&objs);
+    let user = line("USER ");
+    assert_eq!(user, format!("USER {}:{}", pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]));
+    assert_ne!(pod["securityContext"]["runAsUser"], 0);
+    let expose = line("EXPOSE ");
+    let exposed: Vec<&str> = expose.split_whitespace().skip(1).collect();
+    for p in c["ports"].as_array().unwrap() {
+        assert!(exposed.contains(&p["containerPort"].to_string().as_str()), "{p} not exposed: {exposed:?}");
+    }
+    let cmd: Value = serde_json::from_str(line("CMD ").trim_start_matches("CMD ")).unwrap();
+    assert_eq!(&cmd, &c["args"], "the image's default command is the Deployment's");
+    let config_mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "config").unwrap();
+    assert!(cmd[2].as_str().unwrap().starts_with(config_mount["mountPath"].as_str().unwrap()));
+}
+
+/// Each overlay's config is one `kvroute serve` starts with (unknown keys, wrong types,
+/// unreadable key files are errors there). The listeners move to free loopback ports, the
+/// TLS pair is made here, Redis is a local `redis-server`. While this kvroute has no
+/// Kubernetes discovery (`serve --help` without `--discovery`), the keys that discovery
+/// adds (`discovery`, `shutdown_grace_s`) are taken out and the rest is checked; once it
+/// has, the whole file runs, with `$KUBECONFIG` naming a real API server.
+#[test]
+fn overlay_configs_start_kvroute() {
+    let bin = env!("CARGO_BIN_EXE_kvroute");
+    let help = Command::new(bin).args(["serve", "--help"]).output().unwrap();
+    let discovery = String::from_utf8_lossy(&help.stdout).contains("--discovery");
+    let kube = discovery.then(|| {
+        let k = Kube::start();
+        k.install_crds();
+        k
+    });
+    let dir = std::env::temp_dir().join(format!("kvroute-overlay-configs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kvroute-epp", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let redis_port = common::free_ports(1)[0];
+    let redis = Command::new("redis-server")
+        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/test.sh installs it)");
+    let _children = common::Children(vec![redis]);
+
+    for overlay in OVERLAYS {
+        let mut config = router_config(&docs(&render(overlay)));
+        let obj = config.as_object_mut().unwrap();
+        if !discovery {
+            obj.remove("discovery");
+            obj.remove("shutdown_grace_s");
+        }
+        let ports = common::free_ports(4);
+        let local = |i: usize| Value::from(format!("127.0.0.1:{}", ports[i]));
+        obj.insert("listen".into(), local(0));
+        obj["admin"]["listen"] = local(1);
+        if let Some(ext) = obj.get_mut("ext_proc") {
+            ext["listen"] = local(2);
+            ext["health_listen"] = local(3);
+        }
+        if let Some(tls) = obj.get_mut("tls") {
+            tls["cert"] = cert.to_string_lossy().into();
+            tls["key"] = key.to_string_lossy().into();
+        }
+        if let Some(index) = obj.get_mut("index") {
+            index["url"] = format!("redis://127.0.0.1:{redis_port}").into();
+        }
+        let file = dir.join(format!("{overlay}.yaml"));
+        std::fs::write(&file, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        let log = dir.join(format!("{overlay}.log"));
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--config"]).arg(&file).env("RUST_LOG", "warn");
+        if let Some(k) = &kube {
+            cmd.env("KUBECONFIG", k.kubeconfig());
+        }
+        let child =
+            cmd.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let mut guard = common::Children(vec![child]);
+        let t = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = guard.0[0].try_wait() {
+                panic!(
+                    "{overlay}: kvroute serve exited ({status}) with its config:\n{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", ports[0])).is_ok() {
+                break;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "{overlay}: not listening after 20 s");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        drop(guard);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
