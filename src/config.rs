@@ -78,6 +78,7 @@
 //!   max_connections: 8192       # then reserve_connections more that get only /health
 //!   reserve_connections: 64
 //!   max_header_bytes: 65536     # larger request heads: 431
+//!   max_concurrent_streams: 128 # HTTP/2 (h2c) streams per connection; each takes a slot
 //! admin:                        # /v1/kv/*, /v1/route/explain, /metrics
 //!   listen: 127.0.0.1:9090      # null = no admin listener
 //!   on_serving_port: false      # also serve them on `listen`
@@ -544,6 +545,18 @@ mod tests {
         assert!(
             matches!(&b.backends[1], BackendSpec::Full { labels, zmq: Some(_), .. } if labels["llm-d.ai/role"] == "decode")
         );
+        let l: ServeConfig = serde_yaml::from_str(
+            "shutdown_grace_s: 600\nshutdown_delay_s: 5\nhttp: {max_concurrent_streams: 64}\n\
+             ext_proc: {listen: 0.0.0.0:9002, max_connections: 16, keepalive_interval_ms: 0}\n",
+        )
+        .unwrap();
+        assert_eq!((l.shutdown_grace_s, l.shutdown_delay_s), (600.0, 5.0));
+        assert_eq!(l.http.max_concurrent_streams, 64);
+        let g = l.ext_proc.limits();
+        assert_eq!((g.max_connections, g.max_concurrent_streams, g.keepalive_interval), (16, 1024, None));
+        assert_eq!(g.handshake_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(ServeConfig::default().shutdown_grace_s, 25.0, "below Kubernetes' default grace of 30 s");
+        assert!(serde_yaml::from_str::<ServeConfig>("ext_proc: {max_conections: 1}").is_err());
         assert!(serde_yaml::from_str::<ServeConfig>("listne: x").is_err());
         assert!(serde_yaml::from_str::<ServeConfig>("hash: {algo: md5}").is_err());
     }

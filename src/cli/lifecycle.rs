@@ -109,3 +109,18 @@ pub async fn until_drained(lc: Arc<Lifecycle>, grace: Duration, tasks: Vec<JoinH
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_durations_are_checked() {
+        let s = Shutdown::from_secs(25.0, 5.0).unwrap();
+        assert_eq!((s.grace, s.delay), (Duration::from_secs(25), Duration::from_secs(5)));
+        assert_eq!(Shutdown::from_secs(0.5, 0.0).unwrap().grace, Duration::from_millis(500));
+        assert!(Shutdown::from_secs(-1.0, 0.0).is_err());
+        assert!(Shutdown::from_secs(25.0, f64::NAN).is_err());
+        assert!(Shutdown::from_secs(f64::INFINITY, 0.0).is_err());
+    }
+}

@@ -35,10 +35,12 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Run the router: follow the fleet's KV events over ZMQ, route OpenAI requests
     /// (`--listen`), and serve the admin API (`/v1/kv/score`, `/v1/kv/pods`,
-    /// `/v1/route/explain`, `/metrics`) on `--admin-listen` (loopback by default).
+    /// `/v1/route/explain`, `/metrics`) on `--admin-listen` (loopback by default); SIGTERM
+    /// or SIGINT drain it (--shutdown-delay, --shutdown-grace).
     Serve(Box<serve::ServeArgs>),
     /// Run a vLLM-compatible model-server simulator (OpenAI API, prefix cache with
-    /// vLLM-exact block hashes, KV events over ZMQ, vLLM metrics, latency model).
+    /// vLLM-exact block hashes, KV events over ZMQ, vLLM metrics, latency model); SIGTERM or
+    /// SIGINT stop it as they stop vLLM: requests in flight finish, then exit 0.
     Sim(Box<kvroute_sim::SimArgs>),
     /// Simulate a fleet offline on virtual time with the real scheduler, comparing
     /// routing policies on a trace or a shared-prefix workload.

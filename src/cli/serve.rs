@@ -206,6 +206,10 @@ pub struct ServeArgs {
     /// Largest request head (request line + headers), bytes; larger: 431 [default: 65536].
     #[arg(long)]
     max_header_bytes: Option<usize>,
+    /// HTTP/2 (h2c) streams at once on one client connection; each beyond a connection's
+    /// first also takes a --max-connections slot [default: 128].
+    #[arg(long)]
+    max_concurrent_streams: Option<u32>,
     /// PEM certificate chain: serve HTTPS on --listen and --admin-listen (with --tls-key).
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -382,6 +386,7 @@ impl ServeArgs {
         set!(self.max_connections, c.http.max_connections);
         set!(self.reserve_connections, c.http.reserve_connections);
         set!(self.max_header_bytes, c.http.max_header_bytes);
+        set!(self.max_concurrent_streams, c.http.max_concurrent_streams);
         if self.tls_cert.is_some() {
             c.tls.cert = self.tls_cert.clone();
             c.tls.key = self.tls_key.clone();

@@ -1,25 +1,34 @@
 //! Serving an axum app with client-side limits (and optional TLS).
 //!
 //! `axum::serve` holds every accepted connection for as long as the client likes. Here each
-//! connection runs under hyper's HTTP/1.1 server with a watchdog:
+//! connection runs under hyper's HTTP/1.1 server — or its HTTP/2 server when the connection
+//! opens with HTTP/2's preface (h2c with prior knowledge, as Envoy speaks to an upstream
+//! configured for HTTP/2) — with a watchdog:
 //!
 //! * **header timeout** — a request head must be complete within `header_timeout` of the
 //!   connection's accept (or, on a kept-alive connection, of the next request's first byte):
-//!   idle and byte-by-byte (slowloris) clients are closed;
+//!   idle and byte-by-byte (slowloris) clients are closed; on HTTP/2, the first request must
+//!   start within `header_timeout` of the accept;
 //! * **idle timeout** — a kept-alive connection with no request in flight and no byte
-//!   received for `idle_timeout` is closed;
-//! * **max connections** — at most `max_connections` connections are served; beyond that
-//!   `reserve_connections` more are accepted that answer only the reserve paths (`/health`)
-//!   and 503 with `Retry-After` otherwise (then close); past both, accepted sockets are closed
-//!   at once (so the kernel's backlog does not fill with them);
-//! * **max header bytes** — a larger request head is answered 431.
+//!   received for `idle_timeout` is closed; on HTTP/2, with no stream in flight and none
+//!   started or ended for `idle_timeout` (PINGs and window updates do not count), it gets a
+//!   GOAWAY and closes;
+//! * **max connections** — at most `max_connections` requests are served at once: each
+//!   connection holds one slot, and each HTTP/2 stream beyond a connection's first takes
+//!   another (none left: that stream gets 503 with `Retry-After`); beyond that
+//!   `reserve_connections` more connections are accepted that answer only the reserve paths
+//!   (`/health`) and 503 with `Retry-After` otherwise (then close); past both, accepted
+//!   sockets are closed at once (so the kernel's backlog does not fill with them);
+//! * **max concurrent streams** — HTTP/2's `SETTINGS_MAX_CONCURRENT_STREAMS` per connection;
+//! * **max header bytes** — a larger request head is answered 431 (HTTP/2: the header list
+//!   size the connection announces).
 //!
 //! A request in flight (e.g. a long SSE stream) is never timed out here: the gateway's
 //! upstream timeouts bound those. A TLS handshake must also finish within `header_timeout`.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -54,6 +63,8 @@ pub struct ClientLimits {
     pub reserve_connections: usize,
     /// Largest request head (request line + headers), bytes (at least 1024).
     pub max_header_bytes: usize,
+    /// HTTP/2 streams (requests) at once on one connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for ClientLimits {
@@ -64,6 +75,7 @@ impl Default for ClientLimits {
             max_connections: 8192,
             reserve_connections: 64,
             max_header_bytes: 64 << 10,
+            max_concurrent_streams: 128,
         }
     }
 }
@@ -161,7 +173,7 @@ impl ListenMetrics {
             Opts::new(
                 "kvroute_http_connections_closed_total",
                 "Client connections closed by a limit: header_timeout, idle_timeout, tls_handshake, over_capacity \
-                 (gRPC: handshake_timeout)",
+                 (HTTP/2 streams: over_capacity_stream; gRPC: handshake_timeout)",
             ),
             &["listener", "reason"],
         )?;
@@ -195,6 +207,7 @@ pub struct Listener {
     pub max_connections: usize,
     pub reserve_connections: usize,
     pub max_header_bytes: usize,
+    pub max_concurrent_streams: u32,
     pub reserve_paths: &'static [&'static str],
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: ListenMetrics,
@@ -215,6 +228,7 @@ impl Listener {
             max_connections: l.max_connections,
             reserve_connections: l.reserve_connections,
             max_header_bytes: l.max_header_bytes.max(1024),
+            max_concurrent_streams: l.max_concurrent_streams.max(1),
             reserve_paths: &["/health"],
             tls,
             metrics,
@@ -265,14 +279,14 @@ impl Listener {
             };
             let _ = tcp.set_nodelay(true);
             let (this, app, stop) = (this.clone(), app.clone(), stop_rx.clone());
+            let slots = (pool == "main").then(|| main.clone());
             tokio::spawn(async move {
                 let gauge = this.metrics.open.with_label_values(&[this.name, pool]);
                 gauge.inc();
-                let reserve_only = pool == "reserve";
                 match this.tls.clone() {
-                    None => this.serve_conn(tcp, app, reserve_only, stop).await,
+                    None => this.serve_conn(tcp, app, slots, stop).await,
                     Some(acceptor) => match tokio::time::timeout(this.header_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => this.serve_conn(tls, app, reserve_only, stop).await,
+                        Ok(Ok(tls)) => this.serve_conn(tls, app, slots, stop).await,
                         Ok(Err(e)) => {
                             tracing::debug!(listener = this.name, "TLS handshake failed: {e}");
                             this.metrics.closed.with_label_values(&[this.name, "tls_handshake"]).inc();
@@ -288,43 +302,94 @@ impl Listener {
         }
     }
 
+    /// Serves one connection; `slots` is the main pool (none: a reserve connection, which
+    /// answers only the reserve paths).
     async fn serve_conn<IO>(
         &self,
         io: IO,
         app: Router,
-        reserve_only: bool,
+        slots: Option<Arc<Semaphore>>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let reserve_only = slots.is_none();
         let act = Arc::new(Activity::new());
-        let io = TokioIo::new(Tracked { inner: io, act: act.clone() });
+        let mut io = Tracked { inner: io, act: act.clone() };
+        // HTTP/2 (prior knowledge) or HTTP/1.1: the first bytes tell.
+        let sniffed = tokio::select! {
+            r = tokio::time::timeout(self.header_timeout, sniff(&mut io)) => r,
+            _ = async { drop(stop.wait_for(|s| *s).await) } => return,
+        };
+        let (h2, prefix) = match sniffed {
+            Ok(Ok(x)) => x,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                self.metrics.closed.with_label_values(&[self.name, "header_timeout"]).inc();
+                return;
+            }
+        };
+        act.h2.store(h2, Relaxed);
+        let io = TokioIo::new(Rewind { prefix, pos: 0, inner: io });
         let reserve_paths = self.reserve_paths;
-        let act2 = act.clone();
+        let (act2, name, metrics) = (act.clone(), self.name, self.metrics.clone());
         let svc = tower::service_fn(move |req: Request<Incoming>| {
-            let (app, act) = (app.clone(), act2.clone());
+            let (app, act, slots, metrics) = (app.clone(), act2.clone(), slots.clone(), metrics.clone());
             async move {
-                let guard = act.request_started();
-                let mut resp = if reserve_only && !reserve_paths.contains(&req.uri().path()) {
+                let (guard, others) = act.request_started();
+                let reserved = reserve_paths.contains(&req.uri().path());
+                // An HTTP/2 stream beyond the connection's first takes a slot of its own.
+                let slot = match slots.filter(|_| others > 0 && !reserved) {
+                    Some(s) => match s.try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) => {
+                            metrics.closed.with_label_values(&[name, "over_capacity_stream"]).inc();
+                            return Ok(over_capacity());
+                        }
+                    },
+                    None => None,
+                };
+                let mut resp = if reserve_only && !reserved {
                     over_capacity()
                 } else {
                     app.oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {})
                 };
-                if reserve_only {
+                if reserve_only && !h2 {
                     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 // The request counts as in flight until its response body is done.
                 Ok::<_, std::convert::Infallible>(resp.map(move |b| {
                     Body::new(b.map_frame(move |f| {
-                        let _ = &guard;
+                        let _ = (&guard, &slot);
                         f
                     }))
                 }))
             }
         });
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.max_header_size(self.max_header_bytes).keep_alive(!reserve_only);
-        let conn = builder.serve_connection(io, hyper_util::service::TowerToHyperService::new(svc));
+        let svc = hyper_util::service::TowerToHyperService::new(svc);
+        if h2 {
+            let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(self.max_concurrent_streams)
+                .max_header_list_size(self.max_header_bytes.min(u32::MAX as usize) as u32);
+            self.watch(builder.serve_connection(io, svc), &act, stop, true).await
+        } else {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.max_header_size(self.max_header_bytes).keep_alive(!reserve_only);
+            self.watch(builder.serve_connection(io, svc), &act, stop, false).await
+        }
+    }
+
+    /// Drives a connection under the watchdog: the timeouts, and the graceful close when
+    /// the listener stops.
+    async fn watch<C: Graceful>(
+        &self,
+        conn: C,
+        act: &Activity,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        h2: bool,
+    ) {
         let mut conn = std::pin::pin!(conn);
         let tick =
             (self.header_timeout.min(self.idle_timeout) / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
@@ -346,13 +411,117 @@ impl Listener {
                 }
                 _ = ticks.tick() => {
                     if let Some(reason) = act.expired(self.header_timeout, self.idle_timeout) {
-                        // Dropping the connection closes the socket (nothing is in flight).
                         self.metrics.closed.with_label_values(&[self.name, reason]).inc();
+                        if h2 {
+                            // GOAWAY: a stream the client opened meanwhile is still served.
+                            conn.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(self.header_timeout, conn.as_mut()).await;
+                        }
+                        // Dropping the connection closes the socket (nothing is in flight).
                         return;
                     }
                 }
             }
         }
+    }
+}
+
+/// A hyper server connection (HTTP/1.1 or HTTP/2).
+trait Graceful: std::future::Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::Connection::graceful_shutdown(self)
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self)
+    }
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes until they differ from HTTP/2's preface or are as long
+/// as it (never more than its 24 bytes): (HTTP/2, the bytes read).
+async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<(bool, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; 24];
+    loop {
+        let want = H2_PREFACE.len() - buf.len();
+        let n = io.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Ok((false, buf));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if !H2_PREFACE.starts_with(&buf) {
+            return Ok((false, buf));
+        }
+        if buf.len() == H2_PREFACE.len() {
+            return Ok((true, buf));
+        }
+    }
+}
+
+/// A byte stream whose first bytes (read ahead by [`sniff`]) are read again.
+struct Rewind<IO> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -374,21 +543,31 @@ fn now_ms() -> u64 {
 }
 
 /// What a connection's watchdog needs: requests in flight, when the current request head
-/// started (0: none expected yet), when it last saw activity.
+/// started (0: none expected yet), when it last saw activity; on HTTP/2 only streams count
+/// as activity (the first request's deadline runs from the accept).
 struct Activity {
     in_flight: AtomicUsize,
     head_since: AtomicU64,
     last_active: AtomicU64,
+    h2: AtomicBool,
 }
 
 impl Activity {
     fn new() -> Self {
         let now = now_ms();
         // A new connection waits for its first request head from the start.
-        Self { in_flight: AtomicUsize::new(0), head_since: AtomicU64::new(now), last_active: AtomicU64::new(now) }
+        Self {
+            in_flight: AtomicUsize::new(0),
+            head_since: AtomicU64::new(now),
+            last_active: AtomicU64::new(now),
+            h2: AtomicBool::new(false),
+        }
     }
 
     fn on_read(&self) {
+        if self.h2.load(Relaxed) {
+            return;
+        }
         let now = now_ms();
         self.last_active.store(now, Relaxed);
         if self.in_flight.load(Relaxed) == 0 {
@@ -397,10 +576,11 @@ impl Activity {
         }
     }
 
-    fn request_started(self: &Arc<Self>) -> InFlightGuard {
-        self.in_flight.fetch_add(1, Relaxed);
+    /// Counts a request in flight until the guard drops; also returns how many others were.
+    fn request_started(self: &Arc<Self>) -> (InFlightGuard, usize) {
+        let others = self.in_flight.fetch_add(1, Relaxed);
         self.head_since.store(0, Relaxed);
-        InFlightGuard(self.clone())
+        (InFlightGuard(self.clone()), others)
     }
 
     fn expired(&self, header: Duration, idle: Duration) -> Option<&'static str> {
@@ -461,5 +641,61 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sniffed(bytes: &[u8]) -> (bool, Vec<u8>, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut src = bytes;
+            let (h2, prefix) = sniff(&mut src).await.unwrap();
+            // What the server then reads: the sniffed bytes again, then the rest.
+            let mut again = Vec::new();
+            let mut r = Rewind { prefix: prefix.clone(), pos: 0, inner: src };
+            tokio::io::AsyncReadExt::read_to_end(&mut r, &mut again).await.unwrap();
+            (h2, prefix, again)
+        })
+    }
+
+    #[test]
+    fn sniff_reads_no_further_than_it_must_and_rewind_replays_it() {
+        let h1 = b"GET /health HTTP/1.1\r\n\r\n";
+        assert_eq!(sniffed(h1), (false, h1[..24].to_vec(), h1.to_vec()));
+        let pri = b"PRI * HTTP/1.1\r\n\r\n";
+        assert_eq!(sniffed(pri), (false, pri.to_vec(), pri.to_vec()));
+        let mut h2c = H2_PREFACE.to_vec();
+        h2c.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(sniffed(&h2c), (true, H2_PREFACE.to_vec(), h2c.clone()));
+        assert_eq!(sniffed(b""), (false, vec![], vec![]));
+    }
+
+    /// Yields one byte per read, as a slow client sends.
+    struct OneByte<'a>(&'a [u8]);
+
+    impl AsyncRead for OneByte<'_> {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if let Some((b, rest)) = self.0.split_first() {
+                buf.put_slice(&[*b]);
+                self.0 = rest;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn sniff_stops_at_the_first_byte_that_differs() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut r = OneByte(b"PUT /x HTTP/1.1\r\n\r\n");
+            assert_eq!(sniff(&mut r).await.unwrap(), (false, b"PU".to_vec()));
+            let mut r = OneByte(b"PRI * HTTP/2.0\r\n\r\nXX");
+            assert_eq!(sniff(&mut r).await.unwrap(), (false, b"PRI * HTTP/2.0\r\n\r\nX".to_vec()));
+            let mut r = OneByte(H2_PREFACE);
+            assert_eq!(sniff(&mut r).await.unwrap(), (true, H2_PREFACE.to_vec()));
+        });
     }
 }
