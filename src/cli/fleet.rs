@@ -95,6 +95,22 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// Starts Kubernetes discovery (objectives shared with the gateway) and this
+    /// reconciler on its fleet; the returned handle keeps the watches running.
+    pub async fn start(
+        self,
+        cfg: &kvroute_discovery::KubeSection,
+        registry: &prometheus::Registry,
+    ) -> anyhow::Result<kvroute_discovery::Discovery> {
+        let objectives = self.gateway.objectives.clone();
+        let d = kvroute_discovery::start_kubernetes(cfg, registry, objectives)
+            .await
+            .map_err(anyhow::Error::msg)
+            .map_err(|e| e.context("Kubernetes discovery"))?;
+        tokio::spawn(self.run(d.fleet.clone()));
+        Ok(d)
+    }
+
     /// Follows `rx` until it closes.
     pub async fn run(self, mut rx: tokio::sync::watch::Receiver<Fleet>) {
         *self.pool.discovery.write() = Some(DiscoveryStatus::default());

@@ -676,24 +676,17 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             key_mode = ?cfg.key_mode,
             "kvroute serving"
         );
-        // (Held until the listeners close: dropping it stops the watches.)
-        let _discovery = if kubernetes {
-            let objectives = gateway.objectives.clone();
-            let d = kvroute_discovery::start_kubernetes(&cfg.discovery.kubernetes, &discovery_registry, objectives)
-                .await
-                .map_err(anyhow::Error::msg)
-                .context("Kubernetes discovery")?;
-            let reconciler = super::fleet::Reconciler {
-                pool: pool.clone(),
-                gateway: gateway.clone(),
-                pods: state.pods.clone(),
-                control: control.clone(),
-                replay_wait: Duration::from_millis(cfg.ingest.replay_total_timeout_ms),
-            };
-            tokio::spawn(reconciler.run(d.fleet.clone()));
-            Some(d)
-        } else {
-            None
+        let reconciler = super::fleet::Reconciler {
+            pool: pool.clone(),
+            gateway: gateway.clone(),
+            pods: state.pods.clone(),
+            control: control.clone(),
+            replay_wait: Duration::from_millis(cfg.ingest.replay_total_timeout_ms),
+        };
+        // (Held while serving: dropping it stops the watches.)
+        let _discovery = match kubernetes {
+            true => Some(reconciler.start(&cfg.discovery.kubernetes, &discovery_registry).await?),
+            false => None,
         };
         pool.spawn_probes(gateway.client.clone(), Duration::from_millis(cfg.health_interval_ms.max(50)));
         watch_block_sizes(pool.clone(), block_mismatch, cfg.hash.block_size, cfg.health_interval_ms.max(50));
