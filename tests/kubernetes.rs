@@ -192,11 +192,20 @@ fn pods_joining_leaving_and_relabelled_follow_the_pool_with_traffic_flowing() {
     kube.label_pod(NS, "b", &[("app", Some("vllm"))]);
     wait_for(Duration::from_secs(3), "b back", || served_by(rp, "back", 12).iter().any(|s| s.starts_with("127.0.0.3")));
     kube.delete_pod(NS, "a");
-    let gone = wait_for(Duration::from_secs(2), "a's blocks leave the index", || {
-        blocks(rp, &format!("127.0.0.2:{}", p.http)) == 0
-    });
-    eprintln!("pod deleted → its blocks out of the index: {gone:?}");
-    std::thread::sleep(Duration::from_secs(1).saturating_sub(gone));
+    let t = Instant::now();
+    // Requests flow on; the last one routed to the deleted pod says when it left.
+    let (mut last_to_a, mut gone) = (None, None);
+    while t.elapsed() < Duration::from_secs(1) {
+        let prompt = words(&format!("del{}", t.elapsed().as_micros()), 40);
+        if complete(rp, &prompt).1.is_some_and(|s| s.starts_with("127.0.0.2")) {
+            last_to_a = Some(t.elapsed());
+        }
+        if gone.is_none() && blocks(rp, &format!("127.0.0.2:{}", p.http)) == 0 {
+            gone = Some(t.elapsed());
+        }
+    }
+    eprintln!("pod deleted → last request routed to it: {last_to_a:?}; its blocks out of the index: {gone:?}");
+    assert!(gone.is_some(), "the deleted pod's blocks are still in the index after 1 s");
     let after: Vec<String> = served_by(rp, "gone", 12);
     assert_eq!(after.len(), 12, "every request succeeded");
     assert!(after.iter().all(|s| s.starts_with("127.0.0.3")), "a pod deleted 1 s ago still got requests: {after:?}");
@@ -457,4 +466,75 @@ mod samples {
             (p(&g.0), p(&g.1))
         }
     }
+}
+
+/// Bind mode with discovery, on a legacy `inference.networking.x-k8s.io/v1alpha2` pool:
+/// the pods connect to kvroute's SUB socket. Events a pod sends before discovery has seen
+/// it are held and applied when it joins; those of a pod that never joins expire and are
+/// counted.
+#[test]
+fn bind_mode_holds_events_of_pods_not_yet_discovered() {
+    let kube = Kube::start();
+    kube.install_crds();
+    let [http, zp, rp] = free_ports(3)[..] else { unreachable!() };
+    let connecting_sim = |ip: &str| {
+        let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
+            "endpoint": format!("tcp://127.0.0.1:{zp}"), "topic": format!("kv@{ip}:{http}@m")});
+        let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+            .args(["sim", "--host", ip, "--port", &http.to_string(), "--model", "m", "--block-size", "16"])
+            .args(["--hash-algo", "sha256_cbor", "--speedup", "100", "--kv-events-config", &kv.to_string()])
+            .env("PYTHONHASHSEED", "42")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        common::wait_healthy(&format!("http://{ip}:{http}"));
+        c
+    };
+    let cfg = std::env::temp_dir().join(format!("kvroute-k8s-hold-{rp}.yaml"));
+    std::fs::write(&cfg, "ingest:\n  hold_unknown_ms: 3000\n").unwrap();
+    let router = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{rp}"), "--kubeconfig", &kube.kubeconfig().to_string_lossy()])
+        .args(["--pool-namespace", NS, "--pool-name", "vllm", "--zmq-bind", &format!("tcp://127.0.0.1:{zp}")])
+        .args(["--pool-group", "inference.networking.x-k8s.io"])
+        .args(["--config", &cfg.to_string_lossy(), "--block-size", "16", "--hash-algo", "sha256_cbor"])
+        .args(["--hash-seed", "42", "--health-interval-ms", "100"])
+        .args(common::admin_args(rp))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut kids = Children(vec![router]);
+    common::wait_healthy(&format!("http://127.0.0.1:{rp}"));
+    kube.apply(&format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferencePool\nmetadata:\n  name: vllm\n  \
+         namespace: {NS}\nspec:\n  selector:\n    app: vllm\n  targetPortNumber: {http}\n  extensionRef:\n    \
+         name: kvroute-epp\n"
+    ));
+    kids.0.push(connecting_sim("127.0.0.2"));
+    kids.0.push(connecting_sim("127.0.0.3"));
+    std::thread::sleep(Duration::from_millis(500)); // the publishers connect
+                                                    // Both pods serve a prompt before either is in the pool: their events are held.
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let r = agent()
+            .post(&format!("http://{ip}:{http}/v1/completions"))
+            .send_json(json!({"model": "m", "prompt": words(ip, 64), "max_tokens": 2}));
+        assert!(r.is_ok());
+    }
+    wait_for(Duration::from_secs(3), "both pods' events held", || {
+        metric(rp, "kvroute_ingest_held_messages_total") >= 2.0
+    });
+    assert_eq!(blocks(rp, &format!("127.0.0.2:{http}")), 0);
+    // One pod joins: its held events are applied without any new event.
+    add_pod(&kube, "a", "127.0.0.2", &[("app", "vllm")]);
+    let t = wait_for(Duration::from_secs(3), "the joined pod's held blocks", || {
+        blocks(rp, &format!("127.0.0.2:{http}")) > 0
+    });
+    eprintln!("pod joined → its held events in the index: {t:?}");
+    assert!(metric(rp, "kvroute_ingest_held_released_total") >= 1.0);
+    // The other never joins: its held events expire, counted, and never reach the index.
+    wait_for(Duration::from_secs(6), "the other pod's held events expired", || {
+        metric(rp, "kvroute_ingest_held_expired_total") >= 1.0
+    });
+    assert_eq!(blocks(rp, &format!("127.0.0.3:{http}")), 0);
 }
