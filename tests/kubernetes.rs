@@ -538,3 +538,41 @@ fn bind_mode_holds_events_of_pods_not_yet_discovered() {
     });
     assert_eq!(blocks(rp, &format!("127.0.0.3:{http}")), 0);
 }
+
+/// Selector mode (no InferencePool, llm-d's `--endpoint-selector`): pods found by label,
+/// and a pod's `llm-d.ai/role` label drives the decode filter of an llm-d scheduler
+/// config — relabelling a pod moves it between roles at once.
+#[test]
+fn selector_mode_and_role_labels_drive_the_filters() {
+    let kube = Kube::start();
+    let p = ports();
+    let rp = free_ports(1)[0];
+    let epp = std::env::temp_dir().join(format!("kvroute-k8s-epp-{rp}.yaml"));
+    std::fs::write(
+        &epp,
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: single-profile-handler\n\
+         - type: decode-filter\n- type: queue-scorer\n- type: max-score-picker\nschedulingProfiles:\n- name: default\n  \
+         plugins:\n  - pluginRef: decode-filter\n  - pluginRef: queue-scorer\n    weight: 1\n  - pluginRef: max-score-picker\n",
+    )
+    .unwrap();
+    let mut kids = Children(vec![pod_sim("127.0.0.2", p, &[]), pod_sim("127.0.0.3", p, &[])]);
+    add_pod(&kube, "d", "127.0.0.2", &[("app", "vllm"), ("llm-d.ai/role", "decode")]);
+    add_pod(&kube, "p", "127.0.0.3", &[("app", "vllm"), ("llm-d.ai/role", "prefill")]);
+    let port = p.http.to_string();
+    let sel = ["--endpoint-selector", "app=vllm", "--endpoint-target-ports", &port, "--scheduler-config"];
+    let mut args: Vec<&str> = sel.to_vec();
+    let epp_path = epp.to_string_lossy().to_string();
+    args.push(&epp_path);
+    kids.0.push(router(kube.kubeconfig(), rp, p, &args));
+    wait_for(Duration::from_secs(10), "ready", || ready(rp).0 == 200);
+    wait_for(Duration::from_secs(3), "both pods discovered", || ready(rp).1.contains("\"backends\":2"));
+    let s = served_by(rp, "role", 10);
+    assert!(s.len() == 10 && s.iter().all(|x| x.starts_with("127.0.0.2")), "only the decode pod: {s:?}");
+    // The prefill pod becomes a decode pod, the decode pod a prefill pod.
+    kube.label_pod(NS, "p", &[("llm-d.ai/role", Some("decode"))]);
+    kube.label_pod(NS, "d", &[("llm-d.ai/role", Some("prefill"))]);
+    wait_for(Duration::from_secs(2), "the roles swapped", || {
+        let s = served_by(rp, "swapped", 6);
+        s.len() == 6 && s.iter().all(|x| x.starts_with("127.0.0.3"))
+    });
+}
