@@ -576,3 +576,28 @@ fn selector_mode_and_role_labels_drive_the_filters() {
         s.len() == 6 && s.iter().all(|x| x.starts_with("127.0.0.3"))
     });
 }
+
+/// The API server unreachable when kvroute starts: alive, not ready (and saying why), then
+/// ready once the server answers and the pool is listed.
+#[test]
+fn an_unreachable_apiserver_at_start_means_not_ready_until_it_answers() {
+    let mut kube = Kube::start();
+    kube.install_crds();
+    let p = ports();
+    let rp = free_ports(1)[0];
+    let mut kids = Children(vec![pod_sim("127.0.0.2", p, &[])]);
+    kube.apply(&pool_yaml("vllm", &[("app", "vllm")], p.http));
+    add_pod(&kube, "a", "127.0.0.2", &[("app", "vllm")]);
+    kube.stop_apiserver();
+    kids.0.push(router(kube.kubeconfig(), rp, p, &["--pool-name", "vllm"]));
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, body) = ready(rp);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("discovery has not listed the fleet yet"), "{body}");
+    assert!(metric(rp, "kvroute_discovery_errors_total") >= 1.0);
+    kube.start_apiserver();
+    let t = wait_for(Duration::from_secs(30), "ready once the API server answers", || ready(rp).0 == 200);
+    eprintln!("apiserver up → router ready: {t:?}");
+    let s = served_by(rp, "late", 4);
+    assert!(s.len() == 4 && s.iter().all(|x| x.starts_with("127.0.0.2")), "{s:?}");
+}
