@@ -255,7 +255,43 @@ fn watch_stream<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = R
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher::watcher(api, config).default_backoff()
+    watcher::watcher(api, config).backoff(Retry::default())
+}
+
+/// Watch retries: 250 ms doubling to 5 s (±25 % jitter), reset by the first success.
+/// kube-runtime's default (client-go's: up to 30 s, reset only after 120 s without an
+/// error) left the fleet stale for up to half a minute after an API-server outage; a
+/// router's view of which pods exist should be back within seconds.
+struct Retry {
+    next: std::time::Duration,
+}
+
+impl Retry {
+    const MIN: std::time::Duration = std::time::Duration::from_millis(250);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self { next: Self::MIN }
+    }
+}
+
+impl Iterator for Retry {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let d = self.next;
+        self.next = (d * 2).min(Self::MAX);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
+        Some(d.mul_f64(0.75 + f64::from(nanos % 500) / 1000.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for Retry {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
 }
 
 async fn watch_pool(ctx: Arc<Ctx>, api: Api<DynamicObject>, name: String, spec_tx: watch::Sender<Option<PoolSpec>>) {
