@@ -24,14 +24,8 @@ struct Ports {
 }
 
 fn ports() -> Ports {
-    // Events and replay need two consecutive ports; draw until the pair is free.
-    loop {
-        let p = free_ports(2);
-        let events = p[1];
-        if std::net::TcpListener::bind(("127.0.0.1", events + 1)).is_ok() {
-            return Ports { http: p[0], events };
-        }
-    }
+    // Events and replay are two consecutive ports, drawn below the ephemeral range.
+    Ports { http: free_ports(1)[0], events: common::free_port_pair() }
 }
 
 /// A sim as pod `ip`: HTTP on `ip:http`, its publisher bound at `ip:events` (replay at

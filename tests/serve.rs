@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::free_port_pair;
 use serde_json::{json, Value};
+
+mod common;
 
 fn vectors() -> Value {
     let dir = std::env::var("KVROUTE_VECTORS")
@@ -27,22 +30,6 @@ fn free_ports<const N: usize>() -> [u16; N] {
 
 fn free_port() -> u16 {
     free_ports::<1>()[0]
-}
-
-/// A port `p` with `p + 1` free too (a second data-parallel rank binds the next port),
-/// drawn below the ephemeral range (where the other tests' port-0 listeners and outgoing
-/// connections live), so nothing else takes `p + 1` before the router binds it.
-fn free_port_pair() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    for _ in 0..500 {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = 20_000 + ((std::process::id().wrapping_mul(31).wrapping_add(n.wrapping_mul(7919))) % 10_000) as u16;
-        if let (Ok(a), Ok(b)) = (TcpListener::bind(("127.0.0.1", p)), TcpListener::bind(("127.0.0.1", p + 1))) {
-            drop((a, b));
-            return p;
-        }
-    }
-    panic!("no two consecutive free ports below the ephemeral range");
 }
 
 fn unhex(v: &Value) -> Vec<u8> {

@@ -14,6 +14,24 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
+/// A port `p` with `p + 1` free too (a second data-parallel rank binds the next port),
+/// drawn below the ephemeral range (where the other tests' port-0 listeners and outgoing
+/// connections live), so nothing else takes `p + 1` before the router binds it.
+pub fn free_port_pair() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    for _ in 0..500 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = 20_000 + ((std::process::id().wrapping_mul(31).wrapping_add(n.wrapping_mul(7919))) % 10_000) as u16;
+        if let (Ok(a), Ok(b)) =
+            (std::net::TcpListener::bind(("127.0.0.1", p)), std::net::TcpListener::bind(("127.0.0.1", p + 1)))
+        {
+            drop((a, b));
+            return p;
+        }
+    }
+    panic!("no two consecutive free ports below the ephemeral range");
+}
+
 pub fn wait_healthy(base: &str) {
     let t = Instant::now();
     while ureq::get(&format!("{base}/health")).call().is_err() {
