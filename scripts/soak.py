@@ -6,8 +6,10 @@ router's memory (RSS) sampled every second; every stream must end complete.
 
 Each stream asks for `hold` tokens from a sim that emits one token per second
 (`--inter-token-latency-us 1000000`), so every stream stays open ~`hold` seconds. The
-clients are plain asyncio sockets (HTTP/1.1, one connection per stream). Prints RSS over
-time (warm-up = while streams open) and a summary; exits 1 if any stream was lost.
+clients are plain asyncio sockets (HTTP/1.1, one connection per stream), or with
+`--h2 N` HTTP/2 cleartext (prior knowledge, the `h2` package) with up to N streams per
+connection, as Envoy in front of kvroute multiplexes. Prints RSS over time (warm-up =
+while streams open) and a summary; exits 1 if any stream was lost.
 """
 import argparse, asyncio, json, os, resource, socket, subprocess, sys, time
 
@@ -80,6 +82,76 @@ async def stream(port, model, tokens, stats, i):
         stats["why"].append(f"stream {i}: {e}")
 
 
+class H2Conn:
+    """One HTTP/2 cleartext connection carrying many streams (the `h2` package)."""
+
+    def __init__(self, port):
+        self.port, self.streams, self.w, self.conn = port, {}, None, None
+
+    async def open(self):
+        import h2.config, h2.connection, h2.settings
+        r, self.w = await asyncio.open_connection("127.0.0.1", self.port)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        self.conn.increment_flow_control_window(16 << 20)
+        self.w.write(self.conn.data_to_send())
+        asyncio.create_task(self.read(r))
+
+    async def read(self, r):
+        import h2.events
+        while True:
+            data = await r.read(1 << 16)
+            if not data:
+                break
+            for ev in self.conn.receive_data(data):
+                s = self.streams.get(getattr(ev, "stream_id", None))
+                if isinstance(ev, h2.events.ResponseReceived) and s:
+                    s["status"] = dict(ev.headers).get(":status")
+                elif isinstance(ev, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    if s:
+                        s["body"] += ev.data
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and s:
+                    s["done"].set_result(isinstance(ev, h2.events.StreamEnded))
+            self.w.write(self.conn.data_to_send())
+        for s in self.streams.values():
+            if not s["done"].done():
+                s["done"].set_result(False)
+
+    async def request(self, body, stats):
+        sid = self.conn.get_next_available_stream_id()
+        s = {"status": None, "body": b"", "done": asyncio.get_running_loop().create_future()}
+        self.streams[sid] = s
+        self.conn.send_headers(sid, [(":method", "POST"), (":path", "/v1/completions"), (":scheme", "http"),
+                                     (":authority", "x"), ("content-type", "application/json")])
+        self.conn.send_data(sid, body, end_stream=True)
+        self.w.write(self.conn.data_to_send())
+        stats["open"] += 1
+        ended = await s["done"]
+        stats["open"] -= 1
+        del self.streams[sid]
+        return s["status"], ended, s["body"]
+
+
+async def stream_h2(conn, model, tokens, stats, i):
+    body = json.dumps({"model": model, "prompt": f"soak stream {i} " + "x " * 20, "max_tokens": tokens,
+                       "stream": True, "ignore_eos": True}).encode()
+    try:
+        status, ended, data = await conn.request(body, stats)
+        lines = [l.strip() for l in data.split(b"\n") if l.startswith(b"data: ")]
+        done = b"data: [DONE]" in lines
+        chunks = len(lines) - done
+        if status == "200" and ended and done and chunks >= tokens:
+            stats["ok"] += 1
+        else:
+            stats["lost"] += 1
+            stats["why"].append(f"stream {i}: status {status} ended {ended} chunks {chunks}: {data[-200:]!r}")
+    except Exception as e:  # noqa: BLE001 — any client-side failure is a lost stream
+        stats["lost"] += 1
+        stats["why"].append(f"stream {i}: {e!r}")
+
+
 async def run(a, router_port, router_pid):
     stats = {"open": 0, "ok": 0, "lost": 0, "why": []}
     t0 = time.time()
@@ -88,10 +160,20 @@ async def run(a, router_port, router_pid):
     # Open the streams over ~`ramp` seconds, then sample until all are done.
     per_tick = max(1, a.streams // (a.ramp * 10))
     i = 0
+    conns = []
+    if a.h2:
+        for _ in range((a.streams + a.h2 - 1) // a.h2):
+            c = H2Conn(router_port)
+            await c.open()
+            conns.append(c)
     while i < a.streams or any(not t.done() for t in tasks):
         for _ in range(per_tick):
             if i < a.streams:
-                tasks.append(asyncio.create_task(stream(router_port, a.model, a.hold, stats, i)))
+                if conns:
+                    job = stream_h2(conns[i % len(conns)], a.model, a.hold, stats, i)
+                else:
+                    job = stream(router_port, a.model, a.hold, stats, i)
+                tasks.append(asyncio.create_task(job))
                 i += 1
         await asyncio.sleep(0.1)
         el = time.time() - t0
@@ -113,6 +195,8 @@ def main():
     ap.add_argument("--ramp", type=int, default=20, help="seconds over which the streams open")
     ap.add_argument("--model", default="soak")
     ap.add_argument("--serve-args", default="", help="extra kvroute serve arguments")
+    ap.add_argument("--h2", type=int, default=0, metavar="N",
+                    help="HTTP/2 cleartext, up to N streams per connection (default 0: HTTP/1.1, one per stream)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -144,7 +228,8 @@ def main():
             p.kill()
     peak_open = max(s[1] for s in samples)
     held = [s for s in samples if s[1] >= 0.95 * peak_open]
-    print(f"\n{a.streams} streams × {a.hold} s through the gateway to {a.sims} sims (1 token/s each)")
+    how = f"HTTP/2, {a.h2} streams per connection" if a.h2 else "HTTP/1.1, a connection per stream"
+    print(f"\n{a.streams} streams × {a.hold} s through the gateway to {a.sims} sims (1 token/s each; {how})")
     print(f"completed {stats['ok']}, lost {stats['lost']}; peak open {peak_open}; router RSS idle {base:.1f} MB")
     print("\n| t (s) | open streams | router RSS (MB) |\n|---|---|---|")
     step = max(1, len(samples) // 20)

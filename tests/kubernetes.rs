@@ -16,7 +16,11 @@ use serde_json::{json, Value};
 
 const NS: &str = "default";
 
-/// One pod's serving, KV-event and replay ports (the same on every pod IP, as in a cluster).
+/// The pods' serving port (the same on every pod IP, as in a cluster) and a block of
+/// KV-event ports: a vLLM publisher binds a wildcard address (`tcp://*:port`, vLLM's rule),
+/// so the sims sharing this host each need their own port pair, announced to kvroute by
+/// the pod annotations (as a pod would if its publisher listened elsewhere). `events`
+/// itself is kvroute's default (`--pod-kv-events-port`).
 #[derive(Clone, Copy)]
 struct Ports {
     http: u16,
@@ -24,15 +28,39 @@ struct Ports {
 }
 
 fn ports() -> Ports {
-    // Events and replay are two consecutive ports, drawn below the ephemeral range.
-    Ports { http: free_ports(1)[0], events: common::free_port_pair() }
+    Ports { http: free_ports(1)[0], events: free_block(24) }
 }
 
-/// A sim as pod `ip`: HTTP on `ip:http`, its publisher bound at `ip:events` (replay at
-/// `events + 1`), topic `kv@ip:http@m`.
+/// `len` consecutive ports free on every interface, below the ports other tests draw.
+fn free_block(len: u16) -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..500 {
+        let n = NEXT.fetch_add(1, Relaxed) as u32;
+        let base = 10_000 + (std::process::id().wrapping_mul(31).wrapping_add(n.wrapping_mul(7919)) % 9_000) as u16;
+        if (base..base + len).all(|p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {len} consecutive free ports");
+}
+
+/// The event port pair of the pod at `ip` (127.0.0.N → events + 2 N, replay + 1).
+fn ev(p: Ports, ip: &str) -> u16 {
+    let n: u16 = ip.rsplit('.').next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    p.events + 2 * n
+}
+
+/// A sim as the pod at `ip` with its own event ports ([`ev`]).
 fn pod_sim(ip: &str, p: Ports, extra: &[&str]) -> Child {
+    pod_sim_at(ip, p.http, ev(p, ip), extra)
+}
+
+/// A sim as pod `ip`: HTTP on `ip:http`, its publisher bound at `*:events` (replay at
+/// `events + 1`), topic `kv@ip:http@m`.
+fn pod_sim_at(ip: &str, http: u16, events: u16, extra: &[&str]) -> Child {
+    let p = Ports { http, events };
     let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
-        "endpoint": format!("tcp://{ip}:{}", p.events), "replay_endpoint": format!("tcp://{ip}:{}", p.events + 1),
+        "endpoint": format!("tcp://*:{}", p.events), "replay_endpoint": format!("tcp://*:{}", p.events + 1),
         "topic": format!("kv@{ip}:{}@m", p.http)});
     let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
         .args(["sim", "--host", ip, "--port", &p.http.to_string(), "--model", "m", "--block-size", "16"])
@@ -125,10 +153,20 @@ fn served_by(rp: u16, tag: &str, n: usize) -> Vec<String> {
     (0..n).filter_map(|i| complete(rp, &words(&format!("{tag}{i}x"), 40)).1).collect()
 }
 
-fn add_pod(kube: &Kube, name: &str, ip: &str, labels: &[(&str, &str)]) -> Instant {
-    kube.create_pod(NS, name, labels, &[]);
+/// Creates a Ready pod at `ip` annotated with its sim's event ports ([`ev`]).
+fn add_pod(kube: &Kube, p: Ports, name: &str, ip: &str, labels: &[(&str, &str)]) -> Instant {
+    let (e, r) = (ev(p, ip).to_string(), (ev(p, ip) + 1).to_string());
+    kube.create_pod(NS, name, labels, &[("kvroute.io/kv-events-port", &e), ("kvroute.io/kv-replay-port", &r)]);
     kube.set_pod_status(NS, name, Some(ip), true);
     Instant::now()
+}
+
+/// KV-event batches ingestion applied for `pod` (events, not the router's own guesses).
+fn applied(rp: u16, pod: &str) -> u64 {
+    let url = format!("{}/v1/kv/pods", common::admin(&format!("http://127.0.0.1:{rp}")));
+    let v: Value = agent().get(&url).call().ok().and_then(|r| r.into_json().ok()).unwrap_or(Value::Null);
+    let list = v.as_array().cloned().or_else(|| v["pods"].as_array().cloned()).unwrap_or_default();
+    list.iter().find(|p| p["pod"] == pod).and_then(|p| p["applied_batches"].as_u64()).unwrap_or(0)
 }
 
 #[test]
@@ -148,7 +186,7 @@ fn pods_joining_leaving_and_relabelled_follow_the_pool_with_traffic_flowing() {
     wait_for(Duration::from_secs(5), "the empty pool's reason", || ready(rp).1.contains("matches no ready pod"));
 
     // A pod turning Ready gets requests, and its KV events are ingested, within 2 s.
-    let t = add_pod(&kube, "a", "127.0.0.2", &[("app", "vllm")]);
+    let t = add_pod(&kube, p, "a", "127.0.0.2", &[("app", "vllm")]);
     let mut first = None;
     wait_for(Duration::from_secs(2), "a request routed to the new pod", || {
         let ok = complete(rp, &words("warm", 40)).1.is_some_and(|s| s.starts_with("127.0.0.2"));
@@ -157,15 +195,17 @@ fn pods_joining_leaving_and_relabelled_follow_the_pool_with_traffic_flowing() {
         }
         ok
     });
-    wait_for(Duration::from_secs(2) - t.elapsed().min(Duration::from_secs(2)), "the new pod's blocks", || {
-        blocks(rp, &format!("127.0.0.2:{}", p.http)) > 0
-    });
+    wait_for(
+        Duration::from_secs(2) - t.elapsed().min(Duration::from_secs(2)),
+        "the new pod's KV events applied",
+        || applied(rp, &format!("127.0.0.2:{}", p.http)) > 0 && blocks(rp, &format!("127.0.0.2:{}", p.http)) > 0,
+    );
     eprintln!("pod Ready → first routed request: {:?}", first.unwrap_or_default());
     wait_for(Duration::from_secs(2), "readiness", || ready(rp).0 == 200);
 
     // A second pod; a pod with other labels is not part of the pool.
-    add_pod(&kube, "b", "127.0.0.3", &[("app", "vllm")]);
-    add_pod(&kube, "other", "127.0.0.4", &[("app", "not-vllm")]);
+    add_pod(&kube, p, "b", "127.0.0.3", &[("app", "vllm")]);
+    add_pod(&kube, p, "other", "127.0.0.4", &[("app", "not-vllm")]);
     wait_for(Duration::from_secs(3), "both pods routed to", || {
         let s = served_by(rp, "spread", 12);
         s.iter().any(|x| x.starts_with("127.0.0.2")) && s.iter().any(|x| x.starts_with("127.0.0.3"))
@@ -205,8 +245,7 @@ fn pods_joining_leaving_and_relabelled_follow_the_pool_with_traffic_flowing() {
     assert!(after.iter().all(|s| s.starts_with("127.0.0.3")), "a pod deleted 1 s ago still got requests: {after:?}");
 
     // The pool's selector changes: the fleet swaps without a restart.
-    kube.create_pod(NS, "c", &[("app", "vllm2")], &[]);
-    kube.set_pod_status(NS, "c", Some("127.0.0.2"), true);
+    add_pod(&kube, p, "c", "127.0.0.2", &[("app", "vllm2")]);
     kube.apply(&pool_yaml("vllm", &[("app", "vllm2")], p.http));
     wait_for(Duration::from_secs(3), "the pool's new selector", || {
         let s = served_by(rp, "swap", 8);
@@ -227,15 +266,15 @@ fn apiserver_and_router_restarts_lose_no_pod_and_rebuild_the_index() {
     let rp = free_ports(1)[0];
     let mut kids = Children(vec![pod_sim("127.0.0.2", p, &[]), pod_sim("127.0.0.3", p, &[])]);
     kube.apply(&pool_yaml("vllm", &[("app", "vllm")], p.http));
-    add_pod(&kube, "a", "127.0.0.2", &[("app", "vllm")]);
-    add_pod(&kube, "b", "127.0.0.3", &[("app", "vllm")]);
+    add_pod(&kube, p, "a", "127.0.0.2", &[("app", "vllm")]);
+    add_pod(&kube, p, "b", "127.0.0.3", &[("app", "vllm")]);
     kids.0.push(router(kube.kubeconfig(), rp, p, &["--pool-name", "vllm"]));
     wait_for(Duration::from_secs(10), "both pods routed to", || {
         let s = served_by(rp, "start", 12);
         s.iter().any(|x| x.starts_with("127.0.0.2")) && s.iter().any(|x| x.starts_with("127.0.0.3"))
     });
     let (a, b) = (format!("127.0.0.2:{}", p.http), format!("127.0.0.3:{}", p.http));
-    wait_for(Duration::from_secs(3), "both pods' blocks", || blocks(rp, &a) > 0 && blocks(rp, &b) > 0);
+    wait_for(Duration::from_secs(3), "both pods' KV events applied", || applied(rp, &a) > 0 && applied(rp, &b) > 0);
 
     // The API server is down for 3 s: every request still succeeds on both pods.
     kube.stop_apiserver();
@@ -249,13 +288,13 @@ fn apiserver_and_router_restarts_lose_no_pod_and_rebuild_the_index() {
     kube.start_apiserver();
     // A pod added after the restart is seen: the watch resumed (after its backoff).
     let mut kids2 = Children(vec![pod_sim("127.0.0.4", p, &[])]);
-    add_pod(&kube, "c", "127.0.0.4", &[("app", "vllm")]);
+    add_pod(&kube, p, "c", "127.0.0.4", &[("app", "vllm")]);
     let resumed = wait_for(Duration::from_secs(20), "the pod added after the restart", || {
         served_by(rp, "after", 6).iter().any(|s| s.starts_with("127.0.0.4"))
     });
     eprintln!("apiserver back → new pod routed: {resumed:?}");
     // A bad annotation: counted, and the pod served on the configured ports.
-    kids2.0.push(pod_sim("127.0.0.5", p, &[]));
+    kids2.0.push(pod_sim_at("127.0.0.5", p.http, p.events, &[]));
     kube.create_pod(NS, "d", &[("app", "vllm")], &[("kvroute.io/kv-events-port", "not-a-port")]);
     kube.set_pod_status(NS, "d", Some("127.0.0.5"), true);
     wait_for(Duration::from_secs(5), "the badly annotated pod served", || {
@@ -272,7 +311,7 @@ fn apiserver_and_router_restarts_lose_no_pod_and_rebuild_the_index() {
     kids.0.push(router(kube.kubeconfig(), rp2, p, &["--pool-name", "vllm"]));
     wait_for(Duration::from_secs(10), "the restarted router ready", || ready(rp2).0 == 200);
     let rebuilt = blocks(rp2, &a);
-    assert!(rebuilt >= before && before > 0, "index at readiness: {rebuilt} blocks of a (had {before})");
+    assert!(rebuilt > 0 && applied(rp2, &a) > 0, "index at readiness: {rebuilt} blocks of a (had {before}), replayed");
     assert!(metric(rp2, "kvroute_kv_replays_total") >= 4.0, "each pod replayed");
 }
 
@@ -292,7 +331,7 @@ fn least_privilege_role_suffices_and_objectives_set_priority() {
     let rp = free_ports(1)[0];
     let mut kids = Children(vec![pod_sim("127.0.0.2", p, &[])]);
     kube.apply(&pool_yaml("vllm", &[("app", "vllm")], p.http));
-    add_pod(&kube, "a", "127.0.0.2", &[("app", "vllm")]);
+    add_pod(&kube, p, "a", "127.0.0.2", &[("app", "vllm")]);
     for (name, prio) in [("batch", -1), ("chat", 5)] {
         kube.apply(&format!(
             "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\nmetadata:\n  name: {name}\n  \
@@ -345,7 +384,7 @@ fn a_rolling_restart_under_load_fails_no_request() {
     let mut sims: Vec<(String, Child)> = Vec::new();
     for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
         sims.push((format!("old{i}"), pod_sim(ip, p, SLOW)));
-        add_pod(&kube, &format!("old{i}"), ip, &[("app", "vllm")]);
+        add_pod(&kube, p, &format!("old{i}"), ip, &[("app", "vllm")]);
     }
     let _router = Children(vec![router(kube.kubeconfig(), rp, p, &["--pool-name", "vllm"])]);
     wait_for(Duration::from_secs(10), "ready", || ready(rp).0 == 200);
@@ -400,7 +439,7 @@ fn a_rolling_restart_under_load_fails_no_request() {
     let mut in_flight_at_term = Vec::new();
     for (i, ip) in ["127.0.0.5", "127.0.0.6", "127.0.0.7"].iter().enumerate() {
         new_sims.0.push(pod_sim(ip, p, SLOW));
-        add_pod(&kube, &format!("new{i}"), ip, &[("app", "vllm")]);
+        add_pod(&kube, p, &format!("new{i}"), ip, &[("app", "vllm")]);
         wait_for(Duration::from_secs(5), "the new pod routed to", || ready(rp).1.contains("\"backends\":4"));
         // Kubernetes deletes the old pod and its kubelet sends SIGTERM at the same time.
         let (name, mut old) = sims.remove(0);
@@ -520,7 +559,8 @@ fn bind_mode_holds_events_of_pods_not_yet_discovered() {
     });
     assert_eq!(blocks(rp, &format!("127.0.0.2:{http}")), 0);
     // One pod joins: its held events are applied without any new event.
-    add_pod(&kube, "a", "127.0.0.2", &[("app", "vllm")]);
+    kube.create_pod(NS, "a", &[("app", "vllm")], &[]);
+    kube.set_pod_status(NS, "a", Some("127.0.0.2"), true);
     let t = wait_for(Duration::from_secs(3), "the joined pod's held blocks", || {
         blocks(rp, &format!("127.0.0.2:{http}")) > 0
     });
@@ -550,8 +590,8 @@ fn selector_mode_and_role_labels_drive_the_filters() {
     )
     .unwrap();
     let mut kids = Children(vec![pod_sim("127.0.0.2", p, &[]), pod_sim("127.0.0.3", p, &[])]);
-    add_pod(&kube, "d", "127.0.0.2", &[("app", "vllm"), ("llm-d.ai/role", "decode")]);
-    add_pod(&kube, "p", "127.0.0.3", &[("app", "vllm"), ("llm-d.ai/role", "prefill")]);
+    add_pod(&kube, p, "d", "127.0.0.2", &[("app", "vllm"), ("llm-d.ai/role", "decode")]);
+    add_pod(&kube, p, "p", "127.0.0.3", &[("app", "vllm"), ("llm-d.ai/role", "prefill")]);
     let port = p.http.to_string();
     let sel = ["--endpoint-selector", "app=vllm", "--endpoint-target-ports", &port, "--scheduler-config"];
     let mut args: Vec<&str> = sel.to_vec();
@@ -581,7 +621,7 @@ fn an_unreachable_apiserver_at_start_means_not_ready_until_it_answers() {
     let rp = free_ports(1)[0];
     let mut kids = Children(vec![pod_sim("127.0.0.2", p, &[])]);
     kube.apply(&pool_yaml("vllm", &[("app", "vllm")], p.http));
-    add_pod(&kube, "a", "127.0.0.2", &[("app", "vllm")]);
+    add_pod(&kube, p, "a", "127.0.0.2", &[("app", "vllm")]);
     kube.stop_apiserver();
     kids.0.push(router(kube.kubeconfig(), rp, p, &["--pool-name", "vllm"]));
     std::thread::sleep(Duration::from_secs(2));
@@ -594,4 +634,41 @@ fn an_unreachable_apiserver_at_start_means_not_ready_until_it_answers() {
     eprintln!("apiserver up → router ready: {t:?}");
     let s = served_by(rp, "late", 4);
     assert!(s.len() == 4 && s.iter().all(|x| x.starts_with("127.0.0.2")), "{s:?}");
+}
+
+/// Two replicas on one real Redis index, both discovering the pool: a pod's blocks reach
+/// the shared index, and when the pod is deleted they leave it (checked in Redis itself).
+#[test]
+fn a_departed_pods_entries_leave_the_shared_redis_index() {
+    let kube = Kube::start();
+    kube.install_crds();
+    let p = ports();
+    let [rp1, rp2, redis_port] = free_ports(3)[..] else { unreachable!() };
+    let mut kids = Children(vec![kvroute_index_conformance::redis_server(redis_port)]);
+    kids.0.push(pod_sim("127.0.0.2", p, &[]));
+    kube.apply(&pool_yaml("vllm", &[("app", "vllm")], p.http));
+    add_pod(&kube, p, "a", "127.0.0.2", &[("app", "vllm")]);
+    let url = format!("redis://127.0.0.1:{redis_port}");
+    let shared = ["--pool-name", "vllm", "--index-backend", "redis", "--redis-url", url.as_str()];
+    kids.0.push(router(kube.kubeconfig(), rp1, p, &shared));
+    kids.0.push(router(kube.kubeconfig(), rp2, p, &shared));
+    let pod = format!("127.0.0.2:{}", p.http);
+    let in_redis = || -> i64 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis_port.to_string(), "HGET", "kvr:counts", &pod])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    };
+    wait_for(Duration::from_secs(10), "both replicas ready", || ready(rp1).0 == 200 && ready(rp2).0 == 200);
+    // Requests right after readiness: the events they cause must not be lost to the
+    // subscription still being set up (the join replay runs once the publisher's
+    // connection is up).
+    for i in 0..4 {
+        assert_eq!(complete(rp1, &words(&format!("redis{i}"), 60)).0, 200);
+    }
+    wait_for(Duration::from_secs(5), "the pod's blocks in Redis", || in_redis() > 0);
+    kube.delete_pod(NS, "a");
+    let t = wait_for(Duration::from_secs(5), "the pod's blocks gone from Redis", || in_redis() == 0);
+    eprintln!("pod deleted → its entries out of the shared Redis index: {t:?}");
 }

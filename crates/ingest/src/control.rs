@@ -63,11 +63,13 @@ pub(crate) struct DialOpts {
     pub ranks: u16,
 }
 
-/// SUB sockets connected to each data-parallel rank of a pod's publisher.
+/// SUB sockets connected to each data-parallel rank of a pod's publisher; with `monitor`,
+/// rank 0's connection events (handshake succeeded) go to that inproc endpoint.
 pub(crate) fn dial_sockets(
     ctx: &zmq::Context,
     t: &DialTarget,
     o: DialOpts,
+    monitor: Option<&str>,
 ) -> Result<Vec<(zmq::Socket, Source)>, IngestError> {
     let mut out = Vec::new();
     for r in 0..o.ranks.max(1) {
@@ -80,11 +82,30 @@ pub(crate) fn dial_sockets(
         s.set_reconnect_ivl_max(5000).map_err(err)?;
         s.set_linger(0).map_err(err)?;
         s.set_subscribe(b"").map_err(err)?;
+        if let (0, Some(m)) = (r, monitor) {
+            s.monitor(m, zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32).map_err(err)?;
+        }
         s.connect(&ep).map_err(err)?;
         out.push((s, Source::Dial { pod: t.pod.clone(), replay: t.replay.clone() }));
     }
     Ok(out)
 }
+
+/// A joined pod whose replay waits for its publisher connection: a PUB socket drops what
+/// it publishes before the subscription arrives, so the replay from 0 runs once the
+/// connection's handshake succeeded (the subscription follows it at once) and picks up
+/// whatever was published before; what comes later arrives live (duplicates are skipped
+/// by sequence number). A publisher that does not answer within [`JOIN_WAIT`] is replayed
+/// anyway (its replay fails or finds nothing), so readiness never waits longer for it.
+pub(crate) struct PendingJoin {
+    pub monitor: zmq::Socket,
+    pub pod: String,
+    pub replay: String,
+    pub since: Instant,
+}
+
+/// Longest wait for a joined pod's publisher connection before its replay runs anyway.
+const JOIN_WAIT: Duration = Duration::from_secs(2);
 
 /// Messages of pods not (yet) known, waiting for discovery.
 pub(crate) struct Held {
@@ -112,7 +133,25 @@ impl Receiver_ {
                 Control::Remove(pod) => self.remove(&pod),
             }
         }
+        self.start_joins();
         self.expire_held();
+    }
+
+    /// Starts the replays of joined pods whose publisher connection is up.
+    fn start_joins(&mut self) {
+        let mut i = 0;
+        while i < self.joins.len() {
+            let up = self.joins[i].monitor.recv_multipart(zmq::DONTWAIT).is_ok_and(|f| {
+                let ev = f.first().and_then(|b| b.get(..2)).map(|b| u16::from_le_bytes([b[0], b[1]]));
+                ev == Some(zmq::SocketEvent::HANDSHAKE_SUCCEEDED as u16)
+            });
+            if up || self.joins[i].since.elapsed() > JOIN_WAIT {
+                let j = self.joins.swap_remove(i);
+                self.to_worker(&j.pod.clone(), Input::Join { pod: j.pod, replay: j.replay });
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn dial(&mut self, t: DialTarget) {
@@ -122,13 +161,29 @@ impl Receiver_ {
             self.joins_done.fetch_add(joins, Relaxed);
             return; // already followed
         }
-        match dial_sockets(&self.ctx, &t, self.dial_opts) {
+        self.monitor_seq += 1;
+        let mon = format!("inproc://kvroute-join-{}", self.monitor_seq);
+        // The monitor's peer connects first (inproc allows it): events sent before a peer
+        // is connected are lost, and a loopback handshake takes microseconds.
+        let pair = match &t.replay {
+            Some(_) => self.ctx.socket(zmq::PAIR).and_then(|m| m.connect(&mon).map(|_| m)).ok(),
+            None => None,
+        };
+        let watch = pair.as_ref().map(|_| mon.as_str());
+        match dial_sockets(&self.ctx, &t, self.dial_opts, watch) {
             Ok(socks) => {
                 tracing::info!(pod = %t.pod, endpoint = %t.endpoint, "following a new pod's KV events");
                 self.sockets.extend(socks);
                 self.guard.known.insert(t.pod.clone());
                 if let Some(replay) = t.replay.clone() {
-                    self.to_worker(&t.pod, Input::Join { pod: t.pod.clone(), replay });
+                    match pair {
+                        Some(monitor) => {
+                            self.joins.push(PendingJoin { monitor, pod: t.pod.clone(), replay, since: Instant::now() })
+                        }
+                        // No monitor: replay at once (events before the subscription may be missed
+                        // until the pod's next event shows the gap).
+                        None => self.to_worker(&t.pod, Input::Join { pod: t.pod.clone(), replay }),
+                    }
                 }
                 self.release(&t.pod);
             }
@@ -141,6 +196,12 @@ impl Receiver_ {
 
     fn remove(&mut self, pod: &str) {
         self.sockets.retain(|(_, s)| !matches!(s, Source::Dial { pod: p, .. } if p == pod));
+        let waiting = self.joins.len();
+        self.joins.retain(|j| j.pod != pod);
+        if waiting > self.joins.len() {
+            // Its join replay will not run: readiness stops waiting for it.
+            self.joins_done.fetch_add(u64::from(self.dial_opts.ranks.max(1)), Relaxed);
+        }
         self.guard.known.remove(pod);
         self.guard.accepted.remove(pod);
         let before = self.held.queue.len();

@@ -256,7 +256,7 @@ impl Ingestor {
         }
         let dial_opts = control::DialOpts { max_msg, ranks };
         for t in &cfg.connect {
-            sockets.extend(control::dial_sockets(&ctx, t, dial_opts)?);
+            sockets.extend(control::dial_sockets(&ctx, t, dial_opts, None)?);
         }
         let table = Arc::new(PodTable::default());
         let joins_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -342,6 +342,8 @@ impl Ingestor {
             held,
             bind_replay_port: cfg.replay_port,
             joins_done: joins_done.clone(),
+            joins: Vec::new(),
+            monitor_seq: 0,
         };
         threads.push(std::thread::Builder::new().name("kv-receiver".into()).spawn(move || r.run())?);
         Ok(Self {

@@ -99,6 +99,9 @@ pub(crate) struct Receiver_ {
     /// Bound sockets' replay port (`ingest.replay_port`).
     pub bind_replay_port: Option<u16>,
     pub joins_done: Arc<std::sync::atomic::AtomicU64>,
+    /// Joined pods waiting for their publisher connection before their replay.
+    pub joins: Vec<crate::control::PendingJoin>,
+    pub monitor_seq: u64,
 }
 
 impl Receiver_ {
