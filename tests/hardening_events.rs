@@ -544,9 +544,9 @@ fn start_up_replays_of_silent_pods_run_concurrently() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let _c = Children(vec![router]); // killed even when the wait below fails
     // One at a time: 8 × the 2 s idle timeout = 16 s; 4 at once: ~4 s. The bound leaves
     // room for a loaded CI machine (a clean-clone run beside a build took > 10 s to answer).
+    let _c = Children(vec![router]); // killed even when the wait below fails
     wait_for("/health", Duration::from_secs(14), || {
         ureq::get(&format!("http://127.0.0.1:{http}/health")).call().is_ok()
     });
