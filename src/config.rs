@@ -43,6 +43,9 @@
 //!   max_queued_per_pod: 512     # requests without a first byte: all pods there → 429
 //!   queue_depth: 5              # scraped waiting requests: busy (sheddable requests → 429)
 //!   kv_cache_utilization: 0.8   # scraped KV usage: busy
+//! pd:                           # prefill/decode disaggregation (a profile with a prefill stage)
+//!   mode: gateway               # gateway: the gateway prefills, then decodes (no sidecar needed)
+//!                               # sidecar: only x-prefiller-host-port (decode pods run a sidecar)
 //! upstream:                     # gateway → pod timeouts (docs/configuration.md)
 //!   connect_timeout_ms: 5000
 //!   first_byte_timeout_ms: 120000  # → next pod while nothing reached the client, else 504
@@ -189,6 +192,35 @@ impl Default for SaturationSection {
             max_queued_per_pod: d.max_queued_per_pod,
             queue_depth: d.queue_depth,
             kv_cache_utilization: d.kv_cache_utilization,
+        }
+    }
+}
+
+/// Prefill/decode disaggregation: who runs the prefill → decode flow when the scheduler's
+/// pick has a prefill pod (`kvroute_gateway::pd`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PdSection {
+    pub mode: PdMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PdMode {
+    /// The gateway sends the prefill request, then the decode request with the returned
+    /// `kv_transfer_params`.
+    #[default]
+    Gateway,
+    /// The decode pods run llm-d's routing sidecar: the gateway only adds
+    /// `x-prefiller-host-port`.
+    Sidecar,
+}
+
+impl PdMode {
+    pub fn gateway_mode(self) -> kvroute_gateway::pd::Mode {
+        match self {
+            PdMode::Gateway => kvroute_gateway::pd::Mode::Gateway,
+            PdMode::Sidecar => kvroute_gateway::pd::Mode::Sidecar,
         }
     }
 }
@@ -342,6 +374,7 @@ pub struct ServeConfig {
     pub ingest: IngestConfig,
     pub ext_proc: ExtProcSection,
     pub saturation: SaturationSection,
+    pub pd: PdSection,
     pub upstream: UpstreamSection,
     /// Client-side limits and TLS of the serving port (`kvroute_api::listen`).
     pub http: kvroute_api::listen::ClientLimits,
@@ -369,6 +402,7 @@ impl Default for ServeConfig {
             ingest: IngestConfig::default(),
             ext_proc: ExtProcSection::default(),
             saturation: SaturationSection::default(),
+            pd: PdSection::default(),
             upstream: UpstreamSection::default(),
             http: Default::default(),
             admin: Default::default(),

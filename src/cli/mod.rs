@@ -8,6 +8,7 @@ mod grpc;
 mod hash;
 mod lifecycle;
 mod serve;
+mod sidecar;
 mod simulate;
 mod workload;
 
@@ -38,6 +39,11 @@ pub enum Command {
     /// `/v1/route/explain`, `/metrics`) on `--admin-listen` (loopback by default); SIGTERM
     /// or SIGINT drain it (--shutdown-delay, --shutdown-grace).
     Serve(Box<serve::ServeArgs>),
+    /// llm-d's P/D routing sidecar for a decode pod: in front of vLLM (`--vllm-port`),
+    /// requests with `x-prefiller-host-port` are prefilled there, then decoded locally
+    /// (NixlConnector `kv_transfer_params`); prefill targets must be allow-listed
+    /// (`--prefill-allow`; else 403).
+    Sidecar(Box<sidecar::SidecarArgs>),
     /// Run a vLLM-compatible model-server simulator (OpenAI API, prefix cache with
     /// vLLM-exact block hashes, KV events over ZMQ, vLLM metrics, latency model); SIGTERM or
     /// SIGINT stop it as they stop vLLM: requests in flight finish, then exit 0.
@@ -58,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(*a),
         Command::Simulate(a) => simulate::run(*a),
         Command::Bench(a) => bench::run(*a),
+        Command::Sidecar(a) => sidecar::run(*a),
         Command::Sim(a) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

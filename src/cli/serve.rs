@@ -37,7 +37,8 @@ pub struct ServeArgs {
     models: Vec<String>,
     /// An llm-d EndpointPickerConfig YAML: its scheduling profiles, plus the block size,
     /// hash seed and KV-event settings of its precise-prefix plugin (start is refused
-    /// when they contradict a flag given) [default: kvroute's profile].
+    /// when they contradict a flag given) [default: kvroute's profile]. With a P/D profile
+    /// handler the gateway prefills on the prefill pod, then decodes (config `pd.mode`).
     #[arg(long)]
     scheduler_config: Option<PathBuf>,
     /// Health-probe and metric-scrape interval, ms [default: 1000].
@@ -628,6 +629,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     gateway.tokenize_deadline = Duration::from_millis(cfg.tokenize_deadline_ms);
     gateway.set_lifecycle(lifecycle.clone());
     gateway.set_timeouts(cfg.upstream.timeouts());
+    gateway.pd_mode = cfg.pd.mode.gateway_mode();
     gateway.saturation = kvroute_gateway::Saturation {
         max_queued_per_pod: cfg.saturation.max_queued_per_pod,
         queue_depth: cfg.saturation.queue_depth,

@@ -21,6 +21,7 @@
 
 pub mod approx;
 pub mod passthrough;
+pub mod pd;
 pub mod pool;
 pub mod proxy;
 pub mod recovery;
@@ -97,6 +98,9 @@ pub struct Gateway {
     panic_routes: prometheus::IntCounter,
     /// Readiness holds and the drain (`GET /ready` consults it; see [`Gateway::set_lifecycle`]).
     pub lifecycle: Arc<kvroute_api::lifecycle::Lifecycle>,
+    /// P/D: who runs the prefill → decode flow ([`pd`]), and its metrics.
+    pub pd_mode: pd::Mode,
+    pd: pd::PdMetrics,
 }
 
 /// What routing decided for one request.
@@ -229,6 +233,8 @@ impl Gateway {
             client: upstream::client(&timeouts),
             timeouts,
             upstream: upstream::UpstreamMetrics::new(registry)?,
+            pd_mode: pd::Mode::default(),
+            pd: pd::PdMetrics::new(registry)?,
             recovery,
             profile,
             applier,

@@ -18,6 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
+use crate::pd::{self, Mode, Prefilled};
 use crate::upstream::{describe, error_kind, guard};
 use crate::{error, parse_request, Gateway, RouteRequest};
 
@@ -52,6 +53,18 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
         Err(e) => return e.into_response(),
     };
     let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
+    // P/D in gateway mode: prefill first; its kv_transfer_params go with the decode request.
+    let (body, cached) = match routed.explain["prefill"].as_str() {
+        Some(p) if gw.pd_mode == Mode::Gateway => match gw.prefill(p, path, &v, &headers, deadline).await {
+            Some(done) => (Bytes::from(pd::decode_body(&v, &done.params).to_string()), done.cached_tokens),
+            None => (body, None),
+        },
+        None if gw.pd_mode == Mode::Gateway && gw.profile.prefill.is_some() => {
+            gw.pd.requests.with_label_values(&["decode_only"]).inc();
+            (body, None)
+        }
+        _ => (body, None),
+    };
     let (mut last_err, mut worst, mut all_busy) = (String::new(), Failure::Unavailable, true);
     let m = &gw.upstream;
     for (i, b) in routed.order.iter().enumerate().take(gw.max_retries + 1) {
@@ -73,8 +86,9 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                 req = req.header(h, val);
             }
         }
-        // P/D (llm-d's disagg-profile-handler): the decode pod's sidecar prefills there.
-        if let Some(p) = routed.explain["prefill"].as_str() {
+        // P/D in sidecar mode (llm-d's disagg-profile-handler): the decode pod's sidecar
+        // prefills there.
+        if let Some(p) = routed.explain["prefill"].as_str().filter(|_| gw.pd_mode == Mode::Sidecar) {
             req = req.header("x-prefiller-host-port", p);
         }
         let out = b.taken_out();
@@ -123,8 +137,12 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                     backend.failed();
                 };
                 let rest = guard(rest, gw.timeouts.idle, deadline, sse, on_fail);
+                let mut body = futures_util::stream::iter(first.map(Ok)).chain(rest).boxed();
+                if let Some(c) = cached.filter(|_| status.is_success()) {
+                    body = if sse { pd::merge_sse(body, c) } else { pd::merge_whole(body, c) };
+                }
                 // The in-flight count lasts as long as the body.
-                let body = futures_util::stream::iter(first.map(Ok)).chain(rest).map(move |c| {
+                let body = body.map(move |c| {
                     let _ = &guard_;
                     c
                 });
@@ -191,4 +209,44 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, &format!("no pod could serve the request ({last_err})"))
+}
+
+impl Gateway {
+    /// The prefill request to pod `name` (P/D, gateway mode), counted; `None` when it
+    /// failed (the request then goes to the decode pod alone).
+    async fn prefill(
+        &self,
+        name: &str,
+        path: &str,
+        v: &serde_json::Value,
+        headers: &HeaderMap,
+        deadline: Instant,
+    ) -> Option<Prefilled> {
+        let pd = &self.pd;
+        let backend = self.pool.backends().iter().find(|b| b.name == name).cloned();
+        let t = Instant::now();
+        let timeout = self.timeouts.first_byte.min(deadline.saturating_duration_since(t));
+        let r = match &backend {
+            Some(b) => {
+                pd::prefill(&self.client, &format!("{}{path}", b.url), v, headers.get("authorization"), timeout).await
+            }
+            None => Err(pd::PrefillError { kind: "request", message: format!("prefill pod {name} left the pool") }),
+        };
+        pd.prefill_seconds.observe(t.elapsed().as_secs_f64());
+        match r {
+            Ok(p) => {
+                pd.requests.with_label_values(&["disaggregated"]).inc();
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!(pod = %name, kind = e.kind, "prefill failed ({}); decoding without it", e.message);
+                pd.prefill_failures.with_label_values(&[e.kind]).inc();
+                pd.requests.with_label_values(&["fallback"]).inc();
+                if let (Some(b), "connect" | "timeout") = (&backend, e.kind) {
+                    b.failed();
+                }
+                None
+            }
+        }
+    }
 }
