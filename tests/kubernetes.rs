@@ -28,20 +28,7 @@ struct Ports {
 }
 
 fn ports() -> Ports {
-    Ports { http: free_ports(1)[0], events: free_block(24) }
-}
-
-/// `len` consecutive ports free on every interface, below the ports other tests draw.
-fn free_block(len: u16) -> u16 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    for _ in 0..500 {
-        let n = NEXT.fetch_add(1, Relaxed) as u32;
-        let base = 10_000 + (std::process::id().wrapping_mul(31).wrapping_add(n.wrapping_mul(7919)) % 9_000) as u16;
-        if (base..base + len).all(|p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no {len} consecutive free ports");
+    Ports { http: free_ports(1)[0], events: common::free_run(24) }
 }
 
 /// The event port pair of the pod at `ip` (127.0.0.N → events + 2 N, replay + 1).

@@ -9,27 +9,36 @@ use std::time::{Duration, Instant};
 
 pub mod kube;
 
+/// `n` distinct free ports, drawn below the ephemeral range (see [`free_run`]).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    (0..n).map(|_| free_run(1)).collect()
 }
 
-/// A port `p` with `p + 1` free too (a second data-parallel rank binds the next port),
-/// drawn below the ephemeral range (where the other tests' port-0 listeners and outgoing
-/// connections live), so nothing else takes `p + 1` before the router binds it.
+/// A port `p` with `p + 1` free too (a second data-parallel rank binds the next port).
 pub fn free_port_pair() -> u16 {
+    free_run(2)
+}
+
+/// The first of `len` consecutive ports free on every interface, drawn from 20,000–31,999:
+/// below the ephemeral range, where the OS picks the source ports of outgoing connections
+/// and `bind(0)` ports — a port found free there and released was taken by another test's
+/// connection before the router bound it (clean-clone CI runs, several times). Each
+/// process walks the range from its own offset (a stride coprime with the range), so
+/// concurrent test processes rarely try the same ports.
+pub fn free_run(len: u16) -> u16 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    for _ in 0..500 {
+    const SPAN: u32 = 12_000;
+    for _ in 0..2000 {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = 20_000 + ((std::process::id().wrapping_mul(31).wrapping_add(n.wrapping_mul(7919))) % 10_000) as u16;
-        if let (Ok(a), Ok(b)) =
-            (std::net::TcpListener::bind(("127.0.0.1", p)), std::net::TcpListener::bind(("127.0.0.1", p + 1)))
-        {
-            drop((a, b));
+        let p = 20_000 + (std::process::id().wrapping_mul(7_907).wrapping_add(n.wrapping_mul(7_919)) % SPAN) as u16;
+        if p + len > 20_000 + SPAN as u16 {
+            continue;
+        }
+        if (p..p + len).all(|q| TcpListener::bind(("0.0.0.0", q)).is_ok()) {
             return p;
         }
     }
-    panic!("no two consecutive free ports below the ephemeral range");
+    panic!("no {len} consecutive free ports in 20000–31999");
 }
 
 pub fn wait_healthy(base: &str) {
