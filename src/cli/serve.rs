@@ -662,9 +662,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         Some(kvroute_gateway::recovery::StreamMark { last_seq: s.last_seq, restarts: s.restarts })
     }));
     let (pods2, ranks) = (state.pods.clone(), cfg.ingest.data_parallel_size);
-    gateway
-        .recovery
-        .set_rank_pods(Box::new(move |name| (1..ranks).filter_map(|r| pods2.get(&format!("{name}#dp{r}"))).collect()));
+    gateway.recovery.set_rank_pods(Box::new(move |name| {
+        (1..ranks).filter_map(|r| pods2.get(&kvroute_ingest::rank_pod(name, r.into()))).collect()
+    }));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let open = listen_metrics.clone();

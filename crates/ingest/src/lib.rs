@@ -56,7 +56,7 @@ pub use pipeline::message_parts;
 pub use replay::{replay, ReplayError, ReplayOutcome};
 pub use seq::{SeqTracker, Verdict};
 pub use stats::{Metrics, PodStatus, PodTable};
-pub use topic::{offset_endpoint, parse_topic, pod_host, Topic};
+pub use topic::{is_pod_or_rank, offset_endpoint, parse_topic, pod_host, rank_pod, Topic};
 
 use pipeline::{PodGuard, Receiver_, Source};
 use worker::{Input, ReplayTimeouts, Shared, Worker};
@@ -387,7 +387,7 @@ impl Ingestor {
         for t in cfg.connect.iter().filter(|t| only.is_none_or(|p| p == t.pod)) {
             let Some(ep) = &t.replay else { continue };
             for r in 0..cfg.data_parallel_size.max(1) {
-                let name = if r == 0 { t.pod.clone() } else { format!("{}#dp{r}", t.pod) };
+                let name = rank_pod(&t.pod, r.into());
                 jobs.push((name, offset_endpoint(ep, r)));
             }
         }

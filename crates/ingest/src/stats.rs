@@ -172,8 +172,7 @@ impl PodTable {
 
     /// Forgets a pod's counters and its data-parallel ranks' (`<pod>#dp<r>`).
     pub fn remove(&self, pod: &str) {
-        let rank = format!("{pod}#dp");
-        self.inner.write().retain(|k, _| k != pod && !k.starts_with(&rank));
+        self.inner.write().retain(|k, _| !crate::topic::is_pod_or_rank(k, pod));
     }
 
     pub fn snapshot(&self, blocks: impl Fn(&str) -> u64) -> Vec<PodStatus> {

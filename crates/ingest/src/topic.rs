@@ -22,6 +22,21 @@ pub fn parse_topic(topic: &str) -> Topic<'_> {
     }
 }
 
+/// The index pod of data-parallel rank `rank` of `pod`: `pod` itself for rank 0,
+/// `<pod>#dp<rank>` for the others.
+pub fn rank_pod(pod: &str, rank: i64) -> String {
+    if rank <= 0 {
+        pod.to_string()
+    } else {
+        format!("{pod}#dp{rank}")
+    }
+}
+
+/// Whether `name` is `pod` or one of its data-parallel ranks ([`rank_pod`]).
+pub fn is_pod_or_rank(name: &str, pod: &str) -> bool {
+    name.strip_prefix(pod).is_some_and(|rest| rest.is_empty() || rest.starts_with("#dp"))
+}
+
 /// `tcp://host:port` with the port moved by `offset` (vLLM offsets each data-parallel
 /// rank's endpoints by its rank). Other transports are returned unchanged.
 pub fn offset_endpoint(endpoint: &str, offset: u16) -> String {
@@ -54,6 +69,16 @@ pub fn pod_host(pod: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rank_pods() {
+        assert_eq!(rank_pod("10.0.0.1:8000", 0), "10.0.0.1:8000");
+        assert_eq!(rank_pod("10.0.0.1:8000", 2), "10.0.0.1:8000#dp2");
+        assert!(is_pod_or_rank("10.0.0.1:8000", "10.0.0.1:8000"));
+        assert!(is_pod_or_rank("10.0.0.1:8000#dp2", "10.0.0.1:8000"));
+        assert!(!is_pod_or_rank("10.0.0.1:80001", "10.0.0.1:8000"), "another pod sharing the prefix");
+        assert!(!is_pod_or_rank("10.0.0.1:800", "10.0.0.1:8000"));
+    }
 
     #[test]
     fn topics() {

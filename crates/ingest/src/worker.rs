@@ -27,7 +27,7 @@ use crate::ratelog::RateLog;
 use crate::replay::replay;
 use crate::seq::{SeqTracker, Verdict};
 use crate::stats::{Metrics, PodCounters, PodTable};
-use crate::topic::offset_endpoint;
+use crate::topic::{is_pod_or_rank, offset_endpoint, rank_pod};
 
 /// Live messages a stream holds while its replay runs; more are dropped (and counted).
 const QUEUED_PER_STREAM: usize = 4096;
@@ -140,14 +140,6 @@ pub(crate) struct Stream {
     suspect: Option<(Live, Verdict)>,
 }
 
-fn stream_name(pod: &str, rank: i64) -> String {
-    if rank <= 0 {
-        pod.to_string()
-    } else {
-        format!("{pod}#dp{rank}")
-    }
-}
-
 pub(crate) struct Worker<I: BlockIndex> {
     pub id: usize,
     pub sh: Arc<Shared<I>>,
@@ -224,7 +216,7 @@ impl<I: BlockIndex> Worker<I> {
             );
             return;
         }
-        let name = stream_name(&m.pod, rank);
+        let name = rank_pod(&m.pod, rank);
         let mut st = match self.streams.remove(&name) {
             Some(s) => s,
             None => match self.new_stream(&name) {
@@ -278,7 +270,7 @@ impl<I: BlockIndex> Worker<I> {
 
     fn on_join(&mut self, pod: &str, replay: &str) {
         for rank in 0..i64::from(self.sh.data_parallel_size.max(1)) {
-            let name = stream_name(pod, rank);
+            let name = rank_pod(pod, rank);
             self.forgotten.remove(&name);
             let started = !self.streams.contains_key(&name) // else its own join replayed it
                 && match self.new_stream(&name) {
@@ -298,9 +290,7 @@ impl<I: BlockIndex> Worker<I> {
     }
 
     fn on_forget(&mut self, pod: &str) {
-        let rank = format!("{pod}#dp");
-        let names: Vec<String> =
-            self.streams.keys().filter(|k| k.as_str() == pod || k.starts_with(&rank)).cloned().collect();
+        let names: Vec<String> = self.streams.keys().filter(|k| is_pod_or_rank(k, pod)).cloned().collect();
         for name in names {
             if let Some(st) = self.streams.remove(&name) {
                 if st.replaying {
@@ -310,7 +300,7 @@ impl<I: BlockIndex> Worker<I> {
         }
         // Every rank the index knows, followed here or not.
         let mut ids: Vec<PodId> = self.sh.pods.get(pod).into_iter().collect();
-        ids.extend((1..self.sh.data_parallel_size).filter_map(|r| self.sh.pods.get(&stream_name(pod, r.into()))));
+        ids.extend((1..self.sh.data_parallel_size).filter_map(|r| self.sh.pods.get(&rank_pod(pod, r.into()))));
         for id in ids {
             self.sh.applier.clear_pod(id);
         }
