@@ -49,18 +49,7 @@ fn pod_sim_at(ip: &str, http: u16, events: u16, extra: &[&str]) -> Child {
     let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
         "endpoint": format!("tcp://*:{}", p.events), "replay_endpoint": format!("tcp://*:{}", p.events + 1),
         "topic": format!("kv@{ip}:{}@m", p.http)});
-    let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-        .args(["sim", "--host", ip, "--port", &p.http.to_string(), "--model", "m", "--block-size", "16"])
-        .args(["--hash-algo", "sha256_cbor", "--kv-events-config", &kv.to_string()])
-        .args(if extra.contains(&"--speedup") { &[][..] } else { &["--speedup", "100"][..] })
-        .args(extra)
-        .env("PYTHONHASHSEED", "42")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_healthy(&format!("http://{ip}:{}", p.http));
-    c
+    common::sim_at(ip, p.http, 16, &kv, extra)
 }
 
 /// `kvroute serve` discovering pods of `default` through `kube`'s kubeconfig, dialling
@@ -500,16 +489,7 @@ fn bind_mode_holds_events_of_pods_not_yet_discovered() {
     let connecting_sim = |ip: &str| {
         let kv = json!({"enable_kv_cache_events": true, "publisher": "zmq",
             "endpoint": format!("tcp://127.0.0.1:{zp}"), "topic": format!("kv@{ip}:{http}@m")});
-        let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-            .args(["sim", "--host", ip, "--port", &http.to_string(), "--model", "m", "--block-size", "16"])
-            .args(["--hash-algo", "sha256_cbor", "--speedup", "100", "--kv-events-config", &kv.to_string()])
-            .env("PYTHONHASHSEED", "42")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        common::wait_healthy(&format!("http://{ip}:{http}"));
-        c
+        common::sim_at(ip, http, 16, &kv, &[])
     };
     let cfg = std::env::temp_dir().join(format!("kvroute-k8s-hold-{rp}.yaml"));
     std::fs::write(&cfg, "ingest:\n  hold_unknown_ms: 3000\n").unwrap();

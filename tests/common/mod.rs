@@ -63,17 +63,26 @@ pub fn sim(port: u16, zmq_port: u16, extra: &[&str]) -> Child {
 pub fn sim_with_block_size(port: u16, zmq_port: u16, block_size: u32, extra: &[&str]) -> Child {
     let kv = serde_json::json!({"enable_kv_cache_events": true, "publisher": "zmq",
         "endpoint": format!("tcp://127.0.0.1:{zmq_port}"), "topic": format!("kv@127.0.0.1:{port}@m")});
+    sim_at("127.0.0.1", port, block_size, &kv, extra)
+}
+
+/// A `kvroute sim` serving `host:port` with the KV-event config `kv` (model `m`,
+/// `sha256_cbor`, `PYTHONHASHSEED=42`, 100× faster than model time unless `extra` gives
+/// `--speedup`), plus `extra`; returns once `/health` answers.
+pub fn sim_at(host: &str, port: u16, block_size: u32, kv: &serde_json::Value, extra: &[&str]) -> Child {
     let bs = block_size.to_string();
+    let speedup: &[&str] = if extra.contains(&"--speedup") { &[] } else { &["--speedup", "100"] };
     let c = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-        .args(["sim", "--port", &port.to_string(), "--model", "m", "--block-size", &bs, "--hash-algo", "sha256_cbor"])
-        .args(["--speedup", "100", "--kv-events-config", &kv.to_string()])
+        .args(["sim", "--host", host, "--port", &port.to_string(), "--model", "m", "--block-size", &bs])
+        .args(["--hash-algo", "sha256_cbor", "--kv-events-config", &kv.to_string()])
+        .args(speedup)
         .args(extra)
         .env("PYTHONHASHSEED", "42")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    wait_healthy(&format!("http://127.0.0.1:{port}"));
+    wait_healthy(&format!("http://{host}:{port}"));
     c
 }
 
