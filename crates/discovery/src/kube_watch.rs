@@ -314,7 +314,7 @@ async fn watch_pool(ctx: Arc<Ctx>, api: Api<DynamicObject>, name: String, spec_t
                 }
                 continue;
             }
-            Ok(Event::InitDone) => listing.take().flatten().map(Some).unwrap_or(None),
+            Ok(Event::InitDone) => listing.take().flatten(),
             Ok(Event::Apply(o)) => Some(o),
             Ok(Event::Delete(_)) => None,
         };
