@@ -2,7 +2,6 @@
 //! PUB / ROUTER sockets (the `zmq` crate) publish vLLM's recorded frames
 //! (`../shared/vectors/vllm_kv_events.json`); assertions go through the HTTP API.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,10 +21,9 @@ fn vectors() -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("vllm_kv_events.json")).unwrap()).unwrap()
 }
 
-/// Distinct free ports (the listeners are held until all are chosen).
+/// Distinct free ports, below the ephemeral range (`common::free_run`).
 fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+    std::array::from_fn(|_| common::free_run(1))
 }
 
 fn free_port() -> u16 {

@@ -1,7 +1,6 @@
 //! Black-box tests of `kvroute sim`: child processes, a real HTTP client, a real libzmq
 //! SUB socket, and the official `openai` Python client.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -9,9 +8,11 @@ use kvroute_events::{decode_batch, KvEvent};
 use kvroute_keys::{BlockHasher, HashAlgo, HashConfig, RequestExtras};
 use serde_json::{json, Value};
 
+mod common;
+
+/// Distinct free ports, below the ephemeral range (`common::free_run`).
 fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+    std::array::from_fn(|_| common::free_run(1))
 }
 
 struct Sim {
