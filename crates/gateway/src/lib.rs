@@ -20,6 +20,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod approx;
+mod errors;
 pub mod passthrough;
 pub mod pd;
 pub mod pool;
@@ -34,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -47,6 +47,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use serde_json::{json, Value};
 
 pub use axum::http::StatusCode;
+use errors::{bad, error, json_rejections};
+pub use errors::{error_type, model_not_found, parse_request, RouteError};
 pub use pool::{Backend, DiscoveryStatus, Pool};
 pub use upstream::Timeouts;
 
@@ -115,6 +117,8 @@ pub struct Routed {
     pub hit: bool,
     /// Estimated uncached prompt tokens on each backend of `order`.
     pub uncached: Vec<u64>,
+    /// P/D: the prefill pick and its estimated uncached prompt tokens.
+    pub prefill: Option<(Arc<Backend>, u64)>,
 }
 
 /// A request to route, from either door.
@@ -524,6 +528,10 @@ impl Gateway {
             // Record the pick, then let the next same-prefix decision see it.
             index.store_speculative(backends[pick].pod, Tiers::GPU, &keys);
             self.approx.record(backends[pick].pod, &text_keys);
+            if let Some(j) = d.prefill {
+                // The prefill pod computes (and caches) the prompt too.
+                index.store_speculative(backends[j].pod, Tiers::GPU, &keys);
+            }
             drop(lock);
         }
         let mut rest: Vec<(usize, f64)> =
@@ -550,6 +558,7 @@ impl Gateway {
             "profile": self.profile.name,
             "pick": views[pick].name,
             "prefill": d.prefill.map(|j| views[j].name.clone()),
+            "pd": d.pd,
             "decision_us": t0.elapsed().as_secs_f64() * 1e6,
         });
         if let Some(s) = session {
@@ -561,7 +570,9 @@ impl Gateway {
         }
         let hit = views[pick].matched_blocks > 0;
         tracing::debug!(decision = %explain, "routed");
-        Ok(Routed { order, keys, text_keys, explain, hit, uncached })
+        let prefill =
+            d.prefill.map(|j| (backends[j].clone(), est_tokens.saturating_sub(views[j].matched_blocks * bs) as u64));
+        Ok(Routed { order, keys, text_keys, explain, hit, uncached, prefill })
     }
 }
 
@@ -602,70 +613,6 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 fn thread_local_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     thread_local!(static S: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default()));
     S.with(|s| f(&mut s.borrow_mut()))
-}
-
-/// An OpenAI-style error body (`{"error": {"message", "type", "code"}}`), with
-/// `Retry-After` on 429 and 503.
-fn error(status: StatusCode, msg: &str) -> Response {
-    let body = json!({"error": {"message": msg, "type": error_type(status), "code": status.as_u16()}});
-    let mut r = (status, Json(body)).into_response();
-    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
-    }
-    r
-}
-
-/// The `type` of an error body, in the style of vLLM's (and the OpenAI client's) names.
-pub fn error_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 => "BadRequestError",
-        401 => "AuthenticationError",
-        403 => "PermissionDeniedError",
-        404 => "NotFoundError",
-        413 => "RequestTooLargeError",
-        422 => "UnprocessableEntityError",
-        429 => "RateLimitError",
-        502 => "BadGatewayError",
-        503 => "ServiceUnavailableError",
-        504 => "GatewayTimeoutError",
-        s if s >= 500 => "InternalServerError",
-        _ => "BadRequestError",
-    }
-}
-
-/// vLLM's answer for a model no pod serves.
-pub fn model_not_found(model: &str) -> RouteError {
-    RouteError::new(StatusCode::NOT_FOUND, format!("The model `{model}` does not exist."))
-}
-
-/// Why a request cannot be routed: the HTTP status and a message for the client (both
-/// doors — this gateway and the ext_proc server — answer with them).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl RouteError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
-    }
-}
-
-impl std::fmt::Display for RouteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.status, self.message)
-    }
-}
-
-impl IntoResponse for RouteError {
-    fn into_response(self) -> Response {
-        error(self.status, &self.message)
-    }
-}
-
-fn bad(msg: &str) -> RouteError {
-    RouteError::new(StatusCode::BAD_REQUEST, msg)
 }
 
 /// The gateway's routes (merged into the router's HTTP app).
@@ -728,38 +675,6 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
         }
         Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, &why),
     }
-}
-
-/// Rejections axum answers in plain text (413 body too large, 415, 400 from an
-/// extractor) become OpenAI-style JSON errors (a pod's own answers pass as they are).
-async fn json_rejections(r: Response) -> Response {
-    let json = r.headers().get("content-type").is_some_and(|c| c.as_bytes().starts_with(b"application/json"));
-    if json || !r.status().is_client_error() || r.headers().contains_key("x-kvroute-pod") {
-        return r;
-    }
-    let status = r.status();
-    let text = match axum::body::to_bytes(r.into_body(), 64 << 10).await {
-        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
-        Err(_) => String::new(),
-    };
-    let msg = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => format!("request body too large (limit {} bytes)", 32 << 20),
-        _ if !text.is_empty() => text,
-        _ => status.canonical_reason().unwrap_or("bad request").to_string(),
-    };
-    error(status, &msg)
-}
-
-/// Parses an OpenAI request body: the JSON and its `model` (400 on either missing).
-pub fn parse_request(body: &[u8]) -> Result<(Value, String), RouteError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))?;
-    let model = v
-        .get("model")
-        .and_then(Value::as_str)
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| bad("missing `model`"))?
-        .to_string();
-    Ok((v, model))
 }
 
 async fn explain(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {

@@ -53,13 +53,22 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
         Err(e) => return e.into_response(),
     };
     let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
-    // P/D in gateway mode: prefill first; its kv_transfer_params go with the decode request.
-    let (body, cached) = match routed.explain["prefill"].as_str() {
-        Some(p) if gw.pd_mode == Mode::Gateway => match gw.prefill(p, path, &v, &headers, deadline).await {
-            Some(done) => (Bytes::from(pd::decode_body(&v, &done.params).to_string()), done.cached_tokens),
-            None => (body, None),
-        },
-        None if gw.pd_mode == Mode::Gateway && gw.profile.prefill.is_some() => {
+    // P/D in gateway mode: prefill first; its kv_transfer_params go with the decode request,
+    // and the decode pod then computes no prompt (its pending prefill is only the rest).
+    let mut routed = routed;
+    let (body, cached) = match &routed.prefill {
+        Some((p, uncached)) if gw.pd_mode == Mode::Gateway => {
+            match gw.prefill(p.clone(), *uncached, path, &v, &headers, deadline).await {
+                Some(done) => {
+                    if let Some(u) = routed.uncached.first_mut() {
+                        *u = 0;
+                    }
+                    (Bytes::from(pd::decode_body(&v, &done.params).to_string()), done.cached_tokens)
+                }
+                None => (body, None),
+            }
+        }
+        None if gw.pd_mode == Mode::Gateway && !routed.explain["pd"].is_null() => {
             gw.pd.requests.with_label_values(&["decode_only"]).inc();
             (body, None)
         }
@@ -88,8 +97,8 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
         }
         // P/D in sidecar mode (llm-d's disagg-profile-handler): the decode pod's sidecar
         // prefills there.
-        if let Some(p) = routed.explain["prefill"].as_str().filter(|_| gw.pd_mode == Mode::Sidecar) {
-            req = req.header("x-prefiller-host-port", p);
+        if let Some((p, _)) = routed.prefill.as_ref().filter(|_| gw.pd_mode == Mode::Sidecar) {
+            req = req.header("x-prefiller-host-port", &p.name);
         }
         let out = b.taken_out();
         let first_deadline = (now + gw.timeouts.first_byte).min(deadline);
@@ -212,26 +221,33 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
 }
 
 impl Gateway {
-    /// The prefill request to pod `name` (P/D, gateway mode), counted; `None` when it
-    /// failed (the request then goes to the decode pod alone).
+    /// The prefill request to pod `backend` (P/D, gateway mode), counted in its load while
+    /// it runs (`uncached` prompt tokens to compute); `None` when it failed (the request
+    /// then goes to the decode pod alone).
     async fn prefill(
         &self,
-        name: &str,
+        backend: Arc<crate::Backend>,
+        uncached: u64,
         path: &str,
         v: &serde_json::Value,
         headers: &HeaderMap,
         deadline: Instant,
     ) -> Option<Prefilled> {
         let pd = &self.pd;
-        let backend = self.pool.backends().iter().find(|b| b.name == name).cloned();
+        let name = backend.name.clone();
         let t = Instant::now();
         let timeout = self.timeouts.first_byte.min(deadline.saturating_duration_since(t));
-        let r = match &backend {
-            Some(b) => {
-                pd::prefill(&self.client, &format!("{}{path}", b.url), v, headers.get("authorization"), timeout).await
+        self.decisions.with_label_values(&[&name]).inc();
+        backend.add_new_blocks(uncached as usize / self.keys.block_size().max(1));
+        let load = crate::InFlight::new(backend.clone(), uncached);
+        let url = format!("{}{path}", backend.url);
+        let r = tokio::select! {
+            r = pd::prefill(&self.client, &url, v, headers.get("authorization"), timeout) => r,
+            _ = backend.taken_out() => {
+                Err(pd::PrefillError { kind: "request", message: format!("prefill pod {name} left the pool") })
             }
-            None => Err(pd::PrefillError { kind: "request", message: format!("prefill pod {name} left the pool") }),
         };
+        drop(load);
         pd.prefill_seconds.observe(t.elapsed().as_secs_f64());
         match r {
             Ok(p) => {
@@ -242,8 +258,8 @@ impl Gateway {
                 tracing::warn!(pod = %name, kind = e.kind, "prefill failed ({}); decoding without it", e.message);
                 pd.prefill_failures.with_label_values(&[e.kind]).inc();
                 pd.requests.with_label_values(&["fallback"]).inc();
-                if let (Some(b), "connect" | "timeout") = (&backend, e.kind) {
-                    b.failed();
+                if let "connect" | "timeout" = e.kind {
+                    backend.failed();
                 }
                 None
             }

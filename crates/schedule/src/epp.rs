@@ -7,10 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::filters::{role_filter, DECODE_ROLES, PREFILL_ROLES};
+use crate::pd::{Decider, TtftDecider};
 use crate::pickers::{seeded, MaxScorePicker, RoundRobinPicker};
 use crate::registry::{build_plugin, ignored_params};
 use crate::scorers::{ActiveRequestScorer, NoHitLruScorer, PredictedTtftScorer};
-use crate::{ConfigError, Plugin, PodView, PrefillStage, Profile, RequestView};
+use crate::{ConfigError, Plugin, PrefillStage, Profile};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -59,28 +61,6 @@ struct ProfileSpec {
 struct PluginRef {
     plugin_ref: String,
     weight: Option<f64>,
-}
-
-/// Whether a P/D handler also schedules a prefill pod for a request, given the decode pick.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Decider {
-    /// `always-disagg-pd-decider`.
-    Always,
-    /// `prefix-based-pd-decider{nonCachedTokens}`: when the decode pod lacks at least this
-    /// many of the prompt's tokens (0 = never).
-    PrefixBased { non_cached_tokens: usize },
-}
-
-impl Decider {
-    pub fn disaggregate(&self, req: &RequestView, decode: &PodView) -> bool {
-        match self {
-            Decider::Always => true,
-            Decider::PrefixBased { non_cached_tokens } => {
-                let cached = (decode.matched_blocks * req.block_size).min(req.prompt_tokens);
-                *non_cached_tokens > 0 && req.prompt_tokens - cached >= *non_cached_tokens
-            }
-        }
-    }
 }
 
 /// `kvEventsConfig{discoverPods: true}`: dial each backend's publisher.
@@ -280,32 +260,61 @@ fn note(kind: &str) -> Option<&'static str> {
     })
 }
 
+/// `predicted-ttft-pd-decider`'s parameters (defaults: [`TtftDecider::default`]).
+pub(crate) fn ttft_decider(p: &Value) -> TtftDecider {
+    let d = TtftDecider::default();
+    let f = |k: &str, v: f64| p.get(k).and_then(Value::as_f64).unwrap_or(v);
+    TtftDecider {
+        prefill_s_per_token: f("prefillSecondsPerToken", d.prefill_s_per_token),
+        transfer_s_per_token: f("transferSecondsPerToken", d.transfer_s_per_token),
+        overhead_s: f("overheadSeconds", d.overhead_s),
+        interference_weight: f("interferenceWeight", d.interference_weight),
+    }
+}
+
 pub struct SchedulerConfig;
 
 impl SchedulerConfig {
     /// kvroute's default: predicted TTFT (cache hits vs queueing in one cost, weight 3),
     /// plus in-flight balance (weight 1) and spreading of cold prefixes (weight 1), max-score.
+    ///
+    /// P/D comes built in: decode picks go to pods `decode-filter` keeps (every pod of a
+    /// pool without `llm-d.ai/role` labels), and when the pool also has pods
+    /// `prefill-filter` keeps, kvroute's `predicted-ttft-pd-decider` (default parameters)
+    /// splits the requests whose first token is sooner through a prefill pod. A pool
+    /// without prefill pods routes exactly as without the stage.
     pub fn default_profile() -> Profile {
-        Profile::new(
-            "default",
-            vec![],
-            vec![
-                (
-                    Box::new(PredictedTtftScorer {
-                        queue_tokens: 128.0,
-                        recompute_penalty: 2.0,
-                        queued_tokens: 0.0,
-                        turnover_weight: 4.0,
-                        pending_weight: 1.0,
-                        relative_queue: true,
-                    }),
-                    3.0,
-                ),
-                (Box::new(ActiveRequestScorer), 1.0),
-                (Box::new(NoHitLruScorer::default()), 1.0),
-            ],
-            Box::new(MaxScorePicker { rng: seeded() }),
-        )
+        Self::disaggregated("default", Decider::PredictedTtft(TtftDecider::default()))
+    }
+
+    /// The default profile's plugins for both stages, with this P/D decider.
+    pub fn disaggregated(name: &str, decider: Decider) -> Profile {
+        let stage = |name: &str, filter: Box<dyn crate::Filter>| {
+            Profile::new(
+                name,
+                vec![filter],
+                vec![
+                    (
+                        Box::new(PredictedTtftScorer {
+                            queue_tokens: 128.0,
+                            recompute_penalty: 2.0,
+                            queued_tokens: 0.0,
+                            turnover_weight: 4.0,
+                            pending_weight: 1.0,
+                            relative_queue: true,
+                        }) as Box<dyn crate::Scorer>,
+                        3.0,
+                    ),
+                    (Box::new(ActiveRequestScorer), 1.0),
+                    (Box::new(NoHitLruScorer::default()), 1.0),
+                ],
+                Box::new(MaxScorePicker { rng: seeded() }),
+            )
+        };
+        let mut decode = stage(name, Box::new(role_filter("decode-filter", DECODE_ROLES, true)));
+        let prefill = stage("prefill", Box::new(role_filter("prefill-filter", PREFILL_ROLES, false)));
+        decode.prefill = Some(Box::new(PrefillStage { profile: prefill, decider }));
+        decode
     }
 
     /// Round-robin over all pods (a baseline).
@@ -488,6 +497,7 @@ fn pick_handler(
                     non_cached_tokens: at(&d.parameters, "nonCachedTokens").and_then(Value::as_u64).unwrap_or(0)
                         as usize,
                 },
+                "predicted-ttft-pd-decider" => Decider::PredictedTtft(ttft_decider(&d.parameters)),
                 other => {
                     return Err(ConfigError::Param {
                         plugin: h.kind.clone(),

@@ -22,17 +22,19 @@
 //! `prefill-filter` and `encode-filter` (llm-d's `llm-d.ai/role` label and role sets);
 //! pickers `max-score-picker` (random tie-break), `weighted-random-picker`, `random-picker`,
 //! `round-robin-picker`; profile handlers `single-profile-handler`, `disagg-profile-handler`
-//! and `pd-profile-handler` with the deciders `always-disagg-pd-decider` and
-//! `prefix-based-pd-decider`.
+//! and `pd-profile-handler` with the deciders `always-disagg-pd-decider`,
+//! `prefix-based-pd-decider` and kvroute's `predicted-ttft-pd-decider` ([`pd`]).
 
 mod epp;
 mod filters;
+pub mod pd;
 mod pickers;
 mod registry;
 mod scorers;
 
-pub use epp::{Decider, DiscoverPods, EppSettings, Loaded, SchedulerConfig};
+pub use epp::{DiscoverPods, EppSettings, Loaded, SchedulerConfig};
 pub use filters::{DECODE_ROLES, ENCODE_ROLES, PREFILL_ROLES, ROLE};
+pub use pd::{Decider, TtftDecider, Verdict};
 pub use registry::{build_plugin, known_plugin_types};
 pub use scorers::{decayed, NoHitLruScorer, PredictedTtftScorer, TURNOVER_TAU_S};
 
@@ -141,6 +143,49 @@ pub struct PrefillStage {
     pub decider: Decider,
 }
 
+impl PrefillStage {
+    /// Decode picked `decode`: the decider's verdict and, if it splits, the prefill pick.
+    fn run(
+        &self,
+        req: &RequestView,
+        pods: &[PodView],
+        decode: &PodView,
+        commit: bool,
+        scorer_seconds: &mut Vec<(String, f64)>,
+    ) -> (Option<usize>, Option<Verdict>) {
+        if self.profile.filtered(req, pods).is_empty() {
+            return (None, None);
+        }
+        let mut verdict;
+        let prefill = if self.decider.needs_prefill_pick() {
+            // The decider compares against the best prefill pod: a dry run finds it, and
+            // the real run (same pick: pickers peek first) only if the decider splits.
+            let dry = self.profile.run(req, pods, false);
+            verdict = self.decider.decide(req, decode, dry.pick.map(|j| &pods[j]));
+            if !verdict.split {
+                scorer_seconds.extend(dry.scorer_seconds);
+                return (None, Some(verdict));
+            }
+            let d = if commit { self.profile.run(req, pods, true) } else { dry };
+            scorer_seconds.extend(d.scorer_seconds);
+            d.pick
+        } else {
+            verdict = self.decider.decide(req, decode, None);
+            if !verdict.split {
+                return (None, Some(verdict));
+            }
+            let d = self.profile.run(req, pods, commit);
+            scorer_seconds.extend(d.scorer_seconds);
+            d.pick
+        };
+        if prefill.is_none() {
+            verdict.split = false;
+            verdict.reason = format!("{}, but the prefill profile picked no pod", verdict.reason);
+        }
+        (prefill, Some(verdict))
+    }
+}
+
 /// One scheduling profile, ready to run.
 pub struct Profile {
     pub name: String,
@@ -166,6 +211,9 @@ pub struct Decision {
     /// P/D: the prefill pod (index into the pods given), when a prefill stage ran and
     /// found one (llm-d's `x-prefiller-host-port`).
     pub prefill: Option<usize>,
+    /// P/D: the decider's verdict, when the profile has a prefill stage and some pod
+    /// passes its filters (a pool without prefill pods has nothing to decide).
+    pub pd: Option<Verdict>,
 }
 
 impl Profile {
@@ -197,12 +245,18 @@ impl Profile {
         self.run(req, pods, false)
     }
 
-    fn run(&self, req: &RequestView, pods: &[PodView], commit: bool) -> Decision {
+    /// Indices of the pods that pass the profile's filters.
+    fn filtered(&self, req: &RequestView, pods: &[PodView]) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..pods.len()).collect();
         for f in &self.filters {
             let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
             idx = f.filter(req, &view).into_iter().filter_map(|j| idx.get(j).copied()).collect();
         }
+        idx
+    }
+
+    fn run(&self, req: &RequestView, pods: &[PodView], commit: bool) -> Decision {
+        let idx = self.filtered(req, pods);
         let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
         let mut totals = vec![0.0; view.len()];
         let mut scores = Vec::new();
@@ -223,15 +277,11 @@ impl Profile {
             }
         }
         let pick = pick.map(|j| idx[j]);
-        let prefill = match (&self.prefill, pick) {
-            (Some(stage), Some(p)) if stage.decider.disaggregate(req, &pods[p]) => {
-                let d = stage.profile.run(req, pods, commit);
-                scorer_seconds.extend(d.scorer_seconds);
-                d.pick
-            }
-            _ => None,
+        let (prefill, pd) = match (&self.prefill, pick) {
+            (Some(stage), Some(p)) => stage.run(req, pods, &pods[p], commit, &mut scorer_seconds),
+            _ => (None, None),
         };
-        Decision { pick, candidates: idx, scores, totals, scorer_seconds, prefill }
+        Decision { pick, candidates: idx, scores, totals, scorer_seconds, prefill, pd }
     }
 }
 

@@ -40,6 +40,7 @@ pub(crate) const CONFIG_PLUGINS: &[&str] = &[
     "pd-profile-handler",
     "always-disagg-pd-decider",
     "prefix-based-pd-decider",
+    "predicted-ttft-pd-decider",
     "disagg-headers-handler",
     "prefill-header-handler",
     "precise-prefix-cache-producer",
@@ -169,6 +170,9 @@ pub(crate) fn honoured_params(kind: &str) -> &'static [&'static str] {
         ],
         "pd-profile-handler" => &["threshold", "decodeProfile", "prefillProfile", "deciderPluginName"],
         "prefix-based-pd-decider" => &["nonCachedTokens"],
+        "predicted-ttft-pd-decider" => {
+            &["prefillSecondsPerToken", "transferSecondsPerToken", "overheadSeconds", "interferenceWeight"]
+        }
         _ => &[],
     }
 }

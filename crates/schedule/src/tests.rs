@@ -260,3 +260,40 @@ fn dry_runs_leave_picks_unchanged() {
         assert_ne!(p.schedule_dry(&req, &pods).pick, dry[0], "{}: a real pick moves on", p.name);
     }
 }
+
+#[test]
+fn the_default_profile_disaggregates_only_in_a_pool_with_both_roles() {
+    let req = RequestView { prompt_tokens: 8192, block_size: 16, total_blocks: 512 };
+    let p = SchedulerConfig::default_profile();
+    // No role labels: every pod decodes, nothing to decide.
+    let plain = [pod("a", 0, 0), pod("b", 0, 0)];
+    let d = p.schedule(&req, &plain);
+    assert!(d.pick.is_some() && d.prefill.is_none() && d.pd.is_none(), "{d:?}");
+    // Both roles, idle: decode picks a decode pod and keeps the prefill (TTFT is lower).
+    let mut fleet = vec![role("p1", 0, Some("prefill")), role("p2", 0, Some("prefill")), role("d1", 0, Some("decode"))];
+    let d = p.schedule(&req, &fleet);
+    assert_eq!(d.pick, Some(2));
+    let v = d.pd.clone().expect("a verdict");
+    assert!(!v.split && d.prefill.is_none() && v.decider == "predicted-ttft-pd-decider", "{v:?}");
+    // The decode pod owes a long prefill: the prompt goes to the idle prefill pod.
+    fleet[2].pending_prefill_tokens = 16384.0;
+    fleet[0].pending_prefill_tokens = 4096.0;
+    let d = p.schedule(&req, &fleet);
+    assert_eq!((d.pick, d.prefill), (Some(2), Some(1)), "{:?}", d.pd);
+    assert!(d.pd.as_ref().is_some_and(|v| v.split && v.predicted_split_s < v.predicted_local_s));
+}
+
+#[test]
+fn the_predicted_ttft_decider_loads_from_an_endpoint_picker_config() {
+    let yaml = KSERVE_PD
+        .replace(
+            "- type: always-disagg-pd-decider",
+            "- type: predicted-ttft-pd-decider\n  parameters: {transferSecondsPerToken: 0.00001, overheadSeconds: 0.02, bogus: 1}",
+        )
+        .replace("prefill: always-disagg-pd-decider", "prefill: predicted-ttft-pd-decider");
+    let l = SchedulerConfig::load(&yaml).unwrap();
+    let stage = l.profile.prefill.as_ref().expect("a prefill stage");
+    let want = TtftDecider { transfer_s_per_token: 1e-5, overhead_s: 0.02, ..TtftDecider::default() };
+    assert_eq!(stage.decider, Decider::PredictedTtft(want));
+    assert!(l.warnings.iter().any(|w| w.contains("parameter bogus is ignored")), "{:?}", l.warnings);
+}
