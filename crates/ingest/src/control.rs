@@ -147,7 +147,7 @@ impl Receiver_ {
             });
             if up || self.joins[i].since.elapsed() > JOIN_WAIT {
                 let j = self.joins.swap_remove(i);
-                self.to_worker(&j.pod.clone(), Input::Join { pod: j.pod, replay: j.replay });
+                self.send_to_worker(&j.pod.clone(), Input::Join { pod: j.pod, replay: j.replay });
             } else {
                 i += 1;
             }
@@ -182,7 +182,7 @@ impl Receiver_ {
                         }
                         // No monitor: replay at once (events before the subscription may be missed
                         // until the pod's next event shows the gap).
-                        None => self.to_worker(&t.pod, Input::Join { pod: t.pod.clone(), replay }),
+                        None => self.send_to_worker(&t.pod, Input::Join { pod: t.pod.clone(), replay }),
                     }
                 }
                 self.release(&t.pod);
@@ -207,7 +207,7 @@ impl Receiver_ {
         let before = self.held.queue.len();
         self.held.queue.retain(|(_, m)| m.pod != pod);
         self.metrics.held_expired.inc_by((before - self.held.queue.len()) as u64);
-        self.to_worker(pod, Input::Forget { pod: pod.to_string() });
+        self.send_to_worker(pod, Input::Forget { pod: pod.to_string() });
     }
 
     /// Holds a message of an unknown pod (bind mode, discovery on); `false` when holding
@@ -236,7 +236,7 @@ impl Receiver_ {
                 m.replay = Some(format!("tcp://{}:{port}", crate::topic::pod_host(&m.pod)));
             }
             let pod = m.pod.clone();
-            self.to_worker(&pod, Input::Live(m));
+            self.send_to_worker(&pod, Input::Live(m));
         }
     }
 
@@ -255,7 +255,7 @@ impl Receiver_ {
     }
 
     /// Hands an input to the worker that owns `pod`'s streams.
-    pub(crate) fn to_worker(&mut self, pod: &str, input: Input) {
+    pub(crate) fn send_to_worker(&mut self, pod: &str, input: Input) {
         let shard = fnv1a(pod) as usize % self.senders.len();
         match self.senders[shard].try_send(input) {
             Ok(()) => {}

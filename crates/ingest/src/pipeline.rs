@@ -201,7 +201,7 @@ impl Receiver_ {
             Ok(dialled) => dialled,
         };
         let msg = Msg { model: t.model.to_string(), pod: pod.clone(), seq, payload, replay };
-        self.to_worker(&pod, Input::Live(msg));
+        self.send_to_worker(&pod, Input::Live(msg));
     }
 }
 
