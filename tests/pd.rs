@@ -25,19 +25,23 @@ struct Fleet {
 
 /// The fleet behind a router; `pd_yaml` is added to the router's YAML (e.g. `pd: ...`).
 fn fleet(tag: &str, pd_yaml: &str) -> Fleet {
+    let epp = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llmd/llmd-pd-prefix.yaml");
+    fleet_with(tag, &format!("scheduler_config: {}\n{pd_yaml}", epp.display()), &[])
+}
+
+/// [`fleet`] with this router YAML after `backends:` and these extra sim flags.
+fn fleet_with(tag: &str, yaml_tail: &str, sim_extra: &[&str]) -> Fleet {
     let [p1, p2, d1, d2, zmq, http] = free_ports(6).try_into().unwrap();
-    let mut kids = Children([p1, p2, d1, d2].iter().map(|p| common::sim(*p, zmq, &[])).collect());
+    let mut kids = Children([p1, p2, d1, d2].iter().map(|p| common::sim(*p, zmq, sim_extra)).collect());
     let dir = std::env::temp_dir().join(format!("kvroute-pd-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let epp = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llmd/llmd-pd-prefix.yaml");
     let role = |p: u16, r: &str| format!("  - {{url: 'http://127.0.0.1:{p}', labels: {{llm-d.ai/role: {r}}}}}\n");
     let yaml = format!(
-        "backends:\n{}{}{}{}scheduler_config: {}\n{pd_yaml}",
+        "backends:\n{}{}{}{}{yaml_tail}",
         role(p1, "prefill"),
         role(p2, "prefill"),
         role(d1, "decode"),
         role(d2, "decode"),
-        epp.display()
     );
     let cfg = dir.join("serve.yaml");
     std::fs::write(&cfg, yaml).unwrap();
@@ -72,6 +76,11 @@ impl Fleet {
 
     fn pd(&self, outcome: &str) -> f64 {
         metric_sum(&[self.http], &format!("kvroute_pd_requests_total{{outcome=\"{outcome}\"}}"))
+    }
+
+    /// `/v1/route/explain` for this body.
+    fn explain(&self, body: &Value) -> Value {
+        ureq::post(&format!("{}/v1/route/explain", common::admin(&self.base))).send_json(body.clone()).unwrap().into_json().unwrap()
     }
 
     fn is_decode(&self, pod: &str) -> bool {
@@ -211,4 +220,60 @@ fn sidecar_mode_only_names_the_prefill_pod() {
     assert!(f.is_decode(&pod), "{pod}");
     assert_eq!(f.prefill_tokens(), 0.0, "in sidecar mode the gateway must not prefill");
     assert_eq!(f.pd("disaggregated"), 0.0);
+}
+
+#[test]
+fn kvroutes_default_profile_splits_only_when_the_decode_pods_are_backed_up() {
+    // No scheduler config: kvroute's default profile, whose P/D stage wakes up because the
+    // pool has prefill-role pods. Sims at model time, so requests stay in flight a while.
+    let f = fleet_with("default", "", &["--speedup", "1"]);
+    let long = |tag: &str| {
+        let mut b = body(false, &words(tag, 1500), false);
+        b["max_tokens"] = json!(150);
+        b
+    };
+    // Idle fleet: a long new prompt stays on a decode pod (splitting only adds the transfer
+    // and the hop), and the explanation says so with both predictions.
+    let e = f.explain(&long("idle"));
+    assert!(f.is_decode(e["pick"].as_str().unwrap()), "{e}");
+    assert!(e["prefill"].is_null(), "{e}");
+    let pd = &e["pd"];
+    assert_eq!(pd["decider"], "predicted-ttft-pd-decider", "{e}");
+    assert_eq!(pd["split"], false, "{e}");
+    assert!(pd["predicted_split_s"].as_f64().unwrap() > pd["predicted_local_s"].as_f64().unwrap(), "{e}");
+    // Two long requests keep both decode pods busy (each routed locally: idle fleet).
+    let workers: Vec<_> = ["busyA", "busyB"]
+        .into_iter()
+        .map(|t| {
+            let (b, base) = (long(t), f.base.clone());
+            std::thread::spawn(move || {
+                let r = ureq::post(&format!("{base}/v1/completions")).send_json(b).unwrap();
+                r.header("x-kvroute-pod").unwrap_or_default().to_string()
+            })
+        })
+        .collect();
+    // While they run, a third long prompt is predicted sooner through an idle prefill pod.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let split = loop {
+        let e = f.explain(&long("third"));
+        if e["pd"]["split"] == true || Instant::now() > deadline {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(split["pd"]["split"], true, "{split}");
+    let pre = split["prefill"].as_str().unwrap().to_string();
+    assert!(f.prefill.iter().any(|p| pre == format!("127.0.0.1:{p}")), "{split}");
+    assert!(split["pd"]["reason"].as_str().unwrap().contains(&pre), "{split}");
+    // And the real request follows the explanation: prefilled remotely, decoded locally.
+    let before = f.prefill_tokens();
+    let (status, pod, text) = f.post(false, long("third"));
+    assert_eq!(status, 200, "{text}");
+    assert!(f.is_decode(&pod), "{pod}");
+    assert!(f.prefill_tokens() > before, "the prefill pod must have computed the prompt");
+    assert_eq!(f.pd("disaggregated"), 1.0);
+    let busy: Vec<String> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(busy.iter().all(|p| f.is_decode(p)), "{busy:?}");
+    assert_ne!(busy[0], busy[1], "the two cold prompts spread over both decode pods");
+    assert_eq!(f.pd("decode_only"), 2.0, "the two local decisions are counted");
 }
