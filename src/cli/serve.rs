@@ -37,8 +37,9 @@ pub struct ServeArgs {
     models: Vec<String>,
     /// An llm-d EndpointPickerConfig YAML: its scheduling profiles, plus the block size,
     /// hash seed and KV-event settings of its precise-prefix plugin (start is refused
-    /// when they contradict a flag given) [default: kvroute's profile]. With a P/D profile
-    /// handler the gateway prefills on the prefill pod, then decodes (config `pd.mode`).
+    /// when they contradict a flag given) [default: kvroute's profile, which splits
+    /// prefill/decode by predicted TTFT when pods are labelled llm-d.ai/role]. When a request
+    /// is split the gateway prefills on the prefill pod, then decodes (config `pd.mode`).
     #[arg(long)]
     scheduler_config: Option<PathBuf>,
     /// Health-probe and metric-scrape interval, ms [default: 1000].
