@@ -80,7 +80,11 @@ impl Fleet {
 
     /// `/v1/route/explain` for this body.
     fn explain(&self, body: &Value) -> Value {
-        ureq::post(&format!("{}/v1/route/explain", common::admin(&self.base))).send_json(body.clone()).unwrap().into_json().unwrap()
+        ureq::post(&format!("{}/v1/route/explain", common::admin(&self.base)))
+            .send_json(body.clone())
+            .unwrap()
+            .into_json()
+            .unwrap()
     }
 
     fn is_decode(&self, pod: &str) -> bool {

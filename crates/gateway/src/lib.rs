@@ -204,7 +204,10 @@ impl Gateway {
         )?;
         registry.register(Box::new(plugin_seconds.clone()))?;
         let decisions = IntCounterVec::new(
-            Opts::new("kvroute_router_decisions_total", "Routing decisions by chosen pod"),
+            Opts::new(
+                "kvroute_router_decisions_total",
+                "Routing decisions by chosen pod (P/D: the prefill pick counts for its pod too)",
+            ),
             &["pod"],
         )?;
         registry.register(Box::new(decisions.clone()))?;

@@ -74,6 +74,15 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
         }
         _ => (body, None),
     };
+    // In sidecar mode the decode pod's sidecar prefills on the named pod before the first
+    // byte comes back: count that prefill in the prefill pod's load until then.
+    let mut sidecar_prefill = match &routed.prefill {
+        Some((p, uncached)) if gw.pd_mode == Mode::Sidecar => {
+            gw.decisions.with_label_values(&[&p.name]).inc();
+            Some(crate::InFlight::new(p.clone(), *uncached))
+        }
+        _ => None,
+    };
     let (mut last_err, mut worst, mut all_busy) = (String::new(), Failure::Unavailable, true);
     let m = &gw.upstream;
     for (i, b) in routed.order.iter().enumerate().take(gw.max_retries + 1) {
@@ -131,6 +140,7 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
         match attempt {
             Ok(Ok(Ok((status, ctype, first, rest)))) => {
                 guard_.first_byte();
+                sidecar_prefill.take();
                 let ttft = gw.ttft.with_label_values(&[if routed.hit { "hit" } else { "miss" }]);
                 ttft.observe(t0.elapsed().as_secs_f64());
                 let sse =
