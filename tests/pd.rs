@@ -269,9 +269,27 @@ fn kvroutes_default_profile_splits_only_when_the_decode_pods_are_backed_up() {
     let pre = split["prefill"].as_str().unwrap().to_string();
     assert!(f.prefill.iter().any(|p| pre == format!("127.0.0.1:{p}")), "{split}");
     assert!(split["pd"]["reason"].as_str().unwrap().contains(&pre), "{split}");
-    // And the real request follows the explanation: prefilled remotely, decoded locally.
+    // And the real request follows the explanation: prefilled remotely, decoded locally;
+    // while the prefill leg runs, it counts in the prefill pod's load.
     let before = f.prefill_tokens();
-    let (status, pod, text) = f.post(false, long("third"));
+    let third = {
+        let (b, base) = (long("third"), f.base.clone());
+        std::thread::spawn(move || {
+            let r = ureq::post(&format!("{base}/v1/completions")).send_json(b).unwrap();
+            (r.status(), r.header("x-kvroute-pod").unwrap_or_default().to_string(), r.into_string().unwrap())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let loaded = loop {
+        let e = f.explain(&long("probe"));
+        let n = e["pods"].as_array().unwrap().iter().find(|p| p["pod"] == pre.as_str()).unwrap()["in_flight"].clone();
+        if n == 1 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(loaded, 1, "the prefill leg must count in the prefill pod's in-flight load");
+    let (status, pod, text) = third.join().unwrap();
     assert_eq!(status, 200, "{text}");
     assert!(f.is_decode(&pod), "{pod}");
     assert!(f.prefill_tokens() > before, "the prefill pod must have computed the prompt");
