@@ -320,7 +320,12 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                         }
                     })
                     .collect();
-                let req = RequestView { prompt_tokens: r.prompt_tokens, block_size: bs, total_blocks: r.keys.len() };
+                let req = RequestView {
+                    prompt_tokens: r.prompt_tokens,
+                    block_size: bs,
+                    total_blocks: r.keys.len(),
+                    ..Default::default()
+                };
                 let s = profile.schedule(&req, &views).pick.unwrap_or(0);
                 sessions.insert(r.session, s);
                 index.store_speculative(s as PodId, Tiers::GPU, &r.keys);

@@ -514,7 +514,14 @@ impl Gateway {
             self.shed.inc();
             return Err(RouteError::new(StatusCode::TOO_MANY_REQUESTS, "every candidate pod is saturated"));
         }
-        let req = RequestView { prompt_tokens: est_tokens, block_size: bs, total_blocks: est_tokens / bs.max(1) };
+        let req = RequestView {
+            prompt_tokens: est_tokens,
+            block_size: bs,
+            total_blocks: est_tokens / bs.max(1),
+            keys: keys.as_slice().into(),
+            text: text.as_str().into(),
+            now_s: clock_s(),
+        };
         // A dry run (explain, `decision` is None) leaves the pickers' and scorers' state alone.
         let d = if decision.is_none() {
             self.profile.schedule_dry(&req, &views)
@@ -580,6 +587,12 @@ impl Gateway {
 }
 
 type Tokens = Option<Arc<Vec<u32>>>;
+
+/// Seconds since the first call (the scheduler's monotonic clock).
+fn clock_s() -> f64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
 
 /// The first tokenization result a waiting request sees (`None` if the leader gave up).
 async fn first_value(mut rx: tokio::sync::watch::Receiver<Tokens>) -> Tokens {

@@ -28,6 +28,7 @@
 mod epp;
 mod filters;
 pub mod pd;
+pub mod peers;
 mod pickers;
 mod registry;
 mod scorers;
@@ -80,6 +81,15 @@ pub struct RequestView {
     pub prompt_tokens: usize,
     pub block_size: usize,
     pub total_blocks: usize,
+    /// The prompt's full-block keys, prefix-chained (equal keys ⇔ equal prefix): for
+    /// policies that keep their own record of what went where (empty when untokenized).
+    pub keys: std::sync::Arc<[u64]>,
+    /// The routing text (the prompt, or the chat messages' text): for the peers' text-tree
+    /// policies. The offline simulation, which has no text, derives one from the keys.
+    pub text: std::sync::Arc<str>,
+    /// The scheduler's clock, seconds (monotonic; virtual time in the offline simulation):
+    /// for policies whose records expire.
+    pub now_s: f64,
 }
 
 pub trait Scorer: Send + Sync {

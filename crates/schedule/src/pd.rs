@@ -172,12 +172,14 @@ mod tests {
             ..Default::default()
         }
     }
-    const REQ: RequestView = RequestView { prompt_tokens: 8192, block_size: 16, total_blocks: 512 };
+    fn req() -> RequestView {
+        RequestView { prompt_tokens: 8192, block_size: 16, total_blocks: 512, ..Default::default() }
+    }
 
     #[test]
     fn an_idle_fleet_never_splits_a_long_prompt() {
         let d = Decider::PredictedTtft(TtftDecider::default());
-        let v = d.decide(&REQ, &pod("d", 0, 0.0, 0), Some(&pod("p", 0, 0.0, 0)));
+        let v = d.decide(&req(), &pod("d", 0, 0.0, 0), Some(&pod("p", 0, 0.0, 0)));
         assert!(!v.split, "{v:?}");
         // 8192 · 31 µs = 254 ms local; split adds 8192 · 3 µs + 15 ms.
         assert!((v.predicted_local_s.unwrap() - 0.253952).abs() < 1e-9, "{v:?}");
@@ -188,14 +190,14 @@ mod tests {
     fn a_queued_decode_pod_sends_the_prefill_to_an_idle_prefill_pod() {
         let d = Decider::PredictedTtft(TtftDecider::default());
         // The decode pod owes 8192 tokens of prefill already: split wins by 254 − 40 ms.
-        let v = d.decide(&REQ, &pod("d", 0, 8192.0, 1), Some(&pod("p", 0, 0.0, 0)));
+        let v = d.decide(&req(), &pod("d", 0, 8192.0, 1), Some(&pod("p", 0, 0.0, 0)));
         assert!(v.split, "{v:?}");
         // Unless the prefill pod is just as busy.
-        let v = d.decide(&REQ, &pod("d", 0, 8192.0, 1), Some(&pod("p", 0, 8192.0, 1)));
+        let v = d.decide(&req(), &pod("d", 0, 8192.0, 1), Some(&pod("p", 0, 8192.0, 1)));
         assert!(!v.split, "{v:?}");
         // The break-even point: split when the decode pod's queue exceeds the transfer and
         // the hop, (8192 · 3 µs + 15 ms) / 31 µs ≈ 1277 tokens.
-        let at = |q: f64| d.decide(&REQ, &pod("d", 0, q, 1), Some(&pod("p", 0, 0.0, 0))).split;
+        let at = |q: f64| d.decide(&req(), &pod("d", 0, q, 1), Some(&pod("p", 0, 0.0, 0))).split;
         assert!(!at(1270.0) && at(1290.0));
     }
 
@@ -204,12 +206,12 @@ mod tests {
         let d = Decider::PredictedTtft(TtftDecider::default());
         // 500 of 512 blocks cached on the decode pod: 192 tokens to compute locally, even
         // behind a queue of 1000 tokens, beats a full prefill elsewhere.
-        let v = d.decide(&REQ, &pod("d", 500, 1000.0, 3), Some(&pod("p", 0, 0.0, 0)));
+        let v = d.decide(&req(), &pod("d", 500, 1000.0, 3), Some(&pod("p", 0, 0.0, 0)));
         assert!(!v.split, "{v:?}");
         assert_eq!(v.uncached_tokens, 192);
         // A prefill pod holding the prefix too, and idle: 192 tokens there + transfer + hop
         // vs 1192 locally — splitting wins.
-        let v = d.decide(&REQ, &pod("d", 500, 1000.0, 3), Some(&pod("p", 500, 0.0, 0)));
+        let v = d.decide(&req(), &pod("d", 500, 1000.0, 3), Some(&pod("p", 500, 0.0, 0)));
         assert!(v.split, "{v:?}");
     }
 
@@ -219,11 +221,11 @@ mod tests {
         let d = Decider::PredictedTtft(m);
         // Idle prefill pod, decode pod with 20 requests decoding and nothing queued: the
         // request's own TTFT is better locally, but 20 streams would stall for 254 ms.
-        let v = d.decide(&REQ, &pod("d", 0, 0.0, 20), Some(&pod("p", 0, 0.0, 0)));
+        let v = d.decide(&req(), &pod("d", 0, 0.0, 20), Some(&pod("p", 0, 0.0, 0)));
         assert!(v.split, "{v:?}");
         assert!(v.reason.contains("its other requests would wait"), "{}", v.reason);
         let v = Decider::PredictedTtft(TtftDecider::default()).decide(
-            &REQ,
+            &req(),
             &pod("d", 0, 0.0, 20),
             Some(&pod("p", 0, 0.0, 0)),
         );
@@ -233,17 +235,17 @@ mod tests {
     #[test]
     fn no_prefill_pod_or_the_same_pod_means_local() {
         let d = Decider::PredictedTtft(TtftDecider::default());
-        assert_eq!(d.decide(&REQ, &pod("d", 0, 1e6, 1), None).reason, "no prefill pod");
-        let v = d.decide(&REQ, &pod("d", 0, 1e6, 1), Some(&pod("d", 0, 1e6, 1)));
+        assert_eq!(d.decide(&req(), &pod("d", 0, 1e6, 1), None).reason, "no prefill pod");
+        let v = d.decide(&req(), &pod("d", 0, 1e6, 1), Some(&pod("d", 0, 1e6, 1)));
         assert!(!v.split && v.reason.contains("is the decode pod"), "{v:?}");
     }
 
     #[test]
     fn llm_d_deciders_read_the_decode_pod_only() {
         let d = Decider::PrefixBased { non_cached_tokens: 16 };
-        assert!(d.decide(&REQ, &pod("d", 511, 0.0, 0), None).split, "16 uncached ≥ 16");
-        assert!(!d.decide(&REQ, &pod("d", 512, 0.0, 0), None).split);
-        assert!(!Decider::PrefixBased { non_cached_tokens: 0 }.decide(&REQ, &pod("d", 0, 0.0, 0), None).split);
-        assert!(Decider::Always.decide(&REQ, &pod("d", 512, 0.0, 0), None).split);
+        assert!(d.decide(&req(), &pod("d", 511, 0.0, 0), None).split, "16 uncached ≥ 16");
+        assert!(!d.decide(&req(), &pod("d", 512, 0.0, 0), None).split);
+        assert!(!Decider::PrefixBased { non_cached_tokens: 0 }.decide(&req(), &pod("d", 0, 0.0, 0), None).split);
+        assert!(Decider::Always.decide(&req(), &pod("d", 512, 0.0, 0), None).split);
     }
 }

@@ -24,7 +24,7 @@ fn pod(name: &str, in_flight: u32, matched: usize) -> PodView {
 #[test]
 fn default_profile_prefers_the_cached_pod_until_it_is_much_busier() {
     let p = SchedulerConfig::default_profile();
-    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128, ..Default::default() };
     let pods = vec![pod("a", 0, 0), pod("b", 1, 120), pod("c", 0, 0)];
     assert_eq!(p.schedule(&req, &pods).pick, Some(1), "a hit outweighs one request in flight");
     let pods = vec![pod("a", 0, 0), pod("b", 60, 120), pod("c", 0, 0)];
@@ -35,7 +35,7 @@ fn default_profile_prefers_the_cached_pod_until_it_is_much_busier() {
 #[test]
 fn queued_prefill_and_cache_turnover_move_requests_off_a_cached_pod() {
     let p = SchedulerConfig::default_profile();
-    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128, ..Default::default() };
     // The cached pod owes 20 K tokens of prefill to earlier requests: a full
     // recompute elsewhere (3 × 2048 with the recompute penalty) is cheaper.
     let mut b = pod("b", 1, 120);
@@ -55,7 +55,7 @@ fn queued_prefill_and_cache_turnover_move_requests_off_a_cached_pod() {
 #[test]
 fn a_backed_up_fleet_keeps_requests_on_their_cached_pod() {
     let p = SchedulerConfig::default_profile();
-    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128 };
+    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128, ..Default::default() };
     // The cached pod owes 20 K tokens more than the others: with idle pods around,
     // a recompute there is quicker (the test above); with every pod 60 K behind, the
     // move saves a small share of a long wait and adds a recompute to a full fleet.
@@ -98,7 +98,7 @@ schedulingProfiles:
 "#;
     let p = SchedulerConfig::from_yaml(yaml).unwrap();
     assert_eq!(p.scorers.iter().map(|s| s.1).collect::<Vec<_>>(), vec![3.0, 2.0, 2.0, 2.0]);
-    let req = RequestView { prompt_tokens: 160, block_size: 16, total_blocks: 10 };
+    let req = RequestView { prompt_tokens: 160, block_size: 16, total_blocks: 10, ..Default::default() };
     let d = p.schedule(&req, &[pod("a", 0, 10), pod("b", 0, 0)]);
     assert_eq!(d.pick, Some(0));
     assert_eq!(d.scores.len(), 4);
@@ -139,7 +139,7 @@ fn role(name: &str, matched: usize, role: Option<&str>) -> PodView {
 
 #[test]
 fn guide_configs_route_on_a_fleet_without_role_labels() {
-    let req = RequestView { prompt_tokens: 640, block_size: 64, total_blocks: 10 };
+    let req = RequestView { prompt_tokens: 640, block_size: 64, total_blocks: 10, ..Default::default() };
     let fleet = [pod("a", 0, 0), pod("b", 0, 8), pod("c", 0, 0)];
     for (name, text) in [("on-ramp", ONRAMP), ("precise guide", PRECISE_GUIDE), ("kserve", KSERVE_DEFAULT)] {
         let l = SchedulerConfig::load(text).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -186,7 +186,7 @@ fn precise_producer_means_precise_scoring_and_maps_its_settings() {
 #[test]
 fn pd_handler_picks_a_prefill_pod_when_roles_are_labelled() {
     let l = SchedulerConfig::load(KSERVE_PD).unwrap();
-    let req = RequestView { prompt_tokens: 160, block_size: 16, total_blocks: 10 };
+    let req = RequestView { prompt_tokens: 160, block_size: 16, total_blocks: 10, ..Default::default() };
     let pods = [role("p", 0, Some("prefill")), role("d", 0, Some("decode")), role("x", 0, Some("encode"))];
     let d = l.profile.schedule(&req, &pods);
     assert_eq!((d.pick, d.prefill), (Some(1), Some(0)));
@@ -251,7 +251,7 @@ fn what_kvroute_cannot_honour_is_named() {
 
 #[test]
 fn dry_runs_leave_picks_unchanged() {
-    let req = RequestView { prompt_tokens: 64, block_size: 16, total_blocks: 4 };
+    let req = RequestView { prompt_tokens: 64, block_size: 16, total_blocks: 4, ..Default::default() };
     let pods = vec![pod("a", 0, 0), pod("b", 0, 0), pod("c", 0, 0)];
     for p in [SchedulerConfig::default_profile(), SchedulerConfig::round_robin()] {
         let dry: Vec<_> = (0..5).map(|_| p.schedule_dry(&req, &pods).pick).collect();
@@ -263,7 +263,7 @@ fn dry_runs_leave_picks_unchanged() {
 
 #[test]
 fn the_default_profile_disaggregates_only_in_a_pool_with_both_roles() {
-    let req = RequestView { prompt_tokens: 8192, block_size: 16, total_blocks: 512 };
+    let req = RequestView { prompt_tokens: 8192, block_size: 16, total_blocks: 512, ..Default::default() };
     let p = SchedulerConfig::default_profile();
     // No role labels: every pod decodes, nothing to decide.
     let plain = [pod("a", 0, 0), pod("b", 0, 0)];

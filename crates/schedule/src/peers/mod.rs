@@ -1,0 +1,11 @@
+//! The peers' routing policies, reproduced from their specifications in
+//! `../shared/research/peers-policies.md` and `dynamo-kv-router.md` (each module cites its
+//! section), so kvroute's default can be measured against them on the same simulator, the
+//! same trace and the same live fleet. Each is a scorer plugin registered by name; the named
+//! profiles (a policy alone with `max-score-picker`) are in `kvroute-bench`'s policy list
+//! and `kvroute serve --policy`.
+
+pub mod sglang;
+mod tree;
+
+pub use sglang::{CacheAwareConfig, Sglang, Smg};
