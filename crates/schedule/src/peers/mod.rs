@@ -5,7 +5,11 @@
 //! profiles (a policy alone with `max-score-picker`) are in `kvroute-bench`'s policy list
 //! and `kvroute serve --policy`.
 
+pub mod aibrix;
+pub mod prodstack;
 pub mod sglang;
 mod tree;
 
+pub use aibrix::{AibrixConfig, AibrixPrefixCache};
+pub use prodstack::ProdstackPrefixAware;
 pub use sglang::{CacheAwareConfig, Sglang, Smg};

@@ -93,6 +93,7 @@ impl CharTree {
     }
 
     /// Characters listed under `tenant`.
+    #[cfg(test)]
     pub(crate) fn tenant_chars(&self, tenant: &str) -> usize {
         self.ids.get(tenant).and_then(|i| self.tenant_chars.get(i)).copied().unwrap_or(0)
     }
