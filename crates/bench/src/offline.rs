@@ -317,6 +317,7 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                             waiting: Some(waiting as f64),
                             lora_active: None,
                             labels: Default::default(),
+                            ..Default::default()
                         }
                     })
                     .collect();

@@ -109,7 +109,7 @@ pub struct Gateway {
 pub struct Routed {
     /// Backends in the order to try them (the pick first).
     pub order: Vec<Arc<Backend>>,
-    pub keys: Vec<u64>,
+    pub keys: Arc<[u64]>,
     pub text_keys: Vec<u64>,
     /// The decision, as `/v1/route/explain` shows it.
     pub explain: Value,
@@ -405,7 +405,7 @@ impl Gateway {
         }
         b.add_new_blocks(uncached as usize / self.keys.block_size().max(1));
         self.decisions.with_label_values(&[&b.name]).inc();
-        InFlight::new(b.clone(), uncached)
+        InFlight::new(b.clone(), uncached, routed.keys.clone())
     }
 
     /// Tokenize → keys → index scores → profile → candidates in order.
@@ -426,6 +426,7 @@ impl Gateway {
         if let Some(t) = &tokens {
             self.keys.keys(t, lora, salt, &mut keys);
         }
+        let keys: Arc<[u64]> = keys.into();
         let text_keys = approx::chunk_keys(&format!("{model}\0{}", salt.unwrap_or("")), &text);
         let all = self.pool.backends();
         if !all.iter().any(|b| b.serves(model)) {
@@ -486,6 +487,7 @@ impl Gateway {
                     Some(_) if precise_known => s.map_or(0, |s| s.matched_blocks),
                     _ => (approx * est_tokens as f64) as usize / bs.max(1),
                 };
+                let (active_blocks, active_prefix_blocks) = b.active_blocks(&keys);
                 PodView {
                     name: b.name.clone(),
                     in_flight: b.in_flight.load(Relaxed),
@@ -500,6 +502,8 @@ impl Gateway {
                     waiting: b.waiting(self.scrape_max_age),
                     lora_active: lora.map(|l| b.running_loras.read().iter().any(|x| x == l)),
                     labels: b.labels.read().clone(),
+                    active_blocks,
+                    active_prefix_blocks,
                 }
             })
             .collect();
@@ -518,7 +522,7 @@ impl Gateway {
             prompt_tokens: est_tokens,
             block_size: bs,
             total_blocks: est_tokens / bs.max(1),
-            keys: keys.as_slice().into(),
+            keys: keys.clone(),
             text: text.as_str().into(),
             now_s: clock_s(),
         };
@@ -711,13 +715,16 @@ pub struct InFlight {
     backend: Arc<Backend>,
     prefill: u64,
     answered: bool,
+    /// The request's prompt blocks, active on the pod while it is in flight.
+    keys: Arc<[u64]>,
 }
 impl InFlight {
-    fn new(backend: Arc<Backend>, prefill: u64) -> Self {
+    fn new(backend: Arc<Backend>, prefill: u64, keys: Arc<[u64]>) -> Self {
         backend.in_flight.fetch_add(1, AcqRel);
         backend.queued.fetch_add(1, AcqRel);
         backend.pending_prefill.fetch_add(prefill, AcqRel);
-        Self { backend, prefill, answered: false }
+        backend.add_active(&keys);
+        Self { backend, prefill, answered: false, keys }
     }
     /// The pod answered: its prefill for this request is done.
     pub fn first_byte(&mut self) {
@@ -731,5 +738,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.first_byte();
         self.backend.in_flight.fetch_sub(1, AcqRel);
+        self.backend.remove_active(&self.keys);
     }
 }

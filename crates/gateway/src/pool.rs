@@ -32,6 +32,8 @@ pub struct Backend {
     pub queued: AtomicU32,
     /// Uncached blocks routed here (decayed, see `kvroute_schedule::decayed`) and when.
     new_blocks: parking_lot::Mutex<(f64, Instant)>,
+    /// Prompt block keys of the requests in flight here, with how many requests hold each.
+    active: parking_lot::Mutex<std::collections::HashMap<u64, u32>>,
     /// KV capacity in blocks, from `vllm:cache_config_info{num_gpu_blocks}` (0: unknown).
     gpu_blocks: AtomicU64,
     /// The pod's block size, from `vllm:cache_config_info{block_size}` (0: unknown).
@@ -73,6 +75,7 @@ impl Backend {
             pending_prefill: AtomicU64::new(0),
             queued: AtomicU32::new(0),
             new_blocks: parking_lot::Mutex::new((0.0, Instant::now())),
+            active: parking_lot::Mutex::new(Default::default()),
             gpu_blocks: AtomicU64::new(0),
             block_size: AtomicU64::new(0),
             models: RwLock::new(Vec::new()),
@@ -83,6 +86,34 @@ impl Backend {
             hook: std::sync::OnceLock::new(),
             out: tokio::sync::Notify::new(),
         }
+    }
+
+    /// A request holding these prompt blocks is now in flight here.
+    pub fn add_active(&self, keys: &[u64]) {
+        let mut a = self.active.lock();
+        for k in keys {
+            *a.entry(*k).or_default() += 1;
+        }
+    }
+
+    /// That request is done.
+    pub fn remove_active(&self, keys: &[u64]) {
+        let mut a = self.active.lock();
+        for k in keys {
+            if let Some(n) = a.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    a.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Distinct prompt blocks in flight here, and how many of `keys` from block 0 are
+    /// among them.
+    pub fn active_blocks(&self, keys: &[u64]) -> (usize, usize) {
+        let a = self.active.lock();
+        (a.len(), keys.iter().take_while(|k| a.contains_key(k)).count())
     }
 
     pub fn is_healthy(&self) -> bool {

@@ -58,7 +58,7 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     let mut routed = routed;
     let (body, cached) = match &routed.prefill {
         Some((p, uncached)) if gw.pd_mode == Mode::Gateway => {
-            match gw.prefill(p.clone(), *uncached, path, &v, &headers, deadline).await {
+            match gw.prefill((p.clone(), *uncached, routed.keys.clone()), path, &v, &headers, deadline).await {
                 Some(done) => {
                     if let Some(u) = routed.uncached.first_mut() {
                         *u = 0;
@@ -79,7 +79,7 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     let mut sidecar_prefill = match &routed.prefill {
         Some((p, uncached)) if gw.pd_mode == Mode::Sidecar => {
             gw.decisions.with_label_values(&[&p.name]).inc();
-            Some(crate::InFlight::new(p.clone(), *uncached))
+            Some(crate::InFlight::new(p.clone(), *uncached, routed.keys.clone()))
         }
         _ => None,
     };
@@ -232,12 +232,11 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
 
 impl Gateway {
     /// The prefill request to pod `backend` (P/D, gateway mode), counted in its load while
-    /// it runs (`uncached` prompt tokens to compute); `None` when it failed (the request
-    /// then goes to the decode pod alone).
+    /// it runs (`uncached` prompt tokens to compute, the prompt's `keys` active); `None` when
+    /// it failed (the request then goes to the decode pod alone).
     async fn prefill(
         &self,
-        backend: Arc<crate::Backend>,
-        uncached: u64,
+        (backend, uncached, keys): (Arc<crate::Backend>, u64, Arc<[u64]>),
         path: &str,
         v: &serde_json::Value,
         headers: &HeaderMap,
@@ -249,7 +248,7 @@ impl Gateway {
         let timeout = self.timeouts.first_byte.min(deadline.saturating_duration_since(t));
         self.decisions.with_label_values(&[&name]).inc();
         backend.add_new_blocks(uncached as usize / self.keys.block_size().max(1));
-        let load = crate::InFlight::new(backend.clone(), uncached);
+        let load = crate::InFlight::new(backend.clone(), uncached, keys);
         let url = format!("{}{path}", backend.url);
         let r = tokio::select! {
             r = pd::prefill(&self.client, &url, v, headers.get("authorization"), timeout) => r,

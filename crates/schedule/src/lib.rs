@@ -73,6 +73,11 @@ pub struct PodView {
     pub lora_active: Option<bool>,
     /// The pod's labels (from the pool configuration).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Distinct prompt blocks of the requests the router has in flight to this pod (shared
+    /// prefixes counted once): Dynamo's "active blocks", the decode load it predicts.
+    pub active_blocks: usize,
+    /// Of this request's blocks, how many from block 0 are among those active blocks.
+    pub active_prefix_blocks: usize,
 }
 
 /// The request being scheduled.

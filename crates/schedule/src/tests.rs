@@ -18,6 +18,7 @@ fn pod(name: &str, in_flight: u32, matched: usize) -> PodView {
         waiting: None,
         lora_active: None,
         labels: Default::default(),
+        ..Default::default()
     }
 }
 

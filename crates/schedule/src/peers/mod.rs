@@ -6,10 +6,12 @@
 //! and `kvroute serve --policy`.
 
 pub mod aibrix;
+pub mod dynamo;
 pub mod prodstack;
 pub mod sglang;
 mod tree;
 
 pub use aibrix::{AibrixConfig, AibrixPrefixCache};
+pub use dynamo::{Dynamo, DynamoConfig};
 pub use prodstack::ProdstackPrefixAware;
 pub use sglang::{CacheAwareConfig, Sglang, Smg};
