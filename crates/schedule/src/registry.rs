@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use crate::filters::{self, DECODE_ROLES, ENCODE_ROLES, PREFILL_ROLES};
+use crate::peers;
 use crate::pickers::{seeded, MaxScorePicker, RandomPicker, RoundRobinPicker};
 use crate::scorers::*;
 use crate::{ConfigError, Plugin};
@@ -19,6 +20,12 @@ const PROFILE_PLUGINS: &[&str] = &[
     "session-affinity-scorer",
     "predicted-ttft-scorer",
     "no-hit-lru-scorer",
+    "sglang-cache-aware-scorer",
+    "smg-cache-aware-scorer",
+    "prodstack-prefix-aware-scorer",
+    "aibrix-prefix-cache-scorer",
+    "dynamo-kv-scorer",
+    "dynamo-approx-scorer",
     "saturation-filter",
     "label-selector-filter",
     "by-label",
@@ -107,6 +114,39 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
             relative_queue: params.get("relativeQueue").and_then(Value::as_bool).unwrap_or(true),
         })),
         "no-hit-lru-scorer" => Plugin::Scorer(Box::new(NoHitLruScorer::default())),
+        "sglang-cache-aware-scorer" | "smg-cache-aware-scorer" => {
+            let d = peers::CacheAwareConfig::default();
+            let cfg = peers::CacheAwareConfig {
+                cache_threshold: f("cacheThreshold", d.cache_threshold),
+                balance_abs_threshold: f("balanceAbsThreshold", d.balance_abs_threshold),
+                balance_rel_threshold: f("balanceRelThreshold", d.balance_rel_threshold),
+                max_tree_size: f("maxTreeSize", d.max_tree_size as f64) as usize,
+            };
+            match kind {
+                "sglang-cache-aware-scorer" => Plugin::Scorer(Box::new(peers::Sglang::new(cfg))),
+                _ => Plugin::Scorer(Box::new(peers::Smg::new(cfg))),
+            }
+        }
+        "prodstack-prefix-aware-scorer" => Plugin::Scorer(Box::new(peers::ProdstackPrefixAware::default())),
+        "aibrix-prefix-cache-scorer" => {
+            let d = peers::AibrixConfig::default();
+            Plugin::Scorer(Box::new(peers::AibrixPrefixCache::new(peers::AibrixConfig {
+                block_bytes: f("blockBytes", d.block_bytes as f64).max(1.0) as usize,
+                imbalance_abs: f("imbalanceAbsCount", d.imbalance_abs as f64) as u32,
+                std_factor: f("standardDeviationFactor", d.std_factor),
+                max_blocks: f("blockNumber", d.max_blocks as f64) as usize,
+                ttl_s: f("ttlSeconds", d.ttl_s),
+            })))
+        }
+        "dynamo-kv-scorer" | "dynamo-approx-scorer" => {
+            let d = peers::DynamoConfig::default();
+            Plugin::Scorer(Box::new(peers::Dynamo::new(peers::DynamoConfig {
+                overlap_weight: f("overlapScoreWeight", d.overlap_weight),
+                approximate: kind == "dynamo-approx-scorer",
+                ttl_s: f("ttlSeconds", d.ttl_s),
+                max_blocks: f("maxTreeSize", d.max_blocks as f64) as usize,
+            })))
+        }
         "saturation-filter" => {
             Plugin::Filter(Box::new(filters::SaturationFilter { threshold: f("kvCacheThreshold", 0.95) }))
         }
@@ -137,6 +177,14 @@ pub(crate) fn honoured_params(kind: &str) -> &'static [&'static str] {
             &["queueTokens", "recomputePenalty", "queuedTokens", "turnoverWeight", "pendingWeight", "relativeQueue"]
         }
         "saturation-filter" => &["kvCacheThreshold"],
+        "sglang-cache-aware-scorer" | "smg-cache-aware-scorer" => {
+            &["cacheThreshold", "balanceAbsThreshold", "balanceRelThreshold", "maxTreeSize"]
+        }
+        "aibrix-prefix-cache-scorer" => {
+            &["blockBytes", "imbalanceAbsCount", "standardDeviationFactor", "blockNumber", "ttlSeconds"]
+        }
+        "dynamo-kv-scorer" => &["overlapScoreWeight"],
+        "dynamo-approx-scorer" => &["overlapScoreWeight", "ttlSeconds", "maxTreeSize"],
         "label-selector-filter" => &["matchLabels", "matchExpressions"],
         "by-label" => &["label", "validValues", "allowsNoLabel"],
         "prefix-cache-scorer" => &["prefixMatchInfoProducerName", "mode"],
