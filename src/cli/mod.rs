@@ -42,7 +42,7 @@ pub enum Command {
     /// llm-d's P/D routing sidecar for a decode pod: in front of vLLM (`--vllm-port`),
     /// requests with `x-prefiller-host-port` are prefilled there, then decoded locally
     /// (NixlConnector `kv_transfer_params`); prefill targets must be allow-listed
-    /// (`--prefill-allow`; else 403).
+    /// (`--prefill-allow`, or the pool's Ready pods with `--pool-name`; else 403).
     Sidecar(Box<sidecar::SidecarArgs>),
     /// Run a vLLM-compatible model-server simulator (OpenAI API, prefix cache with
     /// vLLM-exact block hashes, KV events over ZMQ, vLLM metrics, latency model); SIGTERM or

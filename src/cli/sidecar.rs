@@ -5,12 +5,19 @@
 //! cached tokens merged into usage; a failed prefill → decode only). Without the header,
 //! and for every other path, requests pass through to vLLM unchanged; `GET /metrics` is
 //! vLLM's metrics followed by the sidecar's (`kvroute_pd_*`,
-//! `kvroute_sidecar_refused_prefillers_total`).
+//! `kvroute_sidecar_refused_prefillers_total`, `kvroute_sidecar_unverified_prefillers_total`,
+//! with a pool `kvroute_discovery_*`).
 //!
 //! SSRF protection is on by default: the prefill target must be in the allow-list
-//! (`--prefill-allow HOST:PORT`, `--prefill-allow-file`); anything else is answered 403
-//! (OpenAI-style JSON error) and never connected to. `--insecure-any-prefiller` turns the
-//! check off: then anyone who can reach the sidecar can make it POST prompts to any
+//! (`--prefill-allow HOST:PORT`, `--prefill-allow-file`) or, with `--pool-name` /
+//! `--endpoint-selector` (llm-d's `--enable-ssrf-protection` with the InferencePool), a
+//! current endpoint of the pool (`podIP:port` of a Ready pod, for the pool's target ports),
+//! followed by the same Kubernetes watchers as `kvroute serve --discovery kubernetes`
+//! (`kvroute_discovery`). Anything else is answered 403 (OpenAI-style JSON error) and never
+//! connected to. Until the pool's first listing has arrived, a target that no static entry
+//! allows is answered 503 with `Retry-After` (the sidecar cannot tell yet: it may well be a
+//! pool member, so this is "try again", not "forbidden"). `--insecure-any-prefiller` turns
+//! the check off: then anyone who can reach the sidecar can make it POST prompts to any
 //! address it can reach.
 
 use std::collections::HashSet;
@@ -27,8 +34,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use clap::{Args, ValueEnum};
 use futures_util::StreamExt;
+use kvroute_discovery::{Fleet, KubeSection};
 use kvroute_gateway::pd;
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
 /// The KV connector protocol spoken with vLLM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -58,8 +67,28 @@ pub struct SidecarArgs {
     /// UNSAFE: accept any x-prefiller-host-port (no SSRF protection: whoever reaches the
     /// sidecar can make it POST to any address it can reach). Only behind a gateway that
     /// strips client-set x-prefiller-host-port headers.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["pool_name", "endpoint_selector"])]
     insecure_any_prefiller: bool,
+    /// Allow the Ready pods of this InferencePool as prefill targets (podIP:port for the
+    /// pool's target ports), followed live; --prefill-allow entries are allowed too.
+    #[arg(long, conflicts_with = "endpoint_selector")]
+    pool_name: Option<String>,
+    /// Namespace of the pool and its pods [default: the service account's / kubeconfig's].
+    #[arg(long)]
+    pool_namespace: Option<String>,
+    /// InferencePool API group: inference.networking.k8s.io (v1) or
+    /// inference.networking.x-k8s.io (v1alpha2) [default: inference.networking.k8s.io].
+    #[arg(long)]
+    pool_group: Option<String>,
+    /// Without a pool: allow the Ready pods with these labels, e.g. app=vllm.
+    #[arg(long)]
+    endpoint_selector: Option<String>,
+    /// Without a pool: the selected pods' ports, comma-separated [default: 8000].
+    #[arg(long, value_delimiter = ',')]
+    endpoint_target_ports: Vec<u16>,
+    /// Kubeconfig file [default: the in-cluster service account, else $KUBECONFIG].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Time for a prefill reply, ms; past it the request is decoded without it.
     #[arg(long, default_value_t = 120_000)]
     prefill_timeout_ms: u64,
@@ -68,12 +97,80 @@ pub struct SidecarArgs {
 struct Sidecar {
     client: reqwest::Client,
     vllm: String,
-    /// `None`: any prefiller (`--insecure-any-prefiller`).
-    allow: Option<HashSet<String>>,
+    allow: Allow,
     prefill_timeout: Duration,
     metrics: pd::PdMetrics,
     refused: prometheus::IntCounter,
+    unverified: prometheus::IntCounter,
     registry: prometheus::Registry,
+    /// Keeps the pool's watchers running.
+    _discovery: Option<kvroute_discovery::Discovery>,
+}
+
+/// Which prefill targets the sidecar may connect to.
+enum Allow {
+    /// `--insecure-any-prefiller`.
+    Any,
+    /// The static entries, and the pool's current endpoints when it is followed.
+    Listed { fixed: HashSet<String>, pool: Option<watch::Receiver<Fleet>> },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Allowed,
+    /// Not an allowed target: 403.
+    Refused,
+    /// Not a static entry, and the pool has not been listed yet: 503.
+    Unverified,
+}
+
+impl Allow {
+    fn check(&self, target: &str) -> Verdict {
+        let Allow::Listed { fixed, pool } = self else { return Verdict::Allowed };
+        if fixed.contains(target) {
+            return Verdict::Allowed;
+        }
+        let Some(pool) = pool else { return Verdict::Refused };
+        let fleet = pool.borrow();
+        if fleet.endpoints.iter().any(|e| e.name == target) {
+            Verdict::Allowed
+        } else if fleet.synced {
+            Verdict::Refused
+        } else {
+            Verdict::Unverified
+        }
+    }
+}
+
+/// The pool to follow (`--pool-name` / `--endpoint-selector`), if any.
+fn pool_section(a: &SidecarArgs) -> anyhow::Result<Option<KubeSection>> {
+    if a.pool_name.is_none() && a.endpoint_selector.is_none() {
+        let stray = a.pool_namespace.is_some()
+            || a.pool_group.is_some()
+            || !a.endpoint_target_ports.is_empty()
+            || a.kubeconfig.is_some();
+        anyhow::ensure!(
+            !stray,
+            "--pool-namespace, --pool-group, --endpoint-target-ports and --kubeconfig need --pool-name or \
+             --endpoint-selector"
+        );
+        return Ok(None);
+    }
+    let mut k = KubeSection {
+        kubeconfig: a.kubeconfig.clone(),
+        namespace: a.pool_namespace.clone(),
+        pool_name: a.pool_name.clone(),
+        endpoint_selector: a.endpoint_selector.clone(),
+        target_ports: a.endpoint_target_ports.clone(),
+        // Only who the pods are; request priorities are the endpoint picker's business.
+        objectives: false,
+        ..KubeSection::default()
+    };
+    if let Some(g) = &a.pool_group {
+        k.pool_group = g.clone();
+    }
+    k.validate().map_err(anyhow::Error::msg)?;
+    Ok(Some(k))
 }
 
 /// The allow-list from the flags and the file.
@@ -101,11 +198,12 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let Connector::Nixlv2 = a.connector;
-    let allow = allow_list(&a)?;
-    if allow.is_none() {
+    let fixed = allow_list(&a)?;
+    let pool = pool_section(&a)?;
+    if fixed.is_none() {
         tracing::warn!("--insecure-any-prefiller: prefill targets are not checked (no SSRF protection)");
-    } else if allow.as_ref().is_some_and(HashSet::is_empty) {
-        tracing::warn!("no --prefill-allow given: every request naming a prefiller is refused (403)");
+    } else if fixed.as_ref().is_some_and(HashSet::is_empty) && pool.is_none() {
+        tracing::warn!("no --prefill-allow or pool given: every request naming a prefiller is refused (403)");
     }
     let registry = prometheus::Registry::new();
     let metrics = pd::PdMetrics::new(&registry)?;
@@ -114,27 +212,49 @@ pub fn run(a: SidecarArgs) -> anyhow::Result<()> {
         "Requests refused (403) because x-prefiller-host-port named a target outside the allow-list",
     )?;
     registry.register(Box::new(refused.clone()))?;
+    let unverified = prometheus::IntCounter::new(
+        "kvroute_sidecar_unverified_prefillers_total",
+        "Requests answered 503 because the pool had not been listed yet (x-prefiller-host-port could not be checked)",
+    )?;
+    registry.register(Box::new(unverified.clone()))?;
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    let st = Arc::new(Sidecar {
-        client,
-        vllm: format!("http://127.0.0.1:{}", a.vllm_port),
-        allow,
-        prefill_timeout: Duration::from_millis(a.prefill_timeout_ms),
-        metrics,
-        refused,
-        registry,
-    });
-    let app = Router::new()
-        .route("/v1/completions", post(|s, h, b| flow(s, h, b, "/v1/completions")))
-        .route("/v1/chat/completions", post(|s, h, b| flow(s, h, b, "/v1/chat/completions")))
-        .fallback(passthrough)
-        .layer(DefaultBodyLimit::max(64 << 20))
-        .with_state(st);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
+        // The pool's watchers retry on their own: an unreachable API server is not fatal,
+        // targets outside the static list just wait for the first listing (503).
+        let discovery = match &pool {
+            Some(k) => Some(
+                kvroute_discovery::start_kubernetes(k, &registry, Default::default())
+                    .await
+                    .map_err(anyhow::Error::msg)
+                    .context("the pool's allow-list (Kubernetes discovery)")?,
+            ),
+            None => None,
+        };
+        let allow = match fixed {
+            None => Allow::Any,
+            Some(fixed) => Allow::Listed { fixed, pool: discovery.as_ref().map(|d| d.fleet.clone()) },
+        };
+        let st = Arc::new(Sidecar {
+            client,
+            vllm: format!("http://127.0.0.1:{}", a.vllm_port),
+            allow,
+            prefill_timeout: Duration::from_millis(a.prefill_timeout_ms),
+            metrics,
+            refused,
+            unverified,
+            registry,
+            _discovery: discovery,
+        });
+        let app = Router::new()
+            .route("/v1/completions", post(|s, h, b| flow(s, h, b, "/v1/completions")))
+            .route("/v1/chat/completions", post(|s, h, b| flow(s, h, b, "/v1/chat/completions")))
+            .fallback(passthrough)
+            .layer(DefaultBodyLimit::max(64 << 20))
+            .with_state(st);
         let l = tokio::net::TcpListener::bind(("0.0.0.0", a.port))
             .await
             .with_context(|| format!("cannot listen on port {}", a.port))?;
@@ -175,10 +295,21 @@ async fn flow(State(st): State<Arc<Sidecar>>, headers: HeaderMap, body: Bytes, p
         Some(Ok(t)) if !t.is_empty() => t.to_string(),
         Some(_) => return error(StatusCode::BAD_REQUEST, "x-prefiller-host-port must be HOST:PORT"),
     };
-    if st.allow.as_ref().is_some_and(|a| !a.contains(&target)) {
-        st.refused.inc();
-        tracing::warn!(%target, "prefill target not in the allow-list; refused");
-        return error(StatusCode::FORBIDDEN, &format!("prefill target {target} is not an allowed prefill pod"));
+    match st.allow.check(&target) {
+        Verdict::Allowed => {}
+        Verdict::Refused => {
+            st.refused.inc();
+            tracing::warn!(%target, "prefill target not in the allow-list; refused");
+            return error(StatusCode::FORBIDDEN, &format!("prefill target {target} is not an allowed prefill pod"));
+        }
+        Verdict::Unverified => {
+            st.unverified.inc();
+            tracing::warn!(%target, "the pool has not been listed yet; prefill target not checked, refused (503)");
+            let msg = format!("prefill target {target} cannot be checked yet: the pool has not been listed; retry");
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &msg);
+            r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            return r;
+        }
     }
     let v: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
@@ -279,4 +410,43 @@ async fn passthrough(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
         return r;
     }
     send(&st, parts.method, &pq, &parts.headers, body, None).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvroute_discovery::Endpoint;
+
+    fn endpoint(name: &str) -> Endpoint {
+        let (ip, port) = name.rsplit_once(':').unwrap();
+        Endpoint {
+            name: name.into(),
+            pod: "p".into(),
+            ip: ip.into(),
+            port: port.parse().unwrap(),
+            labels: Default::default(),
+            events: None,
+            replay: None,
+        }
+    }
+
+    #[test]
+    fn the_pool_allows_its_current_endpoints_and_static_entries_add_to_them() {
+        let (tx, rx) = watch::channel(Fleet::default());
+        let allow = Allow::Listed { fixed: ["10.0.0.9:8000".to_string()].into(), pool: Some(rx) };
+        // Not listed yet: a static entry passes, anything else cannot be checked.
+        assert_eq!(allow.check("10.0.0.9:8000"), Verdict::Allowed);
+        assert_eq!(allow.check("10.0.0.1:8000"), Verdict::Unverified);
+        tx.send_replace(Fleet { endpoints: vec![endpoint("10.0.0.1:8000")], synced: true, problem: None });
+        assert_eq!(allow.check("10.0.0.1:8000"), Verdict::Allowed);
+        assert_eq!(allow.check("10.0.0.1:8001"), Verdict::Refused, "another port of a pool pod");
+        assert_eq!(allow.check("10.0.0.2:8000"), Verdict::Refused);
+        assert_eq!(allow.check("10.0.0.9:8000"), Verdict::Allowed);
+        // The pod left the pool.
+        tx.send_replace(Fleet { endpoints: vec![], synced: true, problem: None });
+        assert_eq!(allow.check("10.0.0.1:8000"), Verdict::Refused);
+        let fixed_only = Allow::Listed { fixed: HashSet::new(), pool: None };
+        assert_eq!(fixed_only.check("10.0.0.1:8000"), Verdict::Refused);
+        assert_eq!(Allow::Any.check("anything:1"), Verdict::Allowed);
+    }
 }

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub mod envoy;
 pub mod kube;
 
 /// `n` distinct free ports, drawn below the ephemeral range (see [`free_run`]).

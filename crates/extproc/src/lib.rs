@@ -7,7 +7,13 @@
 //! ([`kvroute_gateway::Gateway::route`]: tokenize → keys → index scores → profile — one
 //! scheduler, two doors) and answers with `x-gateway-destination-endpoint: ip:port[,fallbacks]`,
 //! `clear_route_cache`, the `envoy.lb` dynamic metadata and (full-duplex mode) the body
-//! re-sent in chunks of at most 62,000 bytes. Errors are `ImmediateResponse`s: 400 bad
+//! re-sent in chunks of at most 62,000 bytes. Prefill/decode disaggregation: when the
+//! scheduler also picked a prefill pod, the destination is the decode pick and
+//! `x-prefiller-host-port: host:port` names the prefill pod for the decode pod's routing
+//! sidecar (`kvroute sidecar`, llm-d's pd-sidecar), as llm-d's endpoint picker does. A
+//! client-sent `x-prefiller-host-port` never reaches a pod: the door overwrites it with
+//! its own pick or removes it, on every request it routes (else a client would choose
+//! where the sidecar sends prompts). Errors are `ImmediateResponse`s: 400 bad
 //! body or no model, 404 a model no pod serves, 503 no ready endpoint, 429 saturated (the
 //! gateway's OpenAI-style body, `Retry-After` on 429 and 503). Upstream timeouts on this
 //! door are Envoy's (its route and cluster timeouts): Envoy, not kvroute, proxies the
@@ -39,6 +45,9 @@ use proto::{BodyMode, Reply};
 
 /// `x-gateway-destination-endpoint`: where Envoy's ORIGINAL_DST cluster sends the request.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// `x-prefiller-host-port`: the prefill pod (`host:port`) the decode pod's routing sidecar
+/// prefills at (P/D), as llm-d's endpoint picker sets it.
+pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
 /// Body chunks sent back to Envoy are at most this long (as llm-d's EPP).
 pub const MAX_CHUNK: usize = 62_000;
 
@@ -93,6 +102,8 @@ struct StreamState {
     /// Routing is done (headers-only request, body complete, or an error answered).
     routed: bool,
     pod: Option<String>,
+    /// P/D: the prefill pick (`host:port`), sent in [`PREFILLER_HEADER`].
+    prefill: Option<String>,
     guard: Option<InFlight>,
     started: Option<Instant>,
     /// Response body seen so far (scanned for `usage` at the end; bounded).
@@ -131,13 +142,13 @@ impl ExtProc {
                         // Streamed: Envoy waits for this answer before the body and would
                         // route on it; ask for the body buffered instead (honoured with
                         // `allow_mode_override: true`), so the pick can go on the body answer.
-                        let mut r = Reply::request_headers(vec![], false);
+                        let mut r = Reply::request_headers(vec![], &[PREFILLER_HEADER], false);
                         r.mode_override = Some(proto::buffer_request_body(s.response_mode));
                         s.request_mode = BodyMode::Buffered;
                         send(tx, r).await?;
                     } else if s.request_mode != BodyMode::FullDuplexStreamed {
                         // Buffered: Envoy waits for this answer before the body.
-                        send(tx, Reply::request_headers(vec![], false)).await?;
+                        send(tx, Reply::request_headers(vec![], &[PREFILLER_HEADER], false)).await?;
                     }
                     // Full duplex: hold the answer until the body has arrived.
                 }
@@ -153,7 +164,7 @@ impl ExtProc {
                     } else if s.request_mode == BodyMode::Streamed {
                         // Streamed mode wants an answer per chunk; the destination goes on
                         // the last one.
-                        send(tx, Reply::request_body_continue(vec![], false)).await?;
+                        send(tx, Reply::request_body_continue(vec![], &[], false)).await?;
                     }
                 }
                 processing_request::Request::RequestTrailers(_) => {
@@ -206,7 +217,7 @@ impl ExtProc {
         s.pod = Some(b.name.clone());
         self.metrics.outcome("headers_only");
         let set = vec![(DESTINATION_HEADER.to_string(), b.name.clone())];
-        let mut r = Reply::request_headers(set, true);
+        let mut r = Reply::request_headers(set, &[PREFILLER_HEADER], true);
         r.dynamic_metadata = Some(proto::lb_metadata(&b.name));
         send(tx, r).await
     }
@@ -241,8 +252,12 @@ impl ExtProc {
         };
         let endpoints: Vec<String> = routed.order.iter().map(|b| b.name.clone()).collect();
         s.pod = endpoints.first().cloned();
+        s.prefill = routed.explain["prefill"].as_str().map(str::to_string);
         s.guard = Some(self.gw.commit(&routed, 0));
         self.metrics.outcome("routed");
+        if self.gw.profile.prefill.is_some() {
+            self.metrics.pd(if s.prefill.is_some() { "split" } else { "decode_only" });
+        }
         if let Some(t) = s.started {
             self.metrics.decision.observe(t.elapsed().as_secs_f64());
         }
@@ -263,15 +278,22 @@ impl ExtProc {
     ///
     /// The header carries the pick only — Envoy's ORIGINAL_DST cluster parses it as one
     /// address — and the `envoy.lb` metadata the ordered list with the fallbacks, for
-    /// proxies that retry on it.
+    /// proxies that retry on it. `x-prefiller-host-port` is set to the prefill pick, or
+    /// removed when there is none (a client's own never passes).
     async fn answer(&self, tx: &Tx, s: &mut StreamState, endpoints: &str) -> Result<(), Status> {
         let pick = endpoints.split(',').next().unwrap_or_default();
-        let set = vec![(DESTINATION_HEADER.to_string(), pick.to_string())];
+        let mut set = vec![(DESTINATION_HEADER.to_string(), pick.to_string())];
+        let remove: &[&str] = match &s.prefill {
+            Some(p) => {
+                set.push((PREFILLER_HEADER.to_string(), p.clone()));
+                &[]
+            }
+            None => &[PREFILLER_HEADER],
+        };
         let meta = proto::lb_metadata(endpoints);
         if s.request_mode == BodyMode::FullDuplexStreamed {
-            let mut set = set;
             set.push(("content-length".into(), s.body.len().to_string()));
-            let mut r = Reply::request_headers(set, true);
+            let mut r = Reply::request_headers(set, remove, true);
             r.dynamic_metadata = Some(meta);
             send(tx, r).await?;
             let body = std::mem::take(&mut s.body);
@@ -281,7 +303,7 @@ impl ExtProc {
             }
             return Ok(());
         }
-        let mut r = Reply::request_body_continue(set, true);
+        let mut r = Reply::request_body_continue(set, remove, true);
         r.dynamic_metadata = Some(meta);
         s.body.clear();
         send(tx, r).await

@@ -4,6 +4,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Regi
 
 pub struct ExtProcMetrics {
     requests: IntCounterVec,
+    pd: IntCounterVec,
     pub responses: IntCounterVec,
     pub decision: Histogram,
     prompt_tokens: IntCounter,
@@ -15,6 +16,14 @@ impl ExtProcMetrics {
         let requests = IntCounterVec::new(
             Opts::new("kvroute_extproc_requests_total", "ext_proc requests by outcome"),
             &["outcome"],
+        )?;
+        let pd = IntCounterVec::new(
+            Opts::new(
+                "kvroute_extproc_pd_decisions_total",
+                "P/D decisions of routed requests (a profile with a prefill stage): split (x-prefiller-host-port \
+                 named the prefill pod) or decode_only",
+            ),
+            &["decision"],
         )?;
         let responses = IntCounterVec::new(
             Opts::new("kvroute_extproc_responses_total", "Upstream responses seen by ext_proc, by status"),
@@ -36,15 +45,21 @@ impl ExtProcMetrics {
             "Cached prompt tokens (`usage.prompt_tokens_details.cached_tokens`) of responses through ext_proc",
         )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(pd.clone()))?;
         registry.register(Box::new(responses.clone()))?;
         registry.register(Box::new(decision.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(cached_tokens.clone()))?;
-        Ok(Self { requests, responses, decision, prompt_tokens, cached_tokens })
+        Ok(Self { requests, pd, responses, decision, prompt_tokens, cached_tokens })
     }
 
     pub fn outcome(&self, o: &str) {
         self.requests.with_label_values(&[o]).inc();
+    }
+
+    /// Counts a P/D decision (`split` or `decode_only`).
+    pub fn pd(&self, decision: &str) {
+        self.pd.with_label_values(&[decision]).inc();
     }
 
     /// Reads `usage` from a buffered JSON body or from the SSE `data:` events of a stream

@@ -101,7 +101,12 @@ pub fn lb_metadata(endpoints: &str) -> Struct {
 }
 
 fn mutation(set: Vec<(String, String)>) -> Option<HeaderMutation> {
-    (!set.is_empty()).then(|| HeaderMutation {
+    mutation_removing(set, &[])
+}
+
+/// Sets `set` (overwriting any value the request had) and removes the `remove` headers.
+fn mutation_removing(set: Vec<(String, String)>, remove: &[&str]) -> Option<HeaderMutation> {
+    (!set.is_empty() || !remove.is_empty()).then(|| HeaderMutation {
         set_headers: set
             .into_iter()
             .map(|(k, v)| HeaderValueOption {
@@ -110,7 +115,7 @@ fn mutation(set: Vec<(String, String)>) -> Option<HeaderMutation> {
                 ..Default::default()
             })
             .collect(),
-        remove_headers: vec![],
+        remove_headers: remove.iter().map(|h| h.to_string()).collect(),
     })
 }
 
@@ -118,10 +123,10 @@ fn reply(r: processing_response::Response) -> ProcessingResponse {
     ProcessingResponse { response: Some(r), ..Default::default() }
 }
 
-fn common(set: Vec<(String, String)>, clear_route_cache: bool) -> CommonResponse {
+fn common(set: Vec<(String, String)>, remove: &[&str], clear_route_cache: bool) -> CommonResponse {
     CommonResponse {
         status: ResponseStatus::Continue as i32,
-        header_mutation: mutation(set),
+        header_mutation: mutation_removing(set, remove),
         clear_route_cache,
         ..Default::default()
     }
@@ -131,16 +136,21 @@ fn common(set: Vec<(String, String)>, clear_route_cache: bool) -> CommonResponse
 pub struct Reply;
 
 impl Reply {
-    pub fn request_headers(set: Vec<(String, String)>, clear_route_cache: bool) -> ProcessingResponse {
+    /// The answer to the request headers: sets `set` (overwriting) and removes `remove`.
+    pub fn request_headers(set: Vec<(String, String)>, remove: &[&str], clear_route_cache: bool) -> ProcessingResponse {
         reply(processing_response::Response::RequestHeaders(HeadersResponse {
-            response: Some(common(set, clear_route_cache)),
+            response: Some(common(set, remove, clear_route_cache)),
         }))
     }
 
-    /// Continue (buffered / streamed modes), optionally setting request headers.
-    pub fn request_body_continue(set: Vec<(String, String)>, clear_route_cache: bool) -> ProcessingResponse {
+    /// Continue (buffered / streamed modes), optionally setting and removing request headers.
+    pub fn request_body_continue(
+        set: Vec<(String, String)>,
+        remove: &[&str],
+        clear_route_cache: bool,
+    ) -> ProcessingResponse {
         reply(processing_response::Response::RequestBody(BodyResponse {
-            response: Some(common(set, clear_route_cache)),
+            response: Some(common(set, remove, clear_route_cache)),
         }))
     }
 
@@ -156,7 +166,9 @@ impl Reply {
     }
 
     pub fn response_headers(set: Vec<(String, String)>) -> ProcessingResponse {
-        reply(processing_response::Response::ResponseHeaders(HeadersResponse { response: Some(common(set, false)) }))
+        reply(processing_response::Response::ResponseHeaders(HeadersResponse {
+            response: Some(common(set, &[], false)),
+        }))
     }
 
     pub fn response_body(mode: BodyMode, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
@@ -190,7 +202,7 @@ impl Reply {
 
 fn streamed(mode: BodyMode, body: Vec<u8>, end_of_stream: bool) -> CommonResponse {
     if mode != BodyMode::FullDuplexStreamed {
-        return common(vec![], false);
+        return common(vec![], &[], false);
     }
     CommonResponse {
         status: ResponseStatus::Continue as i32,
@@ -248,6 +260,10 @@ mod tests {
         let r = Reply::request_body_chunk(BodyMode::Buffered, b"abc".to_vec(), true);
         let Some(processing_response::Response::RequestBody(b)) = r.response else { panic!("not a body reply") };
         assert!(b.response.is_some_and(|c| c.body_mutation.is_none()));
+        let r = Reply::request_body_continue(vec![("a".into(), "1".into())], &["x-prefiller-host-port"], true);
+        let Some(processing_response::Response::RequestBody(b)) = r.response else { panic!("not a body reply") };
+        let m = b.response.and_then(|c| c.header_mutation).unwrap_or_default();
+        assert_eq!((m.set_headers.len(), m.remove_headers), (1, vec!["x-prefiller-host-port".to_string()]));
         let meta = lb_metadata("a:1,b:2");
         let Some(Kind::StructValue(inner)) = &meta.fields["envoy.lb"].kind else { panic!("no envoy.lb") };
         assert_eq!(inner.fields[super::super::DESTINATION_HEADER].kind, Some(Kind::StringValue("a:1,b:2".into())));
