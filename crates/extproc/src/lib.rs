@@ -105,6 +105,9 @@ struct StreamState {
     /// P/D: the prefill pick (`host:port`), sent in [`PREFILLER_HEADER`].
     prefill: Option<String>,
     guard: Option<InFlight>,
+    /// P/D: the prefill pick's load, until the decode pod's first byte (its sidecar
+    /// prefills before answering).
+    prefill_guard: Option<InFlight>,
     started: Option<Instant>,
     /// Response body seen so far (scanned for `usage` at the end; bounded).
     response: Vec<u8>,
@@ -177,6 +180,7 @@ impl ExtProc {
                     if let Some(g) = s.guard.as_mut() {
                         g.first_byte();
                     }
+                    s.prefill_guard = None;
                     let status = proto::headers(h.headers.as_ref())
                         .into_iter()
                         .find(|(k, _)| k == ":status")
@@ -254,8 +258,10 @@ impl ExtProc {
         s.pod = endpoints.first().cloned();
         s.prefill = routed.explain["prefill"].as_str().map(str::to_string);
         s.guard = Some(self.gw.commit(&routed, 0));
+        s.prefill_guard = self.gw.commit_prefill(&routed);
         self.metrics.outcome("routed");
-        if self.gw.profile.prefill.is_some() {
+        // A verdict exists when the pool has prefill pods to decide about.
+        if !routed.explain["pd"].is_null() {
             self.metrics.pd(if s.prefill.is_some() { "split" } else { "decode_only" });
         }
         if let Some(t) = s.started {

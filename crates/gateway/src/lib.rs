@@ -408,6 +408,16 @@ impl Gateway {
         InFlight::new(b.clone(), uncached, routed.keys.clone())
     }
 
+    /// P/D: counts the prefill pick's request in its pod's load (in flight, pending prefill,
+    /// the prompt's active blocks) until the guard sees the first byte or drops; `None`
+    /// without a prefill pick.
+    pub fn commit_prefill(&self, routed: &Routed) -> Option<InFlight> {
+        let (b, uncached) = routed.prefill.as_ref()?;
+        self.decisions.with_label_values(&[&b.name]).inc();
+        b.add_new_blocks(*uncached as usize / self.keys.block_size().max(1));
+        Some(InFlight::new(b.clone(), *uncached, routed.keys.clone()))
+    }
+
     /// Tokenize → keys → index scores → profile → candidates in order.
     pub async fn route(&self, req: &RouteRequest<'_>) -> Result<Routed, RouteError> {
         let (chat, model, v, session) = (req.chat, req.model, req.body, req.session);

@@ -57,8 +57,8 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     // and the decode pod then computes no prompt (its pending prefill is only the rest).
     let mut routed = routed;
     let (body, cached) = match &routed.prefill {
-        Some((p, uncached)) if gw.pd_mode == Mode::Gateway => {
-            match gw.prefill((p.clone(), *uncached, routed.keys.clone()), path, &v, &headers, deadline).await {
+        Some((p, _)) if gw.pd_mode == Mode::Gateway => {
+            match gw.prefill(p.clone(), &routed, path, &v, &headers, deadline).await {
                 Some(done) => {
                     if let Some(u) = routed.uncached.first_mut() {
                         *u = 0;
@@ -76,13 +76,7 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     };
     // In sidecar mode the decode pod's sidecar prefills on the named pod before the first
     // byte comes back: count that prefill in the prefill pod's load until then.
-    let mut sidecar_prefill = match &routed.prefill {
-        Some((p, uncached)) if gw.pd_mode == Mode::Sidecar => {
-            gw.decisions.with_label_values(&[&p.name]).inc();
-            Some(crate::InFlight::new(p.clone(), *uncached, routed.keys.clone()))
-        }
-        _ => None,
-    };
+    let mut sidecar_prefill = if gw.pd_mode == Mode::Sidecar { gw.commit_prefill(&routed) } else { None };
     let (mut last_err, mut worst, mut all_busy) = (String::new(), Failure::Unavailable, true);
     let m = &gw.upstream;
     for (i, b) in routed.order.iter().enumerate().take(gw.max_retries + 1) {
@@ -231,12 +225,13 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
 }
 
 impl Gateway {
-    /// The prefill request to pod `backend` (P/D, gateway mode), counted in its load while
-    /// it runs (`uncached` prompt tokens to compute, the prompt's `keys` active); `None` when
-    /// it failed (the request then goes to the decode pod alone).
+    /// The prefill request to the prefill pick (P/D, gateway mode), counted in its load
+    /// while it runs ([`Gateway::commit_prefill`]); `None` when it failed (the request then
+    /// goes to the decode pod alone).
     async fn prefill(
         &self,
-        (backend, uncached, keys): (Arc<crate::Backend>, u64, Arc<[u64]>),
+        backend: Arc<crate::Backend>,
+        routed: &crate::Routed,
         path: &str,
         v: &serde_json::Value,
         headers: &HeaderMap,
@@ -246,9 +241,7 @@ impl Gateway {
         let name = backend.name.clone();
         let t = Instant::now();
         let timeout = self.timeouts.first_byte.min(deadline.saturating_duration_since(t));
-        self.decisions.with_label_values(&[&name]).inc();
-        backend.add_new_blocks(uncached as usize / self.keys.block_size().max(1));
-        let load = crate::InFlight::new(backend.clone(), uncached, keys);
+        let load = self.commit_prefill(routed);
         let url = format!("{}{path}", backend.url);
         let r = tokio::select! {
             r = pd::prefill(&self.client, &url, v, headers.get("authorization"), timeout) => r,
