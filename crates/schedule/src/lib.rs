@@ -24,6 +24,15 @@
 //! `round-robin-picker`; profile handlers `single-profile-handler`, `disagg-profile-handler`
 //! and `pd-profile-handler` with the deciders `always-disagg-pd-decider`,
 //! `prefix-based-pd-decider` and kvroute's `predicted-ttft-pd-decider` ([`pd`]).
+//!
+//! The peers' policies ([`peers`]), reproduced from their specifications to be measured
+//! against: `sglang-cache-aware-scorer`, `smg-cache-aware-scorer`,
+//! `prodstack-prefix-aware-scorer`, `aibrix-prefix-cache-scorer`, `dynamo-kv-scorer`,
+//! `dynamo-approx-scorer` and `llmd-approx-prefix-scorer`.
+//!
+//! Layout: one file per plugin family — `filters.rs`, `scorers.rs`, `pickers.rs`,
+//! `pd.rs` (deciders), `peers/` (one file per peer) —, `registry.rs` (names → plugins),
+//! `epp.rs` (llm-d's `EndpointPickerConfig` and kvroute's built-in profiles).
 
 mod epp;
 mod filters;

@@ -26,6 +26,7 @@ const PROFILE_PLUGINS: &[&str] = &[
     "aibrix-prefix-cache-scorer",
     "dynamo-kv-scorer",
     "dynamo-approx-scorer",
+    "llmd-approx-prefix-scorer",
     "saturation-filter",
     "label-selector-filter",
     "by-label",
@@ -128,6 +129,14 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
             }
         }
         "prodstack-prefix-aware-scorer" => Plugin::Scorer(Box::new(peers::ProdstackPrefixAware::default())),
+        "llmd-approx-prefix-scorer" => {
+            let d = peers::LlmdApproxConfig::default();
+            Plugin::Scorer(Box::new(peers::LlmdApproxPrefix::new(peers::LlmdApproxConfig {
+                min_block_tokens: f("blockSizeTokens", d.min_block_tokens as f64).max(1.0) as usize,
+                max_prefix_tokens: f("maxPrefixTokensToMatch", d.max_prefix_tokens as f64) as usize,
+                lru_per_server: f("lruCapacityPerServer", d.lru_per_server as f64) as usize,
+            })))
+        }
         "aibrix-prefix-cache-scorer" => {
             let d = peers::AibrixConfig::default();
             Plugin::Scorer(Box::new(peers::AibrixPrefixCache::new(peers::AibrixConfig {
@@ -184,6 +193,7 @@ pub(crate) fn honoured_params(kind: &str) -> &'static [&'static str] {
             &["blockBytes", "imbalanceAbsCount", "standardDeviationFactor", "blockNumber", "ttlSeconds"]
         }
         "dynamo-kv-scorer" => &["overlapScoreWeight"],
+        "llmd-approx-prefix-scorer" => &["blockSizeTokens", "maxPrefixTokensToMatch", "lruCapacityPerServer"],
         "dynamo-approx-scorer" => &["overlapScoreWeight", "ttlSeconds", "maxTreeSize"],
         "label-selector-filter" => &["matchLabels", "matchExpressions"],
         "by-label" => &["label", "validValues", "allowsNoLabel"],

@@ -7,11 +7,13 @@
 
 pub mod aibrix;
 pub mod dynamo;
+pub mod llmd;
 pub mod prodstack;
 pub mod sglang;
 mod tree;
 
 pub use aibrix::{AibrixConfig, AibrixPrefixCache};
 pub use dynamo::{Dynamo, DynamoConfig};
+pub use llmd::{LlmdApproxConfig, LlmdApproxPrefix};
 pub use prodstack::ProdstackPrefixAware;
 pub use sglang::{CacheAwareConfig, Sglang, Smg};
