@@ -23,6 +23,8 @@
 //!     objectives: true          # InferenceObjective priorities (x-gateway-inference-objective)
 //! models: {my-model: /models/my-model}  # tokenizer.json dir per model (default: built-in)
 //! scheduler_config: null        # llm-d EndpointPickerConfig YAML (default profile if null)
+//! policy: null                  # or a built-in policy: default, llm-d, dynamo, sglang, smg,
+//!                               # aibrix, prodstack, … (kvroute serve --help)
 //! health_interval_ms: 1000
 //! tokenize_deadline_ms: 50       # past it, route on the approximate (text) prefix
 //! key_mode: request             # request | vllm (see docs/architecture.md)
@@ -363,6 +365,9 @@ pub struct ServeConfig {
     pub models: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// An llm-d `EndpointPickerConfig` YAML file; default: kvroute's default profile.
     pub scheduler_config: Option<std::path::PathBuf>,
+    /// A built-in policy by name instead (`kvroute_schedule::NAMED`: baselines and the
+    /// peers' policies).
+    pub policy: Option<String>,
     /// Interval of health probes and metric scrapes, ms.
     pub health_interval_ms: u64,
     /// Longest wait for tokenizing a prompt, ms; past it, the request is routed on the
@@ -394,6 +399,7 @@ impl Default for ServeConfig {
             discovery: Default::default(),
             models: Default::default(),
             scheduler_config: None,
+            policy: None,
             health_interval_ms: 1000,
             tokenize_deadline_ms: 50,
             key_mode: KeyModeName::default(),

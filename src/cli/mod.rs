@@ -7,6 +7,7 @@ mod fleet;
 mod grpc;
 mod hash;
 mod lifecycle;
+mod profile;
 mod serve;
 mod sidecar;
 mod simulate;

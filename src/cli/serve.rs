@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// is split the gateway prefills on the prefill pod, then decodes (config `pd.mode`).
     #[arg(long)]
     scheduler_config: Option<PathBuf>,
+    /// A built-in policy instead: default, round-robin, random, llm-d, llm-d-approx,
+    /// approximate, load-only, session-affinity, or a peer's — dynamo, dynamo-approx,
+    /// sglang, smg, aibrix, prodstack (to A/B them on live traffic).
+    #[arg(long, value_name = "NAME")]
+    policy: Option<String>,
     /// Health-probe and metric-scrape interval, ms [default: 1000].
     #[arg(long)]
     health_interval_ms: Option<u64>,
@@ -317,6 +322,9 @@ impl ServeArgs {
         if self.scheduler_config.is_some() {
             c.scheduler_config = self.scheduler_config.clone();
         }
+        if self.policy.is_some() {
+            c.policy = self.policy.clone();
+        }
         set!(self.health_interval_ms, c.health_interval_ms);
         set!(self.tokenize_deadline_ms, c.tokenize_deadline_ms);
         if self.ext_proc_listen.is_some() {
@@ -486,28 +494,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     // has synced.
     let lifecycle = kvroute_api::lifecycle::Lifecycle::new();
     let shutdown = super::lifecycle::Shutdown::from_secs(cfg.shutdown_grace_s, cfg.shutdown_delay_s)?;
-    // An llm-d EndpointPickerConfig: its profiles, and the settings it keeps in plugin
-    // parameters (block size, hash seed, KV-event subscription), checked against explicit
-    // settings before anything uses them.
-    let profile = match &cfg.scheduler_config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-            let loaded =
-                kvroute_schedule::SchedulerConfig::load(&text).with_context(|| format!("in {}", p.display()))?;
-            let file = p.display().to_string();
-            for w in &loaded.warnings {
-                tracing::warn!(config = %file, "{w}");
-            }
-            for n in &loaded.notes {
-                tracing::info!(config = %file, "{n}");
-            }
-            for s in cfg.apply_epp(&loaded.settings, &a.explicit()?, &file)? {
-                tracing::info!(config = %file, "applied {s}");
-            }
-            loaded.profile
-        }
-        None => kvroute_schedule::SchedulerConfig::default_profile(),
-    };
+    // An llm-d EndpointPickerConfig (its settings checked against explicit ones before
+    // anything uses them), a named policy, or the default.
+    let profile = super::profile::load(&mut cfg, || a.explicit())?;
     let hash_cfg = HashConfig {
         algo: cfg.hash.algo,
         vllm_version: cfg.hash.vllm_version,

@@ -36,6 +36,7 @@
 
 mod epp;
 mod filters;
+mod named;
 pub mod pd;
 pub mod peers;
 mod pickers;
@@ -44,6 +45,7 @@ mod scorers;
 
 pub use epp::{DiscoverPods, EppSettings, Loaded, SchedulerConfig};
 pub use filters::{DECODE_ROLES, ENCODE_ROLES, PREFILL_ROLES, ROLE};
+pub use named::{named_profile, NAMED};
 pub use pd::{Decider, TtftDecider, Verdict};
 pub use registry::{build_plugin, known_plugin_types};
 pub use scorers::{decayed, NoHitLruScorer, PredictedTtftScorer, TURNOVER_TAU_S};
