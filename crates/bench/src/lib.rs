@@ -6,6 +6,7 @@
 //! `kvroute-score`) against the simulator's block pool and latency model
 //! (`kvroute-sim`), so an hour of trace takes seconds and policies compare side by side.
 
+pub mod capacity;
 pub mod offline;
 pub mod report;
 pub mod workload;
