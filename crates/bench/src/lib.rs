@@ -9,6 +9,7 @@
 pub mod capacity;
 pub mod offline;
 pub mod report;
+pub mod synth;
 pub mod workload;
 
 use kvroute_schedule::{ConfigError, Profile, SchedulerConfig};

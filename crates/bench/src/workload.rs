@@ -100,11 +100,11 @@ pub fn chain_keys(tokens: &[u64], block_size: usize, seed: u64) -> Vec<u64> {
 }
 
 /// `n` virtual tokens owned by `owner` (distinct owners never share a token).
-fn span(owner: u64, n: usize) -> impl Iterator<Item = u64> {
+pub(crate) fn span(owner: u64, n: usize) -> impl Iterator<Item = u64> {
     (0..n as u64).map(move |i| xxh3_64_with_seed(&i.to_le_bytes(), owner))
 }
 
-fn poisson_gap(rng: &mut rand::rngs::StdRng, qps: f64) -> f64 {
+pub(crate) fn poisson_gap(rng: &mut rand::rngs::StdRng, qps: f64) -> f64 {
     -(1.0 - rng.random::<f64>()).ln() / qps.max(1e-9)
 }
 
