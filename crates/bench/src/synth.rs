@@ -50,6 +50,26 @@ impl ZipfGroups {
     }
 }
 
+/// A routing text for a request that has only block keys (the offline workloads), for the
+/// peers' text-based policies: 4 characters per token (about what English tokenizes to),
+/// each full block's characters derived from its key — so two requests share a text prefix
+/// exactly as far as they share blocks — and the partial last block's from the request
+/// itself.
+pub fn routing_text(r: &SimRequest, block_size: usize) -> String {
+    let chars_per_block = 4 * block_size.max(1);
+    let mut s = String::with_capacity(4 * r.prompt_tokens);
+    let mut push = |seed: u64, n: usize| {
+        let hex = format!("{seed:016x}");
+        s.extend(hex.chars().cycle().take(n));
+    };
+    for k in r.keys.iter() {
+        push(*k, chars_per_block);
+    }
+    let tail = r.prompt_tokens.saturating_sub(r.keys.len() * block_size.max(1));
+    push(r.session.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ r.arrival_s.to_bits(), 4 * tail);
+    s
+}
+
 /// A gamma variate of shape `k` and scale 1 (Marsaglia–Tsang; `k < 1` by boosting).
 fn gamma(rng: &mut rand::rngs::StdRng, k: f64) -> f64 {
     if k < 1.0 {
@@ -166,6 +186,17 @@ mod tests {
         assert!((2.7..3.3).contains(&c), "cv {c}");
         let span_after = r.last().unwrap().arrival_s;
         assert!((span_after / span_before - 1.0).abs() < 0.15, "{span_before} vs {span_after}");
+    }
+
+    #[test]
+    fn routing_texts_share_a_prefix_exactly_as_far_as_the_blocks() {
+        let z = ZipfGroups { groups: 1, requests: 2, zipf_s: 1.0, system: 64, question: 40, output: 1, qps: 1.0 };
+        let r = z.generate(1, 16);
+        let (a, b) = (routing_text(&r[0], 16), routing_text(&r[1], 16));
+        assert_eq!((a.len(), b.len()), (4 * 104, 4 * 104));
+        let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+        // 4 shared blocks (64 tokens) = 256 characters; the next characters differ.
+        assert!((256..260).contains(&common), "{common}");
     }
 
     #[test]
