@@ -147,9 +147,10 @@ pub struct Budget {
     pub decode_s_per_token: f64,
 }
 
-/// The highest arrival-rate scale the fleet could carry at all: the work of the workload
+/// The highest arrival-rate scale the fleet could sustain at all: the work of the workload
 /// (its prompt tokens not served from cache at hit rate `hit_rate`, and its output tokens)
-/// equals the fleet's GPU time over the scaled trace (`span_s ÷ scale`).
+/// equals the fleet's GPU time over the scaled trace (`span_s ÷ scale`). A finite trace can
+/// be served a little above it when a percentile SLO ignores the backlog's last requests.
 pub fn upper_bound(b: &Budget, prompt_tokens: f64, output_tokens: f64, hit_rate: f64, span_s: f64) -> f64 {
     let work =
         prompt_tokens * (1.0 - hit_rate.clamp(0.0, 1.0)) * b.prefill_s_per_token + output_tokens * b.decode_s_per_token;

@@ -9,6 +9,7 @@
 pub mod capacity;
 pub mod offline;
 pub mod report;
+pub mod suite;
 pub mod synth;
 pub mod workload;
 
