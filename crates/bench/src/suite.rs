@@ -305,7 +305,7 @@ mod tests {
             assert!(c.met <= 1.1 * r.upper_bound, "{}: {} above the physical bound {}", p.policy, c.met, r.upper_bound);
             assert_eq!(p.curve.len(), c.runs);
         }
-        let md = markdown(&[r.clone()], &o.slo, "default");
+        let md = markdown(std::slice::from_ref(&r), &o.slo, "default");
         assert!(md.contains("| zipf |") && md.contains("×1.00"), "{md}");
         assert!(svg(&r).starts_with("<svg"));
     }
