@@ -185,8 +185,9 @@ fn the_decoder_reads_the_prefillers_real_blocks_caches_them_and_is_charged_the_t
     // The decoder reads A: charged the transfer (3 µs per token), not the prefill.
     let v = decode(d, json!(tokens), kvp.clone());
     assert_eq!(v["usage"]["prompt_tokens"], n);
+    // (Half the prefill's cost: room for 20 ms of real scheduling delay, ×100 in model time.)
     let ttft = ttft_sum(d);
-    assert!(ttft < 0.02 * n as f64 / 10.0, "the decoder recomputed instead of reading (TTFT {ttft} s)");
+    assert!(ttft < 0.02 * n as f64 / 2.0, "the decoder recomputed instead of reading (TTFT {ttft} s)");
     assert_eq!(metric(d, "vllm:nixl_xfer_time_seconds_count"), 1.0);
     let xfer = metric(d, "vllm:nixl_xfer_time_seconds_sum");
     assert!((xfer - 3e-6 * n as f64).abs() < 1e-6, "transfer {xfer} s for {n} tokens");
@@ -214,8 +215,8 @@ fn the_decoder_reads_the_prefillers_real_blocks_caches_them_and_is_charged_the_t
 #[test]
 fn params_read_twice_or_after_expiry_mean_a_local_recompute() {
     let [p, zp, d1, d2, zd] = free_ports(5).try_into().unwrap();
-    // 50 s of model time pinned = 0.5 s real at the sims' 100× speedup.
-    let extra = [SLOW_PREFILL[0], SLOW_PREFILL[1], "--kv-transfer-timeout-s", "50"];
+    // 200 s of model time pinned = 2 s real at the sims' 100× speedup.
+    let extra = [SLOW_PREFILL[0], SLOW_PREFILL[1], "--kv-transfer-timeout-s", "200"];
     let _kids = Children(vec![
         common::sim(p, zp, &extra),
         common::sim(d1, zd, &SLOW_PREFILL),
@@ -240,7 +241,7 @@ fn params_read_twice_or_after_expiry_mean_a_local_recompute() {
     assert_eq!(get(p, "/nixl/engine")["pinned_requests"], 1);
     let t = Instant::now();
     while get(p, "/nixl/engine")["pinned_requests"] != 0 {
-        assert!(t.elapsed() < Duration::from_secs(5), "the pin never expired");
+        assert!(t.elapsed() < Duration::from_secs(10), "the pin never expired");
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(metric(p, "kvroute_sim_kv_transfer_expired_total"), 1.0);
