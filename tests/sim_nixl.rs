@@ -210,6 +210,18 @@ fn the_decoder_reads_the_prefillers_real_blocks_caches_them_and_is_charged_the_t
     let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() as usize;
     assert_eq!(cached, (n - 1) / 16 * 16, "{again}");
     assert_eq!(metric(d, "vllm:prefix_cache_hits_total") - hits_before, cached as f64);
+
+    // A longer prompt sharing A's blocks: the decoder reads only what it lacks.
+    let mut longer = tokens.clone();
+    longer.extend(tokenize(p, &common::words("nixc", 80)));
+    let kvp = prefill(p, json!(longer), "req-c");
+    let (xfer, bytes) = (metric(d, "vllm:nixl_xfer_time_seconds_sum"), metric(d, "vllm:nixl_bytes_transferred_sum"));
+    let v = decode(d, json!(longer), kvp);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], n / 16 * 16, "{v}");
+    let lacking = longer.len() - n / 16 * 16;
+    assert_eq!(metric(d, "vllm:nixl_bytes_transferred_sum") - bytes, (lacking * 131_072) as f64);
+    let t = metric(d, "vllm:nixl_xfer_time_seconds_sum") - xfer;
+    assert!((t - 3e-6 * lacking as f64).abs() < 1e-6, "transfer {t} s for {lacking} lacking tokens");
 }
 
 #[test]
