@@ -124,16 +124,16 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
     }
     let engine = Engine::new(hasher, latency, a.speedup, a.max_waiting, a.num_gpu_blocks, metrics, events_tx);
     let mut ids = rand::rngs::StdRng::from_seed(entropy());
-    if !(a.kv_transfer_timeout_s.is_finite() && a.kv_transfer_timeout_s >= 0.0) {
-        return Err(SimError::Config(format!("--kv-transfer-timeout-s must be ≥ 0, got {}", a.kv_transfer_timeout_s)));
-    }
+    let pin_timeout = Duration::try_from_secs_f64(a.kv_transfer_timeout_s / engine.speedup).map_err(|_| {
+        SimError::Config(format!("--kv-transfer-timeout-s must be a duration ≥ 0, got {}", a.kv_transfer_timeout_s))
+    })?;
     let nixl = nixl::Nixl::new(
         &engine.metrics.registry,
         &a.model,
         &http::uuid_hex(&mut ids),
         a.kv_transfer_host(),
         a.port,
-        Duration::from_secs_f64(a.kv_transfer_timeout_s / engine.speedup),
+        pin_timeout,
         a.profile.kv_bytes_per_token(),
     )?;
     let loras = a
