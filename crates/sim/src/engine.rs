@@ -163,7 +163,8 @@ pub struct Engine {
 }
 
 /// Ids of the cached blocks, as a KV connector names them (`remote_block_ids`): a block
-/// takes the lowest free id when it is cached and gives it back when it is evicted.
+/// takes an id when it is cached (the last one given back, else a new one) and gives it
+/// back when it is evicted, so the ids of the cached blocks are distinct and < capacity.
 #[derive(Default)]
 struct BlockIds {
     by_hash: HashMap<u64, u32>,
@@ -527,3 +528,23 @@ fn published_extra_keys(job: &Job, a: usize, b: usize, bs: usize) -> Vec<Option<
 }
 
 pub type SharedEngine = Arc<Engine>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_ids_are_distinct_and_reused_after_eviction() {
+        let mut ids = BlockIds::default();
+        for h in [10, 11, 12] {
+            ids.assign(h);
+        }
+        assert_eq!((ids.by_hash[&10], ids.by_hash[&11], ids.by_hash[&12]), (0, 1, 2));
+        ids.release(11);
+        ids.release(99); // not cached: nothing to give back
+        ids.assign(13);
+        ids.assign(14);
+        assert_eq!((ids.by_hash[&13], ids.by_hash[&14]), (1, 3));
+        assert!(!ids.by_hash.contains_key(&11));
+    }
+}
