@@ -39,6 +39,18 @@ pub enum Profile {
 }
 
 impl Profile {
+    /// KV-cache bytes per token on one GPU (bf16 K and V, every layer, the model's KV
+    /// heads ÷ tensor parallelism), for `vllm:nixl_bytes_transferred`: Llama-3-8B 32 layers
+    /// × 8 heads × 128 × 2 × 2 B; 70B 80 layers × (8 ÷ 8) heads; Llama-3.2-3B 28 layers × 8
+    /// heads.
+    pub fn kv_bytes_per_token(self) -> u64 {
+        match self {
+            Profile::B8H100 => 32 * 8 * 128 * 4,
+            Profile::B70Tp8 => 80 * 128 * 4,
+            Profile::B3L40s => 28 * 8 * 128 * 4,
+        }
+    }
+
     pub fn latency(self) -> Latency {
         let (itl, ovh, pre, xfer, f, seqs) = match self {
             Profile::B8H100 => (12_000, 30_000, 250, 3, 2.0, 16),
@@ -181,6 +193,16 @@ pub struct SimArgs {
     /// connection held open until the client leaves) [default: off].
     #[arg(long)]
     pub stall_after_tokens: Option<usize>,
+    /// P/D (NixlConnector): the host a prefill reply names in `kv_transfer_params.remote_host`
+    /// for decoders to read from [default: --host, or $POD_IP when --host is a wildcard
+    /// address, else 127.0.0.1]. The side channel is this server's own HTTP port.
+    #[arg(long)]
+    pub kv_transfer_host: Option<String>,
+    /// P/D: seconds a prefill reply's blocks stay pinned for the decoder's read before they
+    /// are released to the cache's LRU (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT); model time,
+    /// divided by --speedup like every delay.
+    #[arg(long, default_value_t = 480.0)]
+    pub kv_transfer_timeout_s: f64,
     /// Seconds during which every endpoint answers 503 (startup).
     #[arg(long, default_value_t = 0.0)]
     pub startup_delay: f64,
@@ -207,6 +229,19 @@ impl SimArgs {
             l.prefill_per_token = Duration::from_micros(v);
         }
         l
+    }
+
+    /// The host named in `remote_host` (see `--kv-transfer-host`).
+    pub fn kv_transfer_host(&self) -> String {
+        if let Some(h) = &self.kv_transfer_host {
+            return h.clone();
+        }
+        match self.host.as_str() {
+            "0.0.0.0" | "::" | "[::]" | "" => {
+                std::env::var("POD_IP").ok().filter(|ip| !ip.is_empty()).unwrap_or_else(|| "127.0.0.1".into())
+            }
+            h => h.to_string(),
+        }
     }
 
     pub fn pod(&self) -> String {

@@ -2,6 +2,7 @@
 //! 429), the prefix cache, the latency model and the metrics, all in model time; real
 //! delays are model time ÷ `speedup`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::*};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -151,6 +152,8 @@ pub struct Engine {
     pub max_waiting: usize,
     pub metrics: SimMetrics,
     pool: Mutex<BlockPool>,
+    /// Physical block ids of the cached blocks (locked after `pool`, only with it held).
+    block_ids: Mutex<BlockIds>,
     space: Notify,
     slots: Semaphore,
     running: AtomicUsize,
@@ -159,13 +162,41 @@ pub struct Engine {
     lora: Mutex<LoraActivity>,
 }
 
+/// Ids of the cached blocks, as a KV connector names them (`remote_block_ids`): a block
+/// takes an id when it is cached (the last one given back, else a new one) and gives it
+/// back when it is evicted, so the ids of the cached blocks are distinct and < capacity.
+#[derive(Default)]
+struct BlockIds {
+    by_hash: HashMap<u64, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl BlockIds {
+    fn assign(&mut self, h: u64) {
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        self.by_hash.insert(h, id);
+    }
+
+    fn release(&mut self, h: u64) {
+        if let Some(id) = self.by_hash.remove(&h) {
+            self.free.push(id);
+        }
+    }
+}
+
 /// A request's work, as the HTTP layer hands it over.
 pub struct Job {
     pub tokens: Vec<u32>,
     pub max_tokens: usize,
     pub extras: RequestExtras,
     pub lora_id: Option<i64>,
-    /// `kv_transfer_params.do_remote_prefill`: the prompt's KV arrives from a prefiller.
+    /// `kv_transfer_params.do_remote_prefill` with a prefiller that confirmed the read:
+    /// the prompt tokens this engine does not hold arrive over the KV transfer instead of
+    /// being computed.
     pub remote_prefill: bool,
 }
 
@@ -173,6 +204,8 @@ pub struct Job {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Timing {
     pub cached_tokens: usize,
+    /// Prompt tokens pulled from a prefiller (`remote_prefill`), else 0.
+    pub transferred_tokens: usize,
     pub queue: Duration,
     pub ttft: Duration,
 }
@@ -234,6 +267,7 @@ impl Engine {
             max_waiting,
             metrics,
             pool: Mutex::new(BlockPool::new(num_gpu_blocks)),
+            block_ids: Mutex::new(BlockIds::default()),
             space: Notify::new(),
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -301,6 +335,13 @@ impl Engine {
                 let hit = p.prefix_hits(&hashes);
                 if let Ok(a) = p.allocate(&hashes, anon) {
                     self.metrics.kv_usage.set(p.usage());
+                    let mut ids = self.block_ids.lock();
+                    for h in &a.evicted {
+                        ids.release(*h);
+                    }
+                    for &i in &a.created {
+                        ids.assign(hashes[i]);
+                    }
                     break (a, hit);
                 }
             }
@@ -332,18 +373,44 @@ impl Engine {
             .collect();
         self.publish(removed);
         let f = self.load_factor(running);
+        // vLLM's NixlConnector reads only the blocks the decoder lacks (after its own hits).
+        let transferred_tokens = if job.remote_prefill { n - cached_tokens } else { 0 };
         let prefill = if job.remote_prefill {
-            self.latency.kv_transfer_per_token * n as u32
+            self.latency.kv_transfer_per_token * transferred_tokens as u32
         } else {
             (self.latency.prefill_overhead + self.latency.prefill_per_token * (n - cached_tokens) as u32).mul_f64(f)
         };
         tokio::time::sleep(self.real(prefill)).await;
         self.publish(stored_events(&hashes, &alloc.created, &job.tokens, bs, job));
         let queue = queue_real.mul_f64(self.speedup);
-        let timing = Timing { cached_tokens, queue, ttft: queue + prefill };
+        let timing = Timing { cached_tokens, transferred_tokens, queue, ttft: queue + prefill };
         self.metrics.queue_time.observe(queue.as_secs_f64());
         self.metrics.ttft.observe(timing.ttft.as_secs_f64());
         Ok(Running { engine: self, _permit: permit, hashes, anon, timing, started: Instant::now(), generated: 0 })
+    }
+
+    /// Keeps a running request's full prompt blocks allocated after it finishes (a
+    /// prefiller holding them for a decoder's read): one more reference each, so they are
+    /// neither freed nor evictable until [`Engine::unpin`]. Returns their hashes and ids.
+    pub fn pin(&self, r: &Running<'_>) -> (Vec<u64>, Vec<u32>) {
+        let mut p = self.pool.lock();
+        // Every block is in use by `r`: this only takes references (nothing created or evicted).
+        if p.allocate(&r.hashes, 0).is_err() {
+            return (Vec::new(), Vec::new());
+        }
+        let ids = self.block_ids.lock();
+        let block_ids = r.hashes.iter().map(|h| ids.by_hash.get(h).copied().unwrap_or(u32::MAX)).collect();
+        (r.hashes.clone(), block_ids)
+    }
+
+    /// Gives back what [`Engine::pin`] took: the blocks go to the free LRU (still cached).
+    pub fn unpin(&self, hashes: &[u64]) {
+        {
+            let mut p = self.pool.lock();
+            p.release(hashes, 0);
+            self.metrics.kv_usage.set(p.usage());
+        }
+        self.space.notify_waiters();
     }
 
     /// vLLM's `reset_prefix_cache()`: forgets every cached block and publishes
@@ -355,6 +422,7 @@ impl Engine {
             if !p.reset() {
                 return Err(p.used());
             }
+            *self.block_ids.lock() = BlockIds::default();
             self.metrics.kv_usage.set(p.usage());
             // Published under the pool's lock: a request allocating right after the reset
             // announces its blocks after the clear, never before it.
@@ -460,3 +528,23 @@ fn published_extra_keys(job: &Job, a: usize, b: usize, bs: usize) -> Vec<Option<
 }
 
 pub type SharedEngine = Arc<Engine>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_ids_are_distinct_and_reused_after_eviction() {
+        let mut ids = BlockIds::default();
+        for h in [10, 11, 12] {
+            ids.assign(h);
+        }
+        assert_eq!((ids.by_hash[&10], ids.by_hash[&11], ids.by_hash[&12]), (0, 1, 2));
+        ids.release(11);
+        ids.release(99); // not cached: nothing to give back
+        ids.assign(13);
+        ids.assign(14);
+        assert_eq!((ids.by_hash[&13], ids.by_hash[&14]), (1, 3));
+        assert!(!ids.by_hash.contains_key(&11));
+    }
+}

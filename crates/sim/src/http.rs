@@ -46,6 +46,8 @@ pub struct Sim {
     /// `/version`.
     pub version: String,
     pub created: u64,
+    /// P/D: the NixlConnector stand-in (`crate::nixl`).
+    pub nixl: crate::nixl::Nixl,
 }
 
 pub fn router(sim: Arc<Sim>) -> Router {
@@ -59,6 +61,8 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/reset_prefix_cache", post(crate::admin::reset_prefix_cache))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/nixl/read", post(crate::nixl::read))
+        .route("/nixl/engine", get(crate::nixl::engine))
         .with_state(sim)
 }
 
@@ -271,12 +275,13 @@ async fn generate_inner(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Byt
             continuous_usage,
             seed,
             remote_decode,
+            pull: remote_prefill.then(|| kvp.clone()),
             job: Job {
                 tokens,
                 max_tokens,
                 extras: extras.clone(),
                 lora_id: lora.as_ref().map(|l| l.2),
-                remote_prefill,
+                remote_prefill: false,
             },
             created,
             index,
@@ -398,6 +403,8 @@ struct Ctx {
     continuous_usage: bool,
     seed: Option<u64>,
     remote_decode: bool,
+    /// `do_remote_prefill`: the `kv_transfer_params` to read the prompt's KV with.
+    pull: Option<Value>,
     job: Job,
     created: u64,
     /// The choice's `index` (its prompt's position in a batch).
@@ -438,8 +445,14 @@ impl Ctx {
 
     /// Runs the request; streams chunks to `tx` if given and returns the usage, else
     /// returns the response body.
-    async fn run(self, tx: Option<tokio::sync::mpsc::Sender<String>>) -> Result<Value, Response> {
-        let engine = &self.sim.engine;
+    async fn run(mut self, tx: Option<tokio::sync::mpsc::Sender<String>>) -> Result<Value, Response> {
+        let sim = self.sim.clone();
+        let engine = &sim.engine;
+        // The decoder confirms the read with the prefiller (real time, not counted as
+        // queueing), or recomputes the prompt.
+        if let Some(kvp) = self.pull.take() {
+            self.job.remote_prefill = sim.nixl.pull(&kvp).await;
+        }
         let ticket =
             engine.enqueue().map_err(|e| error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError"))?;
         let adapter = self.job.extras.lora.as_ref().map(|l| l.name.clone());
@@ -456,6 +469,13 @@ impl Ctx {
             Err(e) => return Err(error(StatusCode::TOO_MANY_REQUESTS, e.to_string(), "RateLimitError")),
         };
         let cached = running.timing.cached_tokens;
+        if running.timing.transferred_tokens > 0 {
+            sim.nixl.transferred(&sim, running.timing.transferred_tokens);
+        }
+        // vLLM's request id for a completion's prompt `i` is `cmpl-…-i`.
+        let transfer_id =
+            if self.kind == Kind::Completion { format!("{}-{}", self.id, self.index) } else { self.id.clone() };
+        let mut kv_params = None;
         let seed = match self.seed {
             Some(s) => kvroute_tokenize::mix64(s),
             None => self.sim.rng.lock().random(),
@@ -489,8 +509,12 @@ impl Ctx {
             let generated = k + 1;
             let last = generated == n;
             if last {
-                // Done: the blocks are free before the client sees the end.
+                // Done: the blocks are free before the client sees the end — except a
+                // prefill's prompt blocks, pinned for the decoder's read.
                 if let Some(r) = running.take() {
+                    if self.remote_decode {
+                        kv_params = Some(crate::nixl::Nixl::pin(&sim, &r, &transfer_id, self.job.tokens.len()));
+                    }
                     engine.finish(r, generated, finish);
                 }
             }
@@ -541,13 +565,8 @@ impl Ctx {
             }
         };
         body["usage"] = self.usage(generated, cached);
-        if self.remote_decode {
-            body["kv_transfer_params"] = json!({
-                "do_remote_prefill": true, "do_remote_decode": false,
-                "remote_block_ids": (0..self.job.tokens.len().div_ceil(engine.hasher.block_size())).collect::<Vec<_>>(),
-                "remote_engine_id": self.sim.pod, "remote_request_id": self.id,
-                "remote_host": self.sim.pod.rsplit_once(':').map_or(self.sim.pod.as_str(), |x| x.0),
-                "remote_port": 5600, "tp_size": 1});
+        if let Some(p) = kv_params {
+            body["kv_transfer_params"] = p;
         }
         Ok(body)
     }

@@ -6,7 +6,8 @@
 //! `/reset_prefix_cache`, `/health`, `/metrics` with vLLM's metric names; a prefix cache
 //! whose blocks are hashed exactly as vLLM hashes them (`kvroute-keys`), ref-counted while in use and evicted
 //! least-recently-freed first; KV events over ZMQ in vLLM's framing and encodings, with a
-//! replay endpoint; a latency model in model time (`--speedup` divides the real delays).
+//! replay endpoint; a latency model in model time (`--speedup` divides the real delays);
+//! both P/D roles as vLLM's NixlConnector plays them (`nixl`).
 //! Tokens come from `kvroute-tokenize`, the router's own tokenizer code.
 
 pub mod admin;
@@ -14,6 +15,7 @@ pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod nixl;
 pub mod pool;
 pub mod publisher;
 pub mod validate;
@@ -121,6 +123,19 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
         })?);
     }
     let engine = Engine::new(hasher, latency, a.speedup, a.max_waiting, a.num_gpu_blocks, metrics, events_tx);
+    let mut ids = rand::rngs::StdRng::from_seed(entropy());
+    let pin_timeout = Duration::try_from_secs_f64(a.kv_transfer_timeout_s / engine.speedup).map_err(|_| {
+        SimError::Config(format!("--kv-transfer-timeout-s must be a duration ≥ 0, got {}", a.kv_transfer_timeout_s))
+    })?;
+    let nixl = nixl::Nixl::new(
+        &engine.metrics.registry,
+        &a.model,
+        &http::uuid_hex(&mut ids),
+        a.kv_transfer_host(),
+        a.port,
+        pin_timeout,
+        a.profile.kv_bytes_per_token(),
+    )?;
     let loras = a
         .lora_modules
         .iter()
@@ -145,9 +160,10 @@ pub fn run(a: SimArgs) -> Result<(), SimError> {
             Some(s) => rand::rngs::StdRng::seed_from_u64(s),
             None => rand::rngs::StdRng::from_seed(entropy()),
         }),
-        ids: Mutex::new(rand::rngs::StdRng::from_seed(entropy())),
+        ids: Mutex::new(ids),
         version: a.vllm_version.to_string(),
         created: http::created_now(),
+        nixl,
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let addr = format!("{}:{}", a.host, a.port);
