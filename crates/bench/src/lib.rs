@@ -7,6 +7,7 @@
 //! (`kvroute-sim`), so an hour of trace takes seconds and policies compare side by side.
 
 pub mod offline;
+pub mod offline_pd;
 pub mod report;
 pub mod workload;
 
