@@ -48,7 +48,7 @@ pub enum Decider {
 /// are full of split requests owes no prefill, looks idle to the rule, and computes the
 /// next prompt itself — stalling every stream on the pod that is the fleet's bottleneck;
 /// 0.2 cut TTFT p90 up to 2× and raised throughput under load on two workloads and two
-/// fleet shapes, for ≤ 15 ms at p90 on a lightly loaded fleet (a few more splits).
+/// fleet shapes, for ≤ 16 ms at p90 on a lightly loaded fleet (a few more splits).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TtftDecider {
     /// `prefillSecondsPerToken`: prefill GPU time per prompt token (default 31 µs: the
