@@ -157,6 +157,22 @@ mod tests {
     }
 
     #[test]
+    fn the_router_counts_a_split_requests_prefill_on_the_prefill_server_until_its_token() {
+        // kvroute's decider without the interference term, on 1 prefill + 1 decode server;
+        // c = 31.25 µs, a new 8192-token prompt: 256 ms of prefill, split adds 36.6 ms.
+        let cfg = fleet(1, 1);
+        let reqs = [req(0.0, 0, 512, 8), req(0.001, 1000, 512, 8), req(0.002, 2000, 512, 8), req(0.28, 3000, 512, 8)];
+        let r = sim("pd-kvroute:0", &reqs, &cfg);
+        let routes: Vec<_> = r.outcomes.iter().map(|o| (o.server, o.prefill)).collect();
+        // 0: idle decode server, local. 1: the decode server owes 8192 → split.
+        // 2: both owe 8192 (request 1's prompt is the prefill server's, not the decode
+        //    server's), so local: 512 ms < 512 + 36.6 ms.
+        // 3: request 1's prefill answered at 269 ms; the prefill server owes nothing, the
+        //    decode server still owes request 2's prompt → split.
+        assert_eq!(routes, [(1, None), (1, Some(0)), (1, None), (1, Some(0))], "{:?}", r.outcomes);
+    }
+
+    #[test]
     fn a_split_requests_ttft_on_an_idle_fleet_is_prefill_then_transfer_then_one_decode_step() {
         let cfg = fleet(1, 1);
         let l = cfg.latency;
