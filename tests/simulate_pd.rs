@@ -58,6 +58,25 @@ fn a_pd_fleet_runs_pd_policies_on_its_roles_and_the_others_aggregated() {
 }
 
 #[test]
+fn an_endpoint_picker_config_with_a_pd_handler_runs_on_the_pd_fleet() {
+    // llm-d's P/D sample shape: prefix-based decider, nonCachedTokens 16.
+    let yaml = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llmd/llmd-pd-prefix.yaml");
+    let json = std::env::temp_dir().join(format!("kvroute-simulate-pd-config-{}.json", std::process::id()));
+    let mut args = WORKLOAD.to_vec();
+    let extra = ["--prefill-servers", "1", "--decode-servers", "3", "--policies", "default", "--config", yaml];
+    args.extend(extra);
+    args.extend(["--output-json", json.to_str().unwrap()]);
+    let o = kvroute(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let p = |name: &str| doc["policies"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone();
+    // Every prompt has ≥ 1000 new tokens: all split, so the config ran on the P/D fleet.
+    assert_eq!(p("config")["split_requests"], 40);
+    assert_eq!(p("default")["split_requests"], 0);
+}
+
+#[test]
 fn pd_flags_are_checked() {
     let run = |extra: &[&str]| {
         let mut args = WORKLOAD.to_vec();

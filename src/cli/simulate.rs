@@ -70,7 +70,9 @@ pub struct SimulateArgs {
     /// N); the pd-* policies score both stages with the default profile's plugins.
     #[arg(long, default_value = "round-robin,llm-d,default")]
     policies: String,
-    /// Also run the first profile of this llm-d EndpointPickerConfig (as policy "config").
+    /// Also run the first profile of this llm-d EndpointPickerConfig (as policy "config";
+    /// on a P/D fleet, a config with a P/D profile handler runs on the prefill and decode
+    /// servers, any other aggregated).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Write the results as JSON here.
@@ -137,10 +139,9 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let bound = offline::infinite_cache_hit_rate(&reqs, cfg.block_size);
     let global = offline::global_cache_hit_rate(&reqs, cfg.block_size, cfg.servers * cfg.gpu_blocks);
     let pd_cfg = FleetConfig { prefill_servers: prefill, ..cfg.clone() };
-    let results: Vec<_> = profiles
-        .iter()
-        .map(|(n, p)| offline::run(n, p, &reqs, if offline_pd::is_pd(n) { &pd_cfg } else { &cfg }))
-        .collect();
+    let on_pd = |n: &str, p: &kvroute_schedule::Profile| offline_pd::is_pd(n) || (n == "config" && p.prefill.is_some());
+    let results: Vec<_> =
+        profiles.iter().map(|(n, p)| offline::run(n, p, &reqs, if on_pd(n, p) { &pd_cfg } else { &cfg })).collect();
     let fleet = match prefill {
         0 => format!("{} servers", cfg.servers),
         p => format!(
