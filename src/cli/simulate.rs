@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use kvroute_bench::offline::{self, EngineModel, FleetConfig};
+use kvroute_bench::offline_pd;
 use kvroute_bench::report;
 use kvroute_sim::batch::DEFAULT_MAX_BATCHED_TOKENS;
 use kvroute_sim::config::Profile as LatencyProfile;
@@ -17,9 +18,23 @@ use super::workload::WorkloadArgs;
 pub struct SimulateArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
-    /// Servers in the fleet.
-    #[arg(long, default_value_t = 8)]
-    servers: usize,
+    /// Servers in the fleet [default: 8, or N + M with --prefill-servers/--decode-servers,
+    /// which it must then equal if given].
+    #[arg(long)]
+    servers: Option<usize>,
+    /// P/D: prefill servers (`llm-d.ai/role: prefill`); with --decode-servers. The pd-*
+    /// policies run on these N + M servers (continuous engine only); every other policy
+    /// runs aggregated on N + M unlabelled servers, so one run compares them at equal
+    /// server count.
+    #[arg(long, requires = "decode_servers")]
+    prefill_servers: Option<usize>,
+    /// P/D: decode servers (`llm-d.ai/role: decode`); with --prefill-servers.
+    #[arg(long, requires = "prefill_servers")]
+    decode_servers: Option<usize>,
+    /// P/D: KV transfer time per prompt token, µs (a decode server pulls the prompt blocks
+    /// it lacks) [default: the latency profile's, 3 µs for 8b-h100].
+    #[arg(long)]
+    kv_transfer_per_token_us: Option<f64>,
     /// KV blocks per server (65,536 × 16 = 1 M tokens).
     #[arg(long, default_value_t = 65_536)]
     gpu_blocks_per_server: usize,
@@ -47,10 +62,17 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 50.0)]
     scrape_interval_ms: f64,
     /// Comma-separated policies: round-robin, random, default, llm-d, approximate,
-    /// load-only, session-affinity.
+    /// load-only, session-affinity; on a P/D fleet also pd-kvroute (kvroute's
+    /// predicted-ttft decider, its costs from the latency profile: prefill = the batched
+    /// prefill time per token, transfer = the KV transfer cost, hop = one inter-token step;
+    /// pd-kvroute:W sets its interferenceWeight to W),
+    /// pd-always (always-disagg), pd-llmd:N (llm-d's prefix-based decider, nonCachedTokens
+    /// N); the pd-* policies score both stages with the default profile's plugins.
     #[arg(long, default_value = "round-robin,llm-d,default")]
     policies: String,
-    /// Also run the first profile of this llm-d EndpointPickerConfig (as policy "config").
+    /// Also run the first profile of this llm-d EndpointPickerConfig (as policy "config";
+    /// on a P/D fleet, a config with a P/D profile handler runs on the prefill and decode
+    /// servers, any other aggregated).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Write the results as JSON here.
@@ -69,8 +91,26 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     if let Some(n) = a.max_num_seqs {
         latency.max_num_seqs = n.max(1);
     }
+    if let Some(us) = a.kv_transfer_per_token_us {
+        anyhow::ensure!(us.is_finite() && us >= 0.0, "--kv-transfer-per-token-us must be ≥ 0");
+        latency.kv_transfer_per_token = Duration::from_secs_f64(us / 1e6);
+    }
+    let (prefill, servers) = match (a.prefill_servers, a.decode_servers) {
+        (Some(p), Some(d)) => {
+            anyhow::ensure!(p >= 1 && d >= 1, "--prefill-servers and --decode-servers must be ≥ 1");
+            anyhow::ensure!(
+                a.servers.is_none_or(|n| n == p + d),
+                "--servers must equal --prefill-servers + --decode-servers ({})",
+                p + d
+            );
+            anyhow::ensure!(a.engine == EngineModel::Continuous, "P/D fleets need --engine continuous");
+            (p, p + d)
+        }
+        _ => (0, a.servers.unwrap_or(8).max(1)),
+    };
     let cfg = FleetConfig {
-        servers: a.servers.max(1),
+        servers,
+        prefill_servers: 0,
         gpu_blocks: a.gpu_blocks_per_server,
         block_size: a.block_size.max(1),
         latency,
@@ -82,7 +122,14 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     };
     let mut profiles = Vec::new();
     for name in a.policies.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        profiles.push((name.to_string(), kvroute_bench::policy(name)?));
+        let profile = match offline_pd::policy(name, &cfg.latency) {
+            Some(p) => {
+                anyhow::ensure!(prefill > 0, "policy {name} needs --prefill-servers and --decode-servers");
+                p?
+            }
+            None => kvroute_bench::policy(name)?,
+        };
+        profiles.push((name.to_string(), profile));
     }
     if let Some(p) = &a.config {
         let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
@@ -91,12 +138,23 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!profiles.is_empty(), "--policies names no policy");
     let bound = offline::infinite_cache_hit_rate(&reqs, cfg.block_size);
     let global = offline::global_cache_hit_rate(&reqs, cfg.block_size, cfg.servers * cfg.gpu_blocks);
-    let results: Vec<_> = profiles.iter().map(|(n, p)| offline::run(n, p, &reqs, &cfg)).collect();
+    let pd_cfg = FleetConfig { prefill_servers: prefill, ..cfg.clone() };
+    let on_pd = |n: &str, p: &kvroute_schedule::Profile| offline_pd::is_pd(n) || (n == "config" && p.prefill.is_some());
+    let results: Vec<_> =
+        profiles.iter().map(|(n, p)| offline::run(n, p, &reqs, if on_pd(n, p) { &pd_cfg } else { &cfg })).collect();
+    let fleet = match prefill {
+        0 => format!("{} servers", cfg.servers),
+        p => format!(
+            "{} servers (pd-* policies: {p} prefill + {} decode, KV transfer {:.1} µs/token)",
+            cfg.servers,
+            cfg.servers - p,
+            cfg.latency.kv_transfer_per_token.as_secs_f64() * 1e6
+        ),
+    };
     let header = format!(
-        "{desc}: {} requests over {:.0} s, {} servers × {} blocks of {} tokens, {:?} engine ({} seqs); KV events {} ms late; bounds: infinite cache {:.1} %, global cache {:.1} % of prompt tokens",
+        "{desc}: {} requests over {:.0} s, {fleet} × {} blocks of {} tokens, {:?} engine ({} seqs); KV events {} ms late; bounds: infinite cache {:.1} %, global cache {:.1} % of prompt tokens",
         reqs.len(),
         reqs.last().map_or(0.0, |r| r.arrival_s),
-        cfg.servers,
         cfg.gpu_blocks,
         cfg.block_size,
         cfg.engine,
@@ -108,7 +166,7 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let table = report::markdown(&results);
     println!("{header}\n\n{table}\n(simulated in {:.1} s)", t0.elapsed().as_secs_f64());
     if let Some(out) = &a.output_json {
-        let doc = json!({"workload": desc, "servers": cfg.servers, "gpu_blocks_per_server": cfg.gpu_blocks,
+        let doc = json!({"workload": desc, "servers": cfg.servers, "prefill_servers": prefill, "gpu_blocks_per_server": cfg.gpu_blocks,
             "block_size": cfg.block_size, "engine": format!("{:?}", cfg.engine), "seed": a.workload.seed,
             "requests": reqs.len(), "policies": results,
             "bounds": {"infinite_cache_hit_rate_tokens": bound, "global_cache_hit_rate_tokens": global}});

@@ -8,6 +8,7 @@
 
 pub mod capacity;
 pub mod offline;
+pub mod offline_pd;
 pub mod report;
 pub mod suite;
 pub mod synth;

@@ -2,6 +2,12 @@
 //! latency model) and the real router pieces (index on a virtual clock, scorer, scheduling
 //! profile, speculative entries), driven by a workload on virtual time. KV events reach
 //! the index `event_delay` after the server produces them. Deterministic for a seed.
+//!
+//! Fleets may be disaggregated (`FleetConfig::prefill_servers`): the first servers carry
+//! `llm-d.ai/role: prefill`, the rest `decode`, and a request the profile's P/D stage
+//! splits runs as vLLM with the NixlConnector runs it — a one-token prefill job on the
+//! prefill server, the KV transfer of the blocks the decode server lacks, then the decode
+//! server admits it with its prompt KV present ([`crate::offline_pd`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -35,6 +41,11 @@ pub struct FleetConfig {
     pub engine: EngineModel,
     /// Token budget of one engine step (continuous batching).
     pub max_batched_tokens: usize,
+    /// P/D: the first this many servers are prefill servers (`llm-d.ai/role: prefill`),
+    /// the others decode servers (`decode`); 0 = an aggregated fleet, no role labels.
+    /// KV transfers cost `latency.kv_transfer_per_token`. Continuous engine only (the
+    /// per-request model never splits).
+    pub prefill_servers: usize,
 }
 
 /// How a simulated server spends time.
@@ -64,6 +75,13 @@ pub struct PolicyResult {
     pub ttft_p90_s: f64,
     pub ttft_p99_s: f64,
     pub ttft_mean_s: f64,
+    /// p90 of every inter-token gap (the time between two consecutive output tokens of
+    /// one request, over all requests' gaps pooled).
+    pub itl_p90_s: f64,
+    /// Requests the P/D stage split (prefill on a prefill server, decode elsewhere).
+    pub split_requests: usize,
+    /// Prompt tokens whose KV went from a prefill server to a decode server.
+    pub kv_transfer_tokens: usize,
     /// Output tokens per second over the run.
     pub output_tokens_per_s: f64,
     /// Running requests preempted for KV blocks (continuous engine; recomputed later).
@@ -78,6 +96,26 @@ pub struct PolicyResult {
     /// Every request's TTFT (sorted), for the CDF plot.
     #[serde(skip)]
     pub ttfts: Vec<f64>,
+    /// What happened to each request, in workload order.
+    #[serde(skip)]
+    pub outcomes: Vec<Outcome>,
+    /// Per server: blocks it announced as stored (BlockStored events delivered).
+    #[serde(skip)]
+    pub stored_blocks: Vec<usize>,
+}
+
+/// One request's route and what it got.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// The server that produced its output (the decode server under P/D).
+    pub server: usize,
+    /// P/D: the prefill server that computed its prompt, when split.
+    pub prefill: Option<usize>,
+    /// Prompt tokens the router saw `server` lacking when it scheduled.
+    pub uncached_at_server: usize,
+    /// Prompt tokens served from cache where the prompt was computed.
+    pub cached_tokens: usize,
+    pub ttft_s: Option<f64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -86,6 +124,8 @@ enum Ev {
     PrefillDone(usize),
     Finish(usize),
     Deliver(usize),
+    /// P/D: a split request's KV transfer to its decode server is done.
+    Transferred(usize),
     /// A continuous-batching server's step ends.
     StepEnd(usize),
 }
@@ -106,6 +146,14 @@ struct Rt {
     uncached_estimate: f64,
     /// The first token came back.
     answered: bool,
+    /// P/D: the request was split (its decode leg has its prompt KV transferred).
+    split: bool,
+    /// P/D: the prefill server of a split request, while its prefill leg runs.
+    prefill: Option<usize>,
+    /// The router's estimate of the prompt tokens the prefill server computes.
+    prefill_estimate: f64,
+    /// When the request's last output token came (virtual seconds), for ITL.
+    last_token: f64,
 }
 
 /// Prompt tokens a request gets from cache given `hit` cached blocks (vLLM recomputes the
@@ -159,6 +207,11 @@ struct Tally {
     rejected: usize,
     preemptions: usize,
     output_tokens: usize,
+    outcomes: Vec<Outcome>,
+    stored_blocks: Vec<usize>,
+    splits: usize,
+    transfer_tokens: usize,
+    itl: Vec<f64>,
     per_server_requests: Vec<f64>,
     per_server_prefill: Vec<f64>,
     ttfts: Vec<f64>,
@@ -199,8 +252,18 @@ impl RouterState {
         }
     }
     fn done(&mut self, i: usize) {
+        self.prefill_leg_done(i);
         self.first_token(i);
         self.in_flight[self.rt[i].server] -= 1;
+    }
+    /// P/D: the prefill leg answered; the prefill server owes this request nothing more.
+    fn prefill_leg_done(&mut self, i: usize) {
+        let r = &mut self.rt[i];
+        if let Some(p) = r.prefill.take() {
+            self.pending_prefill[p] -= r.prefill_estimate;
+            self.queued[p] -= 1;
+            self.in_flight[p] -= 1;
+        }
     }
 }
 
@@ -230,6 +293,7 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
     let mut scratch = Scratch::default();
     let pods: Vec<PodId> = (0..cfg.servers as PodId).collect();
     let names: Vec<String> = (0..cfg.servers).map(|i| format!("server-{i}")).collect();
+    let labels = crate::offline_pd::role_labels(cfg);
     let continuous = cfg.engine == EngineModel::Continuous;
     let mut servers: Vec<Server> = (0..cfg.servers)
         .map(|_| Server {
@@ -266,6 +330,8 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
         per_server_requests: vec![0.0; cfg.servers],
         per_server_prefill: vec![0.0; cfg.servers],
         ttfts: Vec::with_capacity(reqs.len()),
+        outcomes: vec![Outcome::default(); reqs.len()],
+        stored_blocks: vec![0; cfg.servers],
         ..Default::default()
     };
     let sample_every = (reqs.len() / 400).max(1);
@@ -316,7 +382,7 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                             session_pod: sessions.get(&r.session) == Some(&s),
                             waiting: Some(waiting as f64),
                             lora_active: None,
-                            labels: Default::default(),
+                            labels: labels[s].clone(),
                             ..Default::default()
                         }
                     })
@@ -327,31 +393,64 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                     total_blocks: r.keys.len(),
                     ..Default::default()
                 };
-                let s = profile.schedule(&req, &views).pick.unwrap_or(0);
+                let decision = profile.schedule(&req, &views);
+                let s = decision.pick.unwrap_or(0);
+                // P/D: the stage's prefill pick is set only when the decider split.
+                let split = decision.prefill.filter(|&p| continuous && p != s);
                 sessions.insert(r.session, s);
-                index.store_speculative(s as PodId, Tiers::GPU, &r.keys);
-                approx.store(s as PodId, Tiers::GPU, &r.keys);
-                let estimate = r.prompt_tokens.saturating_sub(views[s].matched_blocks * bs) as f64;
-                router.in_flight[s] += 1;
-                router.queued[s] += 1;
+                let uncached = |v: &PodView| r.prompt_tokens.saturating_sub(v.matched_blocks * bs) as f64;
+                // Both the server that computes the prompt and the one that receives its
+                // KV will hold its blocks.
+                for x in std::iter::once(s).chain(split) {
+                    index.store_speculative(x as PodId, Tiers::GPU, &r.keys);
+                    approx.store(x as PodId, Tiers::GPU, &r.keys);
+                    let nb = &mut router.new_blocks[x];
+                    *nb =
+                        (turnover(*nb, secs) + (r.keys.len() - views[x].matched_blocks.min(r.keys.len())) as f64, secs);
+                    router.in_flight[x] += 1;
+                    router.queued[x] += 1;
+                    tally.per_server_requests[x] += 1.0;
+                }
+                // A split request's prompt is computed on the prefill server: the decode
+                // server owes no prefill for it.
+                let estimate = if split.is_some() { 0.0 } else { uncached(&views[s]) };
                 router.pending_prefill[s] += estimate;
-                let nb = &mut router.new_blocks[s];
-                *nb = (turnover(*nb, secs) + (r.keys.len() - views[s].matched_blocks.min(r.keys.len())) as f64, secs);
-                router.rt[i] = Rt { server: s, anon: 0, uncached_estimate: estimate, answered: false };
-                tally.per_server_requests[s] += 1.0;
+                let prefill_estimate = split.map_or(0.0, |p| uncached(&views[p]));
+                if let Some(p) = split {
+                    router.pending_prefill[p] += prefill_estimate;
+                    tally.splits += 1;
+                }
+                tally.outcomes[i] = Outcome {
+                    server: s,
+                    prefill: split,
+                    uncached_at_server: uncached(&views[s]) as usize,
+                    ..Default::default()
+                };
+                router.rt[i] = Rt {
+                    server: s,
+                    uncached_estimate: estimate,
+                    split: split.is_some(),
+                    prefill: split,
+                    prefill_estimate,
+                    ..Rt::default()
+                };
                 if i % sample_every == 0 {
                     tally.load.push((secs, router.in_flight.clone()));
                 }
-                match &mut servers[s].batch {
+                // The prefill leg is the request with one output token (vLLM's proxy sets
+                // max_tokens 1).
+                let (x, output_tokens) = split.map_or((s, r.output_tokens), |p| (p, 1));
+                match &mut servers[x].batch {
                     Some(b) => {
                         b.submit(Job {
                             id: i,
                             keys: r.keys.clone(),
                             prompt_tokens: r.prompt_tokens,
-                            output_tokens: r.output_tokens,
+                            output_tokens,
+                            remote_kv: false,
                         });
-                        if !servers[s].stepping {
-                            to_start = Some(s);
+                        if !servers[x].stepping {
+                            to_start = Some(x);
                         }
                     }
                     None => {
@@ -363,12 +462,15 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
             Ev::PrefillDone(i) => {
                 let s = router.rt[i].server;
                 tally.ttfts.push(secs - reqs[i].arrival_s);
+                tally.outcomes[i].ttft_s = Some(secs - reqs[i].arrival_s);
                 router.first_token(i);
                 if let Some(keys) = created.remove(&i) {
                     deliveries.push((s, true, keys));
                     push(&mut heap, t + delay, Ev::Deliver(deliveries.len() - 1));
                 }
-                let decode = l.inter_token.mul_f64(load(servers[s].running)) * reqs[i].output_tokens as u32;
+                let itl = l.inter_token.mul_f64(load(servers[s].running));
+                tally.itl.extend(std::iter::repeat_n(itl.as_secs_f64(), reqs[i].output_tokens.saturating_sub(1)));
+                let decode = itl * reqs[i].output_tokens as u32;
                 push(&mut heap, t + decode.as_nanos() as u64, Ev::Finish(i));
             }
             Ev::Finish(i) => {
@@ -382,17 +484,45 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
             Ev::Deliver(d) => {
                 let (s, stored, keys) = std::mem::take(&mut deliveries[d]);
                 if stored {
+                    tally.stored_blocks[s] += keys.len();
                     index.store(s as PodId, Tiers::GPU, &keys);
                 } else {
                     index.remove(s as PodId, Some(Tiers::GPU), &keys);
                 }
             }
+            Ev::Transferred(i) => {
+                let s = router.rt[i].server;
+                let r = &reqs[i];
+                let Some(b) = servers[s].batch.as_mut() else { continue };
+                b.submit(Job {
+                    id: i,
+                    keys: r.keys.clone(),
+                    prompt_tokens: r.prompt_tokens,
+                    output_tokens: r.output_tokens,
+                    remote_kv: true,
+                });
+                if !servers[s].stepping {
+                    to_start = Some(s);
+                }
+            }
             Ev::StepEnd(s) => {
                 let Some(b) = servers[s].batch.as_mut() else { continue };
                 let end = b.end_step();
+                // P/D: prefill legs that ended here (their one token is the prefill's).
+                let legs: Vec<usize> =
+                    end.first_token.iter().copied().filter(|&i| router.rt[i].prefill == Some(s)).collect();
                 for &i in &end.first_token {
+                    if legs.contains(&i) {
+                        continue;
+                    }
                     tally.ttfts.push(secs - reqs[i].arrival_s);
+                    tally.outcomes[i].ttft_s = Some(secs - reqs[i].arrival_s);
+                    router.rt[i].last_token = secs;
                     router.first_token(i);
+                }
+                for &i in &end.decoded {
+                    tally.itl.push(secs - router.rt[i].last_token);
+                    router.rt[i].last_token = secs;
                 }
                 for i in end.first_token.into_iter().chain(end.recomputed) {
                     if let Some(keys) = created.remove(&i) {
@@ -401,9 +531,23 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                     }
                 }
                 for i in end.finished {
+                    if legs.contains(&i) {
+                        continue;
+                    }
                     tally.output_tokens += reqs[i].output_tokens;
                     router.done(i);
                 }
+                for i in legs {
+                    router.prefill_leg_done(i);
+                    // vLLM's decode side pulls only the blocks it lacks.
+                    let d = router.rt[i].server;
+                    let held = servers[d].batch.as_ref().map_or(0, |b| b.pool.prefix_hits(&reqs[i].keys));
+                    let lacking = reqs[i].prompt_tokens.saturating_sub(held * bs);
+                    tally.transfer_tokens += lacking;
+                    let xfer = l.kv_transfer_per_token * lacking as u32;
+                    push(&mut heap, t + xfer.as_nanos() as u64, Ev::Transferred(i));
+                }
+                let Some(b) = servers[s].batch.as_mut() else { continue };
                 if !b.idle() {
                     to_start = Some(s);
                 }
@@ -421,8 +565,11 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
             }
             for a in step.admitted {
                 // Hit rates count each request once (a recomputation after a preemption
-                // is the engine's cost, not a cache lookup of a new prompt).
-                if !a.resumed {
+                // is the engine's cost, not a cache lookup of a new prompt; a split
+                // request counts where its prompt is computed, the prefill server).
+                let decode_leg = router.rt[a.id].split && router.rt[a.id].server == s;
+                if !a.resumed && !decode_leg {
+                    tally.outcomes[a.id].cached_tokens = a.cached_tokens;
                     tally.admitted(s, secs, a.hit_blocks, a.cached_tokens, &reqs[a.id]);
                 }
                 if !a.evicted.is_empty() {
@@ -458,6 +605,7 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
             servers[s].running += 1;
             router.rt[i].anon = anon;
             let cached = cached_tokens(hit, bs, r.prompt_tokens);
+            tally.outcomes[i].cached_tokens = cached;
             tally.admitted(s, secs, hit, cached, r);
             let f = load(servers[s].running);
             let prefill = (l.prefill_overhead + l.prefill_per_token * (r.prompt_tokens - cached) as u32).mul_f64(f);
@@ -511,10 +659,18 @@ fn finish(name: &str, reqs: &[SimRequest], mut t: Tally) -> PolicyResult {
         ttft_p90_s: pct(&t.ttfts, 0.9),
         ttft_p99_s: pct(&t.ttfts, 0.99),
         ttft_mean_s: ttft_mean,
+        itl_p90_s: {
+            t.itl.sort_by(f64::total_cmp);
+            pct(&t.itl, 0.9)
+        },
+        split_requests: t.splits,
+        kv_transfer_tokens: t.transfer_tokens,
         output_tokens_per_s: t.output_tokens as f64 / span,
         hit_rate_over_time: series,
         load_over_time: t.load.into_iter().map(|(at, v)| (at - start, v)).collect(),
         ttfts: t.ttfts,
+        outcomes: t.outcomes,
+        stored_blocks: t.stored_blocks,
     }
 }
 
@@ -535,6 +691,7 @@ mod tests {
             seed: 1,
             engine,
             max_batched_tokens: kvroute_sim::batch::DEFAULT_MAX_BATCHED_TOKENS,
+            prefill_servers: 0,
         }
     }
 

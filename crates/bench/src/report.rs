@@ -10,12 +10,12 @@ use crate::offline::PolicyResult;
 /// The markdown table of results.
 pub fn markdown(results: &[PolicyResult]) -> String {
     let mut s = String::from(
-        "| policy | hit rate (tokens) | hit rate (blocks) | busiest/mean requests | busiest/mean prefill | TTFT p50 / p90 / p99 (s) | TTFT mean (s) | output tok/s | preemptions |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| policy | hit rate (tokens) | hit rate (blocks) | busiest/mean requests | busiest/mean prefill | TTFT p50 / p90 / p99 (s) | TTFT mean (s) | ITL p90 (ms) | output tok/s | split | preemptions |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {:.1} % | {:.1} % | {:.2} | {:.2} | {:.3} / {:.3} / {:.3} | {:.3} | {:.0} | {} |",
+            "| {} | {:.1} % | {:.1} % | {:.2} | {:.2} | {:.3} / {:.3} / {:.3} | {:.3} | {:.1} | {:.0} | {:.0} % | {} |",
             r.name,
             100.0 * r.hit_rate_tokens,
             100.0 * r.hit_rate_blocks,
@@ -25,7 +25,9 @@ pub fn markdown(results: &[PolicyResult]) -> String {
             r.ttft_p90_s,
             r.ttft_p99_s,
             r.ttft_mean_s,
+            1e3 * r.itl_p90_s,
             r.output_tokens_per_s,
+            100.0 * r.split_requests as f64 / r.requests.max(1) as f64,
             r.preemptions
         );
     }

@@ -47,6 +47,7 @@ pub fn cases(o: &Options, base: &FleetConfig) -> Result<Vec<Case>, WorkloadError
         f.servers = servers;
         f.gpu_blocks = gpu_blocks;
         f.latency.max_num_seqs = seqs;
+        f.prefill_servers = 0;
         f
     };
     let mut out = Vec::new();
@@ -282,8 +283,10 @@ mod tests {
             seed: 1,
             engine: offline::EngineModel::Continuous,
             max_batched_tokens: 8192,
+            prefill_servers: 0,
         };
-        let z = ZipfGroups { groups: 8, requests: 300, zipf_s: 1.1, system: 1024, question: 128, output: 32, qps: 10.0 };
+        let z =
+            ZipfGroups { groups: 8, requests: 300, zipf_s: 1.1, system: 1024, question: 128, output: 32, qps: 10.0 };
         let case = Case { name: "zipf".into(), what: String::new(), reqs: z.generate(1, 16), fleet };
         let o = Options {
             traces: default_traces(),

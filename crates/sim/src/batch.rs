@@ -34,6 +34,11 @@ pub struct Job {
     pub keys: Vec<u64>,
     pub prompt_tokens: usize,
     pub output_tokens: usize,
+    /// P/D: the prompt's KV was computed elsewhere and transferred here (vLLM's
+    /// `do_remote_prefill`): admission allocates (and so caches) the prompt's blocks, and
+    /// only the last prompt token is computed, as vLLM's scheduler does once a remote KV
+    /// load finishes; its first token ends the step.
+    pub remote_kv: bool,
 }
 
 /// A request admitted in a step: what the prefix cache gave it and did to other blocks.
@@ -75,6 +80,9 @@ pub struct StepEnd {
     pub recomputed: Vec<usize>,
     /// Requests that produced their last token and gave their blocks back.
     pub finished: Vec<usize>,
+    /// Requests that produced a token after their first (decodes, and the token of a
+    /// finished recomputation): with `first_token`, every token of this step.
+    pub decoded: Vec<usize>,
 }
 
 struct Active {
@@ -235,7 +243,9 @@ impl BatchEngine {
             let Some(w) = self.waiting.pop_front() else { break };
             // vLLM always recomputes the last prompt token.
             let cached = (hit * bs).min(tokens.saturating_sub(1) / bs * bs);
-            let left = (tokens - cached).max(1);
+            // Transferred KV: everything but the last prompt token is present (vLLM sets
+            // `num_computed_tokens` to the prompt's length − 1 after a remote load).
+            let left = if w.job.remote_kv && w.generated == 0 { 1 } else { (tokens - cached).max(1) };
             let chunk = left.min(budget);
             budget -= chunk;
             self.in_step.push((w.job.id, chunk));
@@ -271,10 +281,13 @@ impl BatchEngine {
                 // The prefill's last chunk yields a token.
                 if a.first_sent {
                     out.recomputed.push(id);
+                    out.decoded.push(id);
                 } else {
                     a.first_sent = true;
                     out.first_token.push(id);
                 }
+            } else {
+                out.decoded.push(id);
             }
             a.generated += 1;
             if a.generated >= a.job.output_tokens.max(1) {
@@ -329,8 +342,8 @@ mod tests {
     #[test]
     fn prefill_is_chunked_by_the_token_budget_and_delays_the_next_request() {
         let mut e = BatchEngine::new(1000, 16, latency(8), 1000);
-        e.submit(Job { id: 0, keys: (0..150).collect(), prompt_tokens: 2400, output_tokens: 3 });
-        e.submit(Job { id: 1, keys: (1000..1001).collect(), prompt_tokens: 16, output_tokens: 1 });
+        e.submit(Job { id: 0, keys: (0..150).collect(), prompt_tokens: 2400, output_tokens: 3, remote_kv: false });
+        e.submit(Job { id: 1, keys: (1000..1001).collect(), prompt_tokens: 16, output_tokens: 1, remote_kv: false });
         let (firsts, done, _) = run_to_end(&mut e);
         // 2400 tokens at 1000 a step: 3 steps; request 1 is admitted when budget is left
         // (step 3, 400 tokens used) and finishes prefill in that step too.
@@ -346,16 +359,16 @@ mod tests {
     #[test]
     fn cached_prefix_skips_prefill_and_kv_space_limits_admission() {
         let mut e = BatchEngine::new(20, 16, latency(8), 8192);
-        e.submit(Job { id: 0, keys: (0..10).collect(), prompt_tokens: 160, output_tokens: 16 });
+        e.submit(Job { id: 0, keys: (0..10).collect(), prompt_tokens: 160, output_tokens: 16, remote_kv: false });
         run_to_end(&mut e);
-        e.submit(Job { id: 1, keys: (0..10).collect(), prompt_tokens: 160, output_tokens: 16 });
+        e.submit(Job { id: 1, keys: (0..10).collect(), prompt_tokens: 160, output_tokens: 16, remote_kv: false });
         let s = e.begin_step();
         assert_eq!(s.admitted[0].hit_blocks, 10);
         assert_eq!(s.admitted[0].cached_tokens, 144, "the last prompt token is recomputed");
         assert_eq!(s.prefill_tokens, 16);
         e.end_step();
         // Request 1 holds 11 blocks; one needing 10 more (fresh) does not fit until it ends.
-        e.submit(Job { id: 2, keys: (100..110).collect(), prompt_tokens: 160, output_tokens: 1 });
+        e.submit(Job { id: 2, keys: (100..110).collect(), prompt_tokens: 160, output_tokens: 1, remote_kv: false });
         let s = e.begin_step();
         assert!(s.admitted.is_empty(), "no KV room yet");
         e.end_step();
@@ -368,8 +381,8 @@ mod tests {
         // 12 blocks: two 4-block prompts fit at once; their decodes (40 tokens each, a
         // block per 16) then need 3 more blocks each, which the cache cannot give both.
         let mut e = BatchEngine::new(12, 16, latency(8), 8192);
-        e.submit(Job { id: 0, keys: (0..4).collect(), prompt_tokens: 64, output_tokens: 40 });
-        e.submit(Job { id: 1, keys: (10..14).collect(), prompt_tokens: 64, output_tokens: 40 });
+        e.submit(Job { id: 0, keys: (0..4).collect(), prompt_tokens: 64, output_tokens: 40, remote_kv: false });
+        e.submit(Job { id: 1, keys: (10..14).collect(), prompt_tokens: 64, output_tokens: 40, remote_kv: false });
         let s = e.begin_step();
         assert_eq!(s.admitted.len(), 2, "only the prompts' blocks are needed to start");
         assert_eq!(e.pool.used(), 8);
@@ -396,9 +409,31 @@ mod tests {
     }
 
     #[test]
+    fn transferred_kv_computes_one_prompt_token_caches_the_prompt_and_reports_every_token() {
+        let mut e = BatchEngine::new(1000, 16, latency(8), 8192);
+        let job =
+            |id, remote_kv| Job { id, keys: (0..100).collect(), prompt_tokens: 1610, output_tokens: 3, remote_kv };
+        e.submit(job(0, true));
+        let s = e.begin_step();
+        assert_eq!(s.prefill_tokens, 1, "only the last prompt token is computed");
+        assert_eq!(s.admitted[0].created.len(), 100, "the transferred blocks are cached here");
+        assert_eq!(s.duration, Duration::from_millis(10) + Duration::from_micros(100));
+        let end = e.end_step();
+        assert_eq!((end.first_token, end.decoded), (vec![0], vec![]));
+        let end = (e.begin_step(), e.end_step()).1;
+        assert_eq!(end.decoded, vec![0], "a decode token");
+        let end = (e.begin_step(), e.end_step()).1;
+        assert_eq!((end.decoded, end.finished), (vec![0], vec![0]));
+        // The same prompt computed here: its blocks are now a hit, the rest is prefill.
+        e.submit(job(1, false));
+        let s = e.begin_step();
+        assert_eq!((s.admitted[0].hit_blocks, s.prefill_tokens), (100, 10));
+    }
+
+    #[test]
     fn too_large_requests_are_rejected_not_stuck() {
         let mut e = BatchEngine::new(4, 16, latency(8), 8192);
-        e.submit(Job { id: 7, keys: (0..10).collect(), prompt_tokens: 160, output_tokens: 1 });
+        e.submit(Job { id: 7, keys: (0..10).collect(), prompt_tokens: 160, output_tokens: 1, remote_kv: false });
         let s = e.begin_step();
         assert_eq!(s.rejected, vec![7]);
         e.end_step();
