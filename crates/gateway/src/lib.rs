@@ -535,6 +535,7 @@ impl Gateway {
             keys: keys.clone(),
             text: text.as_str().into(),
             now_s: clock_s(),
+            remote_prefill: None,
         };
         // A dry run (explain, `decision` is None) leaves the pickers' and scorers' state alone.
         let d = if decision.is_none() {

@@ -106,6 +106,22 @@ pub struct RequestView {
     /// The scheduler's clock, seconds (monotonic; virtual time in the offline simulation):
     /// for policies whose records expire.
     pub now_s: f64,
+    /// P/D: what computing the prompt on the best prefill pod would cost, when the profile
+    /// can split it (set by [`Profile::schedule`] for the decode stage of a profile whose
+    /// decider is `predicted-ttft-pd-decider`): a decode pod's cost of lacking the prompt is
+    /// then at most this, not a full local prefill.
+    pub remote_prefill: Option<RemotePrefill>,
+}
+
+/// The remote alternative to prefilling on a decode pod, in prefill-token equivalents.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RemotePrefill {
+    /// The best prefill pod's queued prefill, the prompt tokens it lacks, and the split's
+    /// fixed cost (`overheadSeconds ÷ prefillSecondsPerToken`).
+    pub base_tokens: f64,
+    /// `transferSecondsPerToken ÷ prefillSecondsPerToken`: what each prompt token the decode
+    /// pod lacks costs when it arrives by KV transfer.
+    pub transfer_ratio: f64,
 }
 
 pub trait Scorer: Send + Sync {
@@ -170,40 +186,48 @@ pub struct PrefillStage {
 }
 
 impl PrefillStage {
-    /// Decode picked `decode`: the decider's verdict and, if it splits, the prefill pick.
+    /// The best prefill pod (a dry run of the prefill profile) and, for kvroute's decider,
+    /// what a split through it costs, for the decode stage's scorers. `None` when no pod
+    /// passes the prefill filters.
+    fn remote(&self, req: &RequestView, pods: &[PodView]) -> Option<(Decision, Option<RemotePrefill>)> {
+        if self.profile.filtered(req, pods).is_empty() {
+            return None;
+        }
+        let dry = self.profile.run(req, pods, false);
+        let remote = match (&self.decider, dry.pick) {
+            (Decider::PredictedTtft(m), Some(j)) => {
+                let c = m.prefill_s_per_token.max(1e-12);
+                let p = &pods[j];
+                Some(RemotePrefill {
+                    base_tokens: p.pending_prefill_tokens.max(0.0)
+                        + pd::uncached(req, p) as f64
+                        + m.overhead_s.max(0.0) / c,
+                    transfer_ratio: m.transfer_s_per_token.max(0.0) / c,
+                })
+            }
+            _ => None,
+        };
+        Some((dry, remote))
+    }
+
+    /// Decode picked `decode`: the decider's verdict and, if it splits, the prefill pick
+    /// (`dry`: the prefill profile's dry run, from [`Self::remote`]).
     fn run(
         &self,
         req: &RequestView,
         pods: &[PodView],
         decode: &PodView,
+        dry: Decision,
         commit: bool,
         scorer_seconds: &mut Vec<(String, f64)>,
     ) -> (Option<usize>, Option<Verdict>) {
-        if self.profile.filtered(req, pods).is_empty() {
-            return (None, None);
+        let mut verdict = self.decider.decide(req, decode, dry.pick.map(|j| &pods[j]));
+        scorer_seconds.extend(dry.scorer_seconds.iter().cloned());
+        if !verdict.split {
+            return (None, Some(verdict));
         }
-        let mut verdict;
-        let prefill = if self.decider.needs_prefill_pick() {
-            // The decider compares against the best prefill pod: a dry run finds it, and
-            // the real run (same pick: pickers peek first) only if the decider splits.
-            let dry = self.profile.run(req, pods, false);
-            verdict = self.decider.decide(req, decode, dry.pick.map(|j| &pods[j]));
-            if !verdict.split {
-                scorer_seconds.extend(dry.scorer_seconds);
-                return (None, Some(verdict));
-            }
-            let d = if commit { self.profile.run(req, pods, true) } else { dry };
-            scorer_seconds.extend(d.scorer_seconds);
-            d.pick
-        } else {
-            verdict = self.decider.decide(req, decode, None);
-            if !verdict.split {
-                return (None, Some(verdict));
-            }
-            let d = self.profile.run(req, pods, commit);
-            scorer_seconds.extend(d.scorer_seconds);
-            d.pick
-        };
+        // The real run makes the same pick as the dry one (pickers peek first).
+        let prefill = if commit { self.profile.run(req, pods, true).pick } else { dry.pick };
         if prefill.is_none() {
             verdict.split = false;
             verdict.reason = format!("{}, but the prefill profile picked no pod", verdict.reason);
@@ -282,6 +306,17 @@ impl Profile {
     }
 
     fn run(&self, req: &RequestView, pods: &[PodView], commit: bool) -> Decision {
+        // P/D: the prefill stage's best pod first, so the decode stage knows what a split
+        // would cost.
+        let remote = self.prefill.as_ref().and_then(|stage| stage.remote(req, pods));
+        let split_req;
+        let decode_req = match remote.as_ref().and_then(|r| r.1) {
+            Some(rp) => {
+                split_req = RequestView { remote_prefill: Some(rp), ..req.clone() };
+                &split_req
+            }
+            None => req,
+        };
         let idx = self.filtered(req, pods);
         let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
         let mut totals = vec![0.0; view.len()];
@@ -289,7 +324,7 @@ impl Profile {
         let mut scorer_seconds = Vec::new();
         for (s, w) in &self.scorers {
             let t = std::time::Instant::now();
-            let v = s.score(req, &view);
+            let v = s.score(decode_req, &view);
             scorer_seconds.push((s.name().to_string(), t.elapsed().as_secs_f64()));
             for (t, x) in totals.iter_mut().zip(&v) {
                 *t += w * x;
@@ -299,12 +334,12 @@ impl Profile {
         let pick = if commit { self.picker.pick(&totals) } else { self.picker.peek(&totals) };
         if let (Some(j), true) = (pick, commit) {
             for (s, _) in &self.scorers {
-                s.observe_pick(req, &view, j);
+                s.observe_pick(decode_req, &view, j);
             }
         }
         let pick = pick.map(|j| idx[j]);
-        let (prefill, pd) = match (&self.prefill, pick) {
-            (Some(stage), Some(p)) => stage.run(req, pods, &pods[p], commit, &mut scorer_seconds),
+        let (prefill, pd) = match (&self.prefill, remote, pick) {
+            (Some(stage), Some((dry, _)), Some(p)) => stage.run(req, pods, &pods[p], dry, commit, &mut scorer_seconds),
             _ => (None, None),
         };
         Decision { pick, candidates: idx, scores, totals, scorer_seconds, prefill, pd }

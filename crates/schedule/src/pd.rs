@@ -103,13 +103,8 @@ impl Decider {
         }
     }
 
-    /// The decider needs the prefill stage's best pod to decide.
-    pub fn needs_prefill_pick(&self) -> bool {
-        matches!(self, Decider::PredictedTtft(_))
-    }
-
-    /// Whether to disaggregate, given the decode pick and (when [`Self::needs_prefill_pick`])
-    /// the prefill stage's best pod.
+    /// Whether to disaggregate, given the decode pick and the prefill
+    /// stage's best pod (only kvroute's decider reads it).
     pub fn decide(&self, req: &RequestView, decode: &PodView, prefill: Option<&PodView>) -> Verdict {
         let u = uncached(req, decode);
         let verdict = |split: bool, reason: String| Verdict {

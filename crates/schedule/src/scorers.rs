@@ -98,6 +98,10 @@ impl Scorer for KvUtilScorer {
 /// pod that holds a popular shared prefix does not draw every conversation onto itself
 /// and thrash (the hot spot llm-d users report).
 ///
+/// In a P/D pool (`RequestView::remote_prefill` set), lacking the prompt costs a decode pod
+/// at most what computing it on the best prefill pod and transferring the missing blocks
+/// costs: its cache then saves a transfer, not a prefill, and load decides more.
+///
 /// Scores are relative to the cheapest pod and scaled by the request's own size:
 /// `P / (P + cost − min_cost)` with `P` the prompt tokens, so a pod that costs one extra
 /// full prefill scores ½ however long every pod's queue is (a plain `min / cost` would
@@ -140,8 +144,15 @@ impl Scorer for PredictedTtftScorer {
             .map(|(p, q)| {
                 let cached = (p.matched_blocks * r.block_size).min(r.prompt_tokens) as f64;
                 let eviction = 1.0 + self.turnover_weight * p.cache_turnover.unwrap_or(0.0).max(0.0);
-                (r.prompt_tokens as f64 - cached) * (1.0 + self.recompute_penalty.max(0.0)) * eviction
-                    + (q - qmin) * damp
+                let uncached = r.prompt_tokens as f64 - cached;
+                let local = uncached * (1.0 + self.recompute_penalty.max(0.0)) * eviction;
+                // P/D: a decode pod lacking the prompt can have it computed on the best
+                // prefill pod and transferred, so missing it costs at most that.
+                let miss = match r.remote_prefill {
+                    Some(rp) => local.min(rp.base_tokens + rp.transfer_ratio * uncached),
+                    None => local,
+                };
+                miss + (q - qmin) * damp
             })
             .collect();
         let min = costs.iter().copied().fold(f64::INFINITY, f64::min);

@@ -298,3 +298,25 @@ fn the_predicted_ttft_decider_loads_from_an_endpoint_picker_config() {
     assert_eq!(stage.decider, Decider::PredictedTtft(want));
     assert!(l.warnings.iter().any(|w| w.contains("parameter bogus is ignored")), "{:?}", l.warnings);
 }
+
+#[test]
+fn in_a_pd_pool_a_decode_pods_cache_saves_a_transfer_not_a_prefill() {
+    // An 8 k-token prompt whose prefix decode pod d1 holds while it is busy with 12
+    // streams; d2 is idle and cold; the prefill pod is idle and holds the prefix too.
+    let req = RequestView { prompt_tokens: 8192, block_size: 16, total_blocks: 512, ..Default::default() };
+    let mut fleet =
+        vec![role("p", 400, Some("prefill")), role("d1", 400, Some("decode")), role("d2", 0, Some("decode"))];
+    fleet[1].in_flight = 12;
+    let p = SchedulerConfig::default_profile();
+    let d = p.schedule(&req, &fleet);
+    // Missing the prefix on d2 costs only its transfer (the prefill pod computes the rest
+    // either way), so the idle decode pod takes the request, prefilled remotely.
+    assert_eq!((d.pick, d.prefill), (Some(2), Some(0)), "{:?}", d.pd);
+    // Without prefill pods, the same busy-but-cached pod keeps it (a full recompute on d2
+    // would cost far more than 12 streams of queueing).
+    let plain = [pod("d1", 12, 400), pod("d2", 0, 0)];
+    assert_eq!(p.schedule(&req, &plain).pick, Some(0));
+    // llm-d's deciders place decode pods as before: cache affinity decides.
+    let llmd = SchedulerConfig::disaggregated("x", Decider::PrefixBased { non_cached_tokens: 16 });
+    assert_eq!(llmd.schedule(&req, &fleet).pick, Some(1));
+}
