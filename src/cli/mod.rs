@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
 mod bench;
+mod capacity;
 mod demo;
 mod events;
 mod fleet;

@@ -61,8 +61,10 @@ pub struct SimulateArgs {
     /// taken this often (virtual ms; llm-d's EPP refreshes every 50 ms; 0 = always fresh).
     #[arg(long, default_value_t = 50.0)]
     scrape_interval_ms: f64,
-    /// Comma-separated policies: round-robin, random, default, llm-d, approximate,
-    /// load-only, session-affinity; on a P/D fleet also pd-kvroute (kvroute's
+    /// Comma-separated policies: default, round-robin, random, llm-d, llm-d-approx,
+    /// approximate, load-only, session-affinity, the peers' dynamo, dynamo-approx, sglang,
+    /// smg, aibrix, prodstack (kvroute serve --policy takes the same names); on a P/D fleet
+    /// also pd-kvroute (kvroute's
     /// predicted-ttft decider, its costs from the latency profile: prefill = the batched
     /// prefill time per token, transfer = the KV transfer cost, hop = one inter-token step;
     /// pd-kvroute:W sets its interferenceWeight to W),
@@ -82,11 +84,13 @@ pub struct SimulateArgs {
     /// server) into this directory.
     #[arg(long)]
     report_dir: Option<PathBuf>,
+    #[command(flatten)]
+    capacity: super::capacity::CapacityArgs,
 }
 
 pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let (reqs, desc) = a.workload.generate(a.block_size)?;
+    let (reqs, desc) = if a.capacity.suite { (vec![], String::new()) } else { a.workload.generate(a.block_size)? };
     let mut latency = a.latency_profile.latency();
     if let Some(n) = a.max_num_seqs {
         latency.max_num_seqs = n.max(1);
@@ -120,6 +124,23 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         engine: a.engine,
         max_batched_tokens: a.max_num_batched_tokens,
     };
+    if a.capacity.suite || a.capacity.find_capacity {
+        anyhow::ensure!(
+            prefill == 0 && a.config.is_none(),
+            "--find-capacity and --suite compare named policies on aggregated fleets"
+        );
+        let policies: Vec<String> =
+            a.policies.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
+        for p in &policies {
+            kvroute_bench::policy(p)?;
+        }
+        let (json, dir) = (a.output_json.as_deref(), a.report_dir.as_deref());
+        return if a.capacity.suite {
+            super::capacity::run_suite(&a.capacity, &cfg, &policies, a.workload.seed, json, dir)
+        } else {
+            super::capacity::find(&a.capacity, reqs, &desc, &cfg, &policies, a.workload.seed, json, dir)
+        };
+    }
     let mut profiles = Vec::new();
     for name in a.policies.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let profile = match offline_pd::policy(name, &cfg.latency) {

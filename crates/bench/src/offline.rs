@@ -241,6 +241,9 @@ struct RouterState {
     queued: Vec<u32>,
     pending_prefill: Vec<f64>,
     rt: Vec<Rt>,
+    /// Per server: prompt block keys of the requests in flight there, with how many hold
+    /// each (Dynamo's active blocks).
+    active: Vec<HashMap<u64, u32>>,
 }
 
 impl RouterState {
@@ -251,18 +254,35 @@ impl RouterState {
             self.queued[r.server] -= 1;
         }
     }
-    fn done(&mut self, i: usize) {
-        self.prefill_leg_done(i);
+    fn done(&mut self, i: usize, keys: &[u64]) {
+        self.prefill_leg_done(i, keys);
         self.first_token(i);
-        self.in_flight[self.rt[i].server] -= 1;
+        let s = self.rt[i].server;
+        self.in_flight[s] -= 1;
+        self.set_active(s, keys, false);
     }
     /// P/D: the prefill leg answered; the prefill server owes this request nothing more.
-    fn prefill_leg_done(&mut self, i: usize) {
+    fn prefill_leg_done(&mut self, i: usize, keys: &[u64]) {
         let r = &mut self.rt[i];
         if let Some(p) = r.prefill.take() {
             self.pending_prefill[p] -= r.prefill_estimate;
             self.queued[p] -= 1;
             self.in_flight[p] -= 1;
+            self.set_active(p, keys, false);
+        }
+    }
+    /// A request holding `keys` starts (or stops) being in flight on server `s`.
+    fn set_active(&mut self, s: usize, keys: &[u64], on: bool) {
+        let a = &mut self.active[s];
+        for k in keys {
+            if on {
+                *a.entry(*k).or_default() += 1;
+            } else if let Some(n) = a.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    a.remove(k);
+                }
+            }
         }
     }
 }
@@ -310,7 +330,9 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
         queued: vec![0; cfg.servers],
         pending_prefill: vec![0.0; cfg.servers],
         rt: vec![Rt::default(); reqs.len()],
+        active: vec![HashMap::new(); cfg.servers],
     };
+    let needs_text = profile.needs_text();
     let mut sessions: HashMap<u64, usize> = HashMap::new();
     // Pending KV events: (server, stored?, keys); blocks a request created, announced
     // once its prefill is done.
@@ -383,7 +405,12 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                             waiting: Some(waiting as f64),
                             lora_active: None,
                             labels: labels[s].clone(),
-                            ..Default::default()
+                            active_blocks: router.active[s].len(),
+                            active_prefix_blocks: r
+                                .keys
+                                .iter()
+                                .take_while(|k| router.active[s].contains_key(k))
+                                .count(),
                         }
                     })
                     .collect();
@@ -391,7 +418,10 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                     prompt_tokens: r.prompt_tokens,
                     block_size: bs,
                     total_blocks: r.keys.len(),
-                    ..Default::default()
+                    keys: r.keys.as_slice().into(),
+                    text: if needs_text { crate::synth::routing_text(r, bs).into() } else { Default::default() },
+                    now_s: secs,
+                    remote_prefill: None,
                 };
                 let decision = profile.schedule(&req, &views);
                 let s = decision.pick.unwrap_or(0);
@@ -409,6 +439,7 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                         (turnover(*nb, secs) + (r.keys.len() - views[x].matched_blocks.min(r.keys.len())) as f64, secs);
                     router.in_flight[x] += 1;
                     router.queued[x] += 1;
+                    router.set_active(x, &r.keys, true);
                     tally.per_server_requests[x] += 1.0;
                 }
                 // A split request's prompt is computed on the prefill server: the decode
@@ -478,7 +509,7 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                 servers[s].pool.release(&reqs[i].keys, router.rt[i].anon);
                 servers[s].running -= 1;
                 tally.output_tokens += reqs[i].output_tokens;
-                router.done(i);
+                router.done(i, &reqs[i].keys);
                 to_start = Some(s);
             }
             Ev::Deliver(d) => {
@@ -535,10 +566,10 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
                         continue;
                     }
                     tally.output_tokens += reqs[i].output_tokens;
-                    router.done(i);
+                    router.done(i, &reqs[i].keys);
                 }
                 for i in legs {
-                    router.prefill_leg_done(i);
+                    router.prefill_leg_done(i, &reqs[i].keys);
                     // vLLM's decode side pulls only the blocks it lacks.
                     let d = router.rt[i].server;
                     let held = servers[d].batch.as_ref().map_or(0, |b| b.pool.prefix_hits(&reqs[i].keys));
@@ -582,7 +613,7 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
             }
             for i in step.rejected {
                 tally.rejected += 1;
-                router.done(i);
+                router.done(i, &reqs[i].keys);
             }
             servers[s].stepping = true;
             push(&mut heap, t + step.duration.as_nanos() as u64, Ev::StepEnd(s));
@@ -596,7 +627,7 @@ pub fn run(name: &str, profile: &Profile, reqs: &[SimRequest], cfg: &FleetConfig
             if r.keys.len() + anon > cfg.gpu_blocks {
                 servers[s].waiting.pop_front();
                 tally.rejected += 1;
-                router.done(i);
+                router.done(i, &reqs[i].keys);
                 continue;
             }
             let hit = servers[s].pool.prefix_hits(&r.keys);

@@ -130,6 +130,10 @@ pub trait Scorer: Send + Sync {
     fn score(&self, req: &RequestView, pods: &[PodView]) -> Vec<f64>;
     /// Told which pod was picked (for scorers with memory).
     fn observe_pick(&self, _req: &RequestView, _pods: &[PodView], _pick: usize) {}
+    /// Reads [`RequestView::text`] (harnesses without text synthesize one only then).
+    fn needs_text(&self) -> bool {
+        false
+    }
 }
 
 pub trait Filter: Send + Sync {
@@ -275,6 +279,12 @@ impl Profile {
         picker: Box<dyn Picker>,
     ) -> Self {
         Self { name: name.into(), filters, scorers, picker, prefill: None }
+    }
+
+    /// Some scorer reads the routing text.
+    pub fn needs_text(&self) -> bool {
+        self.scorers.iter().any(|(s, _)| s.needs_text())
+            || self.prefill.as_ref().is_some_and(|p| p.profile.needs_text())
     }
 
     /// Makes random tie-breaks reproducible.

@@ -131,6 +131,9 @@ impl Scorer for AibrixPrefixCache {
     fn name(&self) -> &str {
         "aibrix-prefix-cache-scorer"
     }
+    fn needs_text(&self) -> bool {
+        true
+    }
     fn score(&self, req: &RequestView, pods: &[PodView]) -> Vec<f64> {
         let picks = self.decide(req, pods);
         (0..pods.len()).map(|i| if picks.contains(&i) { 1.0 } else { 0.0 }).collect()

@@ -45,6 +45,9 @@ impl Scorer for ProdstackPrefixAware {
     fn name(&self) -> &str {
         "prodstack-prefix-aware-scorer"
     }
+    fn needs_text(&self) -> bool {
+        true
+    }
     fn score(&self, req: &RequestView, pods: &[PodView]) -> Vec<f64> {
         let nodes = self.nodes.lock();
         let mut live: Vec<usize> = (0..pods.len()).collect();

@@ -103,6 +103,9 @@ impl Scorer for Sglang {
     fn name(&self) -> &str {
         "sglang-cache-aware-scorer"
     }
+    fn needs_text(&self) -> bool {
+        true
+    }
     fn score(&self, req: &RequestView, pods: &[PodView]) -> Vec<f64> {
         one_hot(pods.len(), &self.decide(req, pods).map(|d| d.0).into_iter().collect::<Vec<_>>())
     }
@@ -156,6 +159,9 @@ impl Smg {
 impl Scorer for Smg {
     fn name(&self) -> &str {
         "smg-cache-aware-scorer"
+    }
+    fn needs_text(&self) -> bool {
+        true
     }
     fn score(&self, req: &RequestView, pods: &[PodView]) -> Vec<f64> {
         one_hot(pods.len(), &self.decide(req, pods))
