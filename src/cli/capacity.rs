@@ -48,6 +48,14 @@ pub struct CapacityArgs {
 impl CapacityArgs {
     fn options(&self, seed: u64, policies: &[String]) -> anyhow::Result<Options> {
         let slo: Slo = self.slo.parse().map_err(|e| anyhow::anyhow!("--slo: {e}"))?;
+        for o in &slo.objectives {
+            anyhow::ensure!(
+                suite::METRICS.contains(&o.metric.as_str()),
+                "--slo: unknown metric {:?} (known: {})",
+                o.metric,
+                suite::METRICS.join(", ")
+            );
+        }
         Ok(Options {
             traces: self.traces.clone(),
             seed,

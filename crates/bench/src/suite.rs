@@ -156,6 +156,9 @@ pub fn scaled(reqs: &[SimRequest], scale: f64) -> Vec<SimRequest> {
     reqs.iter().map(|r| SimRequest { arrival_s: r.arrival_s / scale, ..r.clone() }).collect()
 }
 
+/// The metrics an SLO can name (see [`measured`]).
+pub const METRICS: &[&str] = &["ttft_p50", "ttft_p90", "ttft_p99", "ttft_mean", "itl_p90"];
+
 /// What the SLO reads from a run.
 pub fn measured(r: &PolicyResult) -> Measured {
     let values = [
@@ -163,6 +166,7 @@ pub fn measured(r: &PolicyResult) -> Measured {
         ("ttft_p90", r.ttft_p90_s),
         ("ttft_p99", r.ttft_p99_s),
         ("ttft_mean", r.ttft_mean_s),
+        ("itl_p90", r.itl_p90_s),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
