@@ -298,7 +298,22 @@ fn a_yaml_pool_with_roles_and_dialled_event_endpoints() {
 
 #[test]
 fn offline_simulation_agrees_with_a_live_run_of_the_same_workload() {
-    let f = Fleet::start(3, &[]);
+    agree("default");
+}
+
+#[test]
+fn the_peers_policies_agree_offline_and_live_too() {
+    // Dynamo (cost over KV-event overlap + active blocks) and SGLang (a character tree on
+    // the routing text: live the rendered prompt, offline a text synthesized from the keys).
+    for policy in ["dynamo", "sglang"] {
+        agree(policy);
+    }
+}
+
+/// Replays one workload through a live fleet under `policy` and offline, and compares the
+/// hit rates.
+fn agree(policy: &str) {
+    let f = Fleet::start(3, &["--policy", policy]);
     let workload = [
         "--workload",
         "shared-prefix",
@@ -317,7 +332,7 @@ fn offline_simulation_agrees_with_a_live_run_of_the_same_workload() {
         "--seed",
         "7",
     ];
-    let dir = std::env::temp_dir().join(format!("kvroute-agree-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("kvroute-agree-{}-{policy}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (live, offline) = (dir.join("live.json"), dir.join("offline.json"));
     let mut bench = Command::new(env!("CARGO_BIN_EXE_kvroute"));
@@ -331,7 +346,7 @@ fn offline_simulation_agrees_with_a_live_run_of_the_same_workload() {
     let o = bench.args(workload).args(["--time-scale", "0.05"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-        .args(["simulate", "--servers", "3", "--engine", "per-request", "--policies", "default", "--time-scale", "5"])
+        .args(["simulate", "--servers", "3", "--engine", "per-request", "--policies", policy, "--time-scale", "5"])
         .args(["--output-json", offline.to_str().unwrap()])
         .args(workload)
         .output()
@@ -343,9 +358,9 @@ fn offline_simulation_agrees_with_a_live_run_of_the_same_workload() {
     let (l, o) =
         (live["hit_rate_tokens"].as_f64().unwrap(), offline["policies"][0]["hit_rate_tokens"].as_f64().unwrap());
     // 40 of 48 requests can reuse their group's 512-token prefix: ≈ 74 % at best.
-    assert!(o > 0.6, "offline {offline}");
-    assert!((l - o).abs() < 0.05, "live {l:.3} vs offline {o:.3}");
-    eprintln!("hit rate: live {l:.4}, offline {o:.4}");
+    assert!(o > 0.6, "{policy}: offline {offline}");
+    assert!((l - o).abs() < 0.05, "{policy}: live {l:.3} vs offline {o:.3}");
+    eprintln!("{policy}: hit rate live {l:.4}, offline {o:.4}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
