@@ -37,7 +37,9 @@ pub struct CapacityArgs {
     /// The traces directory of the suite (Mooncake, Azure).
     #[arg(long, default_value = "../shared/traces")]
     pub traces: PathBuf,
-    /// Suite: only these workloads (comma-separated names).
+    /// Suite: only these workloads (comma-separated names). Without --suite, the first is
+    /// the workload (and fleet) of a plain comparison or of --find-capacity: llmd-precise,
+    /// llmd-precise-half-kv, mooncake, multi-turn, azure-code, azure-conv, zipf, bursty, mixed.
     #[arg(long)]
     pub suite_workloads: Option<String>,
     /// Parallel simulations (default: the machine's cores).
@@ -67,6 +69,13 @@ impl CapacityArgs {
             only: self.suite_workloads.iter().flat_map(|s| s.split(',')).map(|s| s.trim().to_string()).collect(),
         })
     }
+}
+
+/// The first workload `--suite-workloads` names, with its fleet.
+pub fn suite_case(a: &CapacityArgs, base: &FleetConfig, seed: u64) -> anyhow::Result<suite::Case> {
+    let o = a.options(seed, &[])?;
+    let cases = suite::cases(&o, base).with_context(|| format!("reading traces in {}", o.traces.display()))?;
+    cases.into_iter().next().context("--suite-workloads names no workload of the suite")
 }
 
 /// `--find-capacity` on one workload.

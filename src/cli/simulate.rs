@@ -90,7 +90,11 @@ pub struct SimulateArgs {
 
 pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let (reqs, desc) = if a.capacity.suite { (vec![], String::new()) } else { a.workload.generate(a.block_size)? };
+    let (mut reqs, mut desc) = if a.capacity.suite || a.capacity.suite_workloads.is_some() {
+        (vec![], String::new())
+    } else {
+        a.workload.generate(a.block_size)?
+    };
     let mut latency = a.latency_profile.latency();
     if let Some(n) = a.max_num_seqs {
         latency.max_num_seqs = n.max(1);
@@ -112,7 +116,7 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         }
         _ => (0, a.servers.unwrap_or(8).max(1)),
     };
-    let cfg = FleetConfig {
+    let mut cfg = FleetConfig {
         servers,
         prefill_servers: 0,
         gpu_blocks: a.gpu_blocks_per_server,
@@ -124,6 +128,13 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         engine: a.engine,
         max_batched_tokens: a.max_num_batched_tokens,
     };
+    // One workload of the suite, on its fleet (arrival times × --time-scale).
+    if let (Some(_), false) = (&a.capacity.suite_workloads, a.capacity.suite) {
+        let case = super::capacity::suite_case(&a.capacity, &cfg, a.workload.seed)?;
+        reqs = kvroute_bench::suite::scaled(&case.reqs, 1.0 / a.workload.time_scale.max(1e-9));
+        desc = case.what;
+        cfg = FleetConfig { prefill_servers: cfg.prefill_servers, ..case.fleet };
+    }
     if a.capacity.suite || a.capacity.find_capacity {
         anyhow::ensure!(
             prefill == 0 && a.config.is_none(),
