@@ -110,6 +110,7 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
             queue_tokens: f("queueTokens", 128.0),
             recompute_penalty: f("recomputePenalty", 2.0),
             queued_tokens: f("queuedTokens", 0.0),
+            waiting_tokens: f("waitingTokens", 0.0),
             turnover_weight: f("turnoverWeight", 4.0),
             pending_weight: f("pendingWeight", 1.0),
             relative_queue: params.get("relativeQueue").and_then(Value::as_bool).unwrap_or(true),
@@ -182,9 +183,15 @@ pub fn build_plugin(kind: &str, params: &Value) -> Result<Plugin, ConfigError> {
 /// in a file is reported by name as ignored.
 pub(crate) fn honoured_params(kind: &str) -> &'static [&'static str] {
     match kind {
-        "predicted-ttft-scorer" => {
-            &["queueTokens", "recomputePenalty", "queuedTokens", "turnoverWeight", "pendingWeight", "relativeQueue"]
-        }
+        "predicted-ttft-scorer" => &[
+            "queueTokens",
+            "recomputePenalty",
+            "queuedTokens",
+            "waitingTokens",
+            "turnoverWeight",
+            "pendingWeight",
+            "relativeQueue",
+        ],
         "saturation-filter" => &["kvCacheThreshold"],
         "sglang-cache-aware-scorer" | "smg-cache-aware-scorer" => {
             &["cacheThreshold", "balanceAbsThreshold", "balanceRelThreshold", "maxTreeSize"]

@@ -111,6 +111,10 @@ pub struct PredictedTtftScorer {
     pub recompute_penalty: f64,
     /// Token-equivalents per request still waiting for its first token on the pod.
     pub queued_tokens: f64,
+    /// Token-equivalents per request the engine reports waiting (scraped
+    /// `vllm:num_requests_waiting`: not admitted for want of a sequence slot or KV blocks —
+    /// a wait the prefill queue does not show).
+    pub waiting_tokens: f64,
     /// Weight of the pod's cache turnover on the cost of its uncached tokens.
     pub turnover_weight: f64,
     /// Weight of the prefill the pod still owes earlier requests.
@@ -134,6 +138,7 @@ impl Scorer for PredictedTtftScorer {
                 self.pending_weight * p.pending_prefill_tokens.max(0.0)
                     + self.queue_tokens * p.in_flight as f64
                     + self.queued_tokens * p.queued as f64
+                    + self.waiting_tokens * p.waiting.unwrap_or(0.0).max(0.0)
             })
             .collect();
         let qmin = queues.iter().copied().fold(f64::INFINITY, f64::min).max(0.0);

@@ -320,3 +320,20 @@ fn in_a_pd_pool_a_decode_pods_cache_saves_a_transfer_not_a_prefill() {
     let llmd = SchedulerConfig::disaggregated("x", Decider::PrefixBased { non_cached_tokens: 16 });
     assert_eq!(llmd.schedule(&req, &fleet).pick, Some(1));
 }
+
+#[test]
+fn requests_the_engine_reports_waiting_move_a_prompt_off_its_cached_pod() {
+    // 2,048 tokens cached on a; b is cold: recomputing costs 2,048 × 3 token-equivalents.
+    let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128, ..Default::default() };
+    let p = SchedulerConfig::default_profile();
+    let with_waiting = |w: f64| {
+        let mut a = pod("a", 0, 128);
+        a.waiting = Some(w);
+        let mut b = pod("b", 0, 0);
+        b.waiting = Some(0.0);
+        p.schedule_dry(&req, &[a, b]).pick
+    };
+    // Each request the engine cannot admit (no sequence slot or KV) counts 1,024 tokens.
+    assert_eq!(with_waiting(4.0), Some(0), "4 waiting (4,096) < a recompute (6,144)");
+    assert_eq!(with_waiting(8.0), Some(1), "8 waiting (8,192) > a recompute");
+}
