@@ -135,8 +135,7 @@ impl Scorer for AibrixPrefixCache {
         true
     }
     fn score(&self, req: &RequestView, pods: &[PodView]) -> Vec<f64> {
-        let picks = self.decide(req, pods);
-        (0..pods.len()).map(|i| if picks.contains(&i) { 1.0 } else { 0.0 }).collect()
+        super::one_hot(pods.len(), &self.decide(req, pods))
     }
     fn observe_pick(&self, req: &RequestView, pods: &[PodView], pick: usize) {
         let hashes = self.hashes(&req.text);

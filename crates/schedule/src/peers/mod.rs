@@ -17,3 +17,9 @@ pub use dynamo::{Dynamo, DynamoConfig};
 pub use llmd::{LlmdApproxConfig, LlmdApproxPrefix};
 pub use prodstack::ProdstackPrefixAware;
 pub use sglang::{CacheAwareConfig, Sglang, Smg};
+
+/// Scores for a policy's choice: 1 for each pod in `picks` (the picker breaks ties), 0
+/// elsewhere.
+pub(crate) fn one_hot(n: usize, picks: &[usize]) -> Vec<f64> {
+    (0..n).map(|i| if picks.contains(&i) { 1.0 } else { 0.0 }).collect()
+}

@@ -62,7 +62,7 @@ impl Scorer for ProdstackPrefixAware {
             live = hit;
             node = child;
         }
-        (0..pods.len()).map(|i| if live.contains(&i) { 1.0 } else { 0.0 }).collect()
+        super::one_hot(pods.len(), &live)
     }
     fn observe_pick(&self, req: &RequestView, pods: &[PodView], pick: usize) {
         let name = &pods[pick].name;

@@ -22,6 +22,7 @@
 
 use parking_lot::Mutex;
 
+use super::one_hot;
 use super::tree::CharTree;
 use crate::{PodView, RequestView, Scorer};
 
@@ -57,10 +58,6 @@ fn state(cfg: &CacheAwareConfig) -> Mutex<State> {
 /// The least-loaded pod; ties → fewer processed, then list order.
 fn least_loaded(pods: &[PodView], processed: &std::collections::HashMap<String, u64>) -> Option<usize> {
     (0..pods.len()).min_by_key(|&i| (pods[i].in_flight, processed.get(&pods[i].name).copied().unwrap_or(0), i))
-}
-
-fn one_hot(n: usize, picks: &[usize]) -> Vec<f64> {
-    (0..n).map(|i| if picks.contains(&i) { 1.0 } else { 0.0 }).collect()
 }
 
 /// SGLang's classic `cache_aware` (see the module docs).
