@@ -151,12 +151,20 @@ fn write(results: &[CaseResult], o: &Options, json: Option<&Path>, dir: Option<&
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
     if let Some(d) = dir {
+        // Plots stop at 4× the SLO's strictest TTFT limit (or 10 s).
+        let clip = o
+            .slo
+            .objectives
+            .iter()
+            .filter(|x| x.metric.starts_with("ttft"))
+            .map(|x| 4.0 * x.limit_s)
+            .fold(10.0, f64::min);
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         let mut md =
             format!("# kvroute simulate: capacity at an SLO\n\n{}\n", suite::markdown(results, &o.slo, "default"));
         for r in results {
             let file = format!("capacity_{}.svg", r.workload);
-            std::fs::write(d.join(&file), suite::svg(r)).with_context(|| format!("cannot write {file}"))?;
+            std::fs::write(d.join(&file), suite::svg(r, clip)).with_context(|| format!("cannot write {file}"))?;
             md += &format!(
                 "\n## {}\n\n{} ({} requests)\n\n![TTFT p90 vs scale]({file})\n",
                 r.workload, r.what, r.requests
