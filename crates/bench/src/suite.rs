@@ -75,7 +75,7 @@ pub fn cases(o: &Options, base: &FleetConfig) -> Result<Vec<Case>, WorkloadError
         workload::mooncake(&mooncake, 512, bs, 1.0, Some(1500))?,
         fleet(8, 65_536, base.latency.max_num_seqs),
     );
-    let m = MultiTurn { users: 40, rounds: 8, qps: 2.0, ..Default::default() };
+    let m = MultiTurn { users: 200, rounds: 8, qps: 10.0, ..Default::default() };
     add(
         "multi-turn",
         format!(
