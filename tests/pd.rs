@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pd::{body, role_backends, sse_content, sse_events};
 use common::{free_ports, metric_sum, wait_healthy, words, Children};
 use serde_json::{json, Value};
 
@@ -35,14 +36,7 @@ fn fleet_with(tag: &str, yaml_tail: &str, sim_extra: &[&str]) -> Fleet {
     let mut kids = Children([p1, p2, d1, d2].iter().map(|p| common::sim(*p, zmq, sim_extra)).collect());
     let dir = std::env::temp_dir().join(format!("kvroute-pd-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let role = |p: u16, r: &str| format!("  - {{url: 'http://127.0.0.1:{p}', labels: {{llm-d.ai/role: {r}}}}}\n");
-    let yaml = format!(
-        "backends:\n{}{}{}{}{yaml_tail}",
-        role(p1, "prefill"),
-        role(p2, "prefill"),
-        role(d1, "decode"),
-        role(d2, "decode"),
-    );
+    let yaml = format!("{}{yaml_tail}", role_backends(&[p1, p2], &[d1, d2]));
     let cfg = dir.join("serve.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     kids.0.push(serve(http, zmq, &cfg));
@@ -104,26 +98,6 @@ impl Fleet {
     }
 }
 
-fn body(chat: bool, prompt: &str, stream: bool) -> Value {
-    let mut b = if chat {
-        json!({"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 5})
-    } else {
-        json!({"model": "m", "prompt": prompt, "max_tokens": 5})
-    };
-    if stream {
-        b["stream"] = json!(true);
-        b["stream_options"] = json!({"include_usage": true});
-    }
-    b
-}
-
-/// The events of an SSE body (`data: ` removed); the last must be `[DONE]`.
-fn sse_events(text: &str) -> Vec<Value> {
-    let data: Vec<&str> = text.split("\n\n").filter_map(|e| e.trim().strip_prefix("data:")).map(str::trim).collect();
-    assert_eq!(data.last(), Some(&"[DONE]"), "stream did not end with [DONE]: {text}");
-    data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
-}
-
 #[test]
 fn a_long_new_prompt_is_prefilled_then_decoded_and_its_prefix_then_stays_on_the_decode_pod() {
     let f = fleet("split", "");
@@ -169,13 +143,7 @@ fn streaming_and_non_streaming_chat_and_completions_are_disaggregated() {
         assert!(f.is_decode(&pod), "{pod}");
         let usage = if stream {
             let events = sse_events(&text);
-            let content: String = events
-                .iter()
-                .filter_map(|e| {
-                    let c = &e["choices"][0];
-                    c["delta"]["content"].as_str().or(c["text"].as_str()).map(str::to_string)
-                })
-                .collect();
+            let content = sse_content(&events);
             assert!(!content.is_empty(), "no generated text: {text}");
             events.last().unwrap()["usage"].clone()
         } else {

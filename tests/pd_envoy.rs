@@ -21,6 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::envoy::post;
+use common::pd::{body, role_backends, sse_content, sse_events};
 use common::{free_ports, metric_sum, wait_healthy, words, Children};
 use serde_json::{json, Value};
 
@@ -70,14 +71,7 @@ fn fleet(tag: &str) -> Fleet {
     let dir = std::env::temp_dir().join(format!("kvroute-pd-envoy-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let epp = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llmd/llmd-pd-prefix.yaml");
-    let role = |p: u16, r: &str| format!("  - {{url: 'http://127.0.0.1:{p}', labels: {{llm-d.ai/role: {r}}}}}\n");
-    let yaml = format!(
-        "backends:\n{}{}{}{}scheduler_config: {epp}\npd: {{mode: sidecar}}\n",
-        role(p1, "prefill"),
-        role(p2, "prefill"),
-        role(s1, "decode"),
-        role(s2, "decode"),
-    );
+    let yaml = format!("{}scheduler_config: {epp}\npd: {{mode: sidecar}}\n", role_backends(&[p1, p2], &[s1, s2]));
     let cfg = dir.join("serve.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     let (g, h) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{health}"));
@@ -106,36 +100,14 @@ struct Served {
     text: String,
 }
 
-fn body(chat: bool, prompt: &str, stream: bool) -> Value {
-    let mut b = if chat {
-        json!({"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 5})
-    } else {
-        json!({"model": "m", "prompt": prompt, "max_tokens": 5})
-    };
-    if stream {
-        b["stream"] = json!(true);
-        b["stream_options"] = json!({"include_usage": true});
-    }
-    b
-}
-
 impl Fleet {
     fn send(&self, chat: bool, prompt: &str, stream: bool, headers: &[(&str, &str)]) -> Served {
         let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
         let (status, served, picked, text) = post(&self.envoy, path, &body(chat, prompt, stream).to_string(), headers);
         assert_eq!(status, 200, "{text}");
         let usage = if stream {
-            let data: Vec<&str> =
-                text.split("\n\n").filter_map(|e| e.trim().strip_prefix("data:")).map(str::trim).collect();
-            assert_eq!(data.last(), Some(&"[DONE]"), "stream did not end with [DONE]: {text}");
-            let events: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-            let content: String = events
-                .iter()
-                .filter_map(|e| {
-                    let c = &e["choices"][0];
-                    c["delta"]["content"].as_str().or(c["text"].as_str()).map(str::to_string)
-                })
-                .collect();
+            let events = sse_events(&text);
+            let content = sse_content(&events);
             assert!(!content.is_empty(), "no generated text: {text}");
             events.last().map(|e| e["usage"].clone()).unwrap_or_default()
         } else {

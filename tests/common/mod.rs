@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub mod envoy;
 pub mod kube;
+pub mod pd;
 
 /// `n` distinct free ports, drawn below the ephemeral range (see [`free_run`]).
 pub fn free_ports(n: usize) -> Vec<u16> {
