@@ -164,13 +164,7 @@ impl Scorer for AibrixPrefixCache {
 mod tests {
     use super::*;
 
-    fn pods(loads: &[u32]) -> Vec<PodView> {
-        loads
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| PodView { name: format!("p{i}"), in_flight: l, ..Default::default() })
-            .collect()
-    }
+    use crate::peers::loaded as pods;
     fn req(text: &str, now_s: f64) -> RequestView {
         RequestView { text: text.into(), now_s, ..Default::default() }
     }

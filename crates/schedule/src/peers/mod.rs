@@ -23,3 +23,13 @@ pub use sglang::{CacheAwareConfig, Sglang, Smg};
 pub(crate) fn one_hot(n: usize, picks: &[usize]) -> Vec<f64> {
     (0..n).map(|i| if picks.contains(&i) { 1.0 } else { 0.0 }).collect()
 }
+
+/// Test pods `w0, w1, …` with these in-flight counts.
+#[cfg(test)]
+pub(crate) fn loaded(loads: &[u32]) -> Vec<crate::PodView> {
+    loads
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| crate::PodView { name: format!("w{i}"), in_flight: l, ..Default::default() })
+        .collect()
+}

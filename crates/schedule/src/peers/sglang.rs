@@ -175,13 +175,7 @@ impl Scorer for Smg {
 mod tests {
     use super::*;
 
-    fn pods(loads: &[u32]) -> Vec<PodView> {
-        loads
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| PodView { name: format!("w{i}"), in_flight: l, ..Default::default() })
-            .collect()
-    }
+    use crate::peers::loaded as pods;
     fn req(text: &str) -> RequestView {
         RequestView { text: text.into(), ..Default::default() }
     }
