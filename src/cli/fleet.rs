@@ -26,25 +26,8 @@ pub struct DiscoveryArgs {
     /// [default: static; kubernetes when --pool-name or --endpoint-selector is given].
     #[arg(long, value_name = "MODE")]
     discovery: Option<Mode>,
-    /// Kubeconfig file [default: the in-cluster service account, else $KUBECONFIG].
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
-    /// InferencePool to follow (its selector and target ports pick the pods).
-    #[arg(long)]
-    pool_name: Option<String>,
-    /// Namespace of the pool and its pods [default: the service account's / kubeconfig's].
-    #[arg(long)]
-    pool_namespace: Option<String>,
-    /// InferencePool API group: inference.networking.k8s.io (v1) or
-    /// inference.networking.x-k8s.io (v1alpha2) [default: inference.networking.k8s.io].
-    #[arg(long)]
-    pool_group: Option<String>,
-    /// Without a pool: the pods' label selector, e.g. app=vllm.
-    #[arg(long)]
-    endpoint_selector: Option<String>,
-    /// Without a pool: the pods' serving ports, comma-separated [default: 8000].
-    #[arg(long, value_delimiter = ',')]
-    endpoint_target_ports: Vec<u16>,
+    #[command(flatten)]
+    pool: PoolArgs,
     /// Dial each pod's KV-event publisher at tcp://<podIP>:<port> (annotation
     /// kvroute.io/kv-events-port overrides it) [default: off = bind mode].
     #[arg(long)]
@@ -54,8 +37,71 @@ pub struct DiscoveryArgs {
     pod_kv_replay_port: Option<u16>,
 }
 
+/// Which pods form the pool: an InferencePool or a label selector in a namespace
+/// (`kvroute serve --discovery`'s backends, `kvroute sidecar`'s allowed prefillers).
+#[derive(Args, Debug, Default, Clone)]
+pub struct PoolArgs {
+    /// Kubeconfig file [default: the in-cluster service account, else $KUBECONFIG].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// InferencePool to follow: the Ready pods its selector picks, at its target ports.
+    #[arg(long)]
+    pub pool_name: Option<String>,
+    /// Namespace of the pool and its pods [default: the service account's / kubeconfig's].
+    #[arg(long)]
+    pub pool_namespace: Option<String>,
+    /// InferencePool API group: inference.networking.k8s.io (v1) or
+    /// inference.networking.x-k8s.io (v1alpha2) [default: inference.networking.k8s.io].
+    #[arg(long)]
+    pub pool_group: Option<String>,
+    /// Without a pool: the Ready pods with these labels, e.g. app=vllm.
+    #[arg(long)]
+    pub endpoint_selector: Option<String>,
+    /// Without a pool: the selected pods' ports, comma-separated [default: 8000].
+    #[arg(long, value_delimiter = ',')]
+    pub endpoint_target_ports: Vec<u16>,
+}
+
+impl PoolArgs {
+    /// A pool or a selector is named.
+    pub fn named(&self) -> bool {
+        self.pool_name.is_some() || self.endpoint_selector.is_some()
+    }
+
+    /// Some flag that only means something with a pool or selector is set.
+    pub fn any_detail(&self) -> bool {
+        self.pool_namespace.is_some()
+            || self.pool_group.is_some()
+            || !self.endpoint_target_ports.is_empty()
+            || self.kubeconfig.is_some()
+    }
+
+    /// Writes the flags given over `k`.
+    pub fn apply(&self, k: &mut kvroute_discovery::KubeSection) {
+        for (flag, field) in [
+            (&self.pool_name, &mut k.pool_name),
+            (&self.pool_namespace, &mut k.namespace),
+            (&self.endpoint_selector, &mut k.endpoint_selector),
+        ] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        if self.kubeconfig.is_some() {
+            k.kubeconfig.clone_from(&self.kubeconfig);
+        }
+        if let Some(g) = &self.pool_group {
+            k.pool_group = g.clone();
+        }
+        if !self.endpoint_target_ports.is_empty() {
+            k.target_ports = self.endpoint_target_ports.clone();
+        }
+    }
+}
+
 impl DiscoveryArgs {
     pub fn apply(&self, d: &mut DiscoverySection) {
+        self.pool.apply(&mut d.kubernetes);
         let k = &mut d.kubernetes;
         macro_rules! set {
             ($flag:expr, $field:expr) => {
@@ -64,21 +110,11 @@ impl DiscoveryArgs {
                 }
             };
         }
-        set!(self.kubeconfig, k.kubeconfig);
-        set!(self.pool_name, k.pool_name);
-        set!(self.pool_namespace, k.namespace);
-        set!(self.endpoint_selector, k.endpoint_selector);
         set!(self.pod_kv_events_port, k.kv_events_port);
         set!(self.pod_kv_replay_port, k.kv_replay_port);
-        if let Some(g) = &self.pool_group {
-            k.pool_group = g.clone();
-        }
-        if !self.endpoint_target_ports.is_empty() {
-            k.target_ports = self.endpoint_target_ports.clone();
-        }
         match self.discovery {
             Some(m) => d.mode = m,
-            None if self.pool_name.is_some() || self.endpoint_selector.is_some() => d.mode = Mode::Kubernetes,
+            None if self.pool.named() => d.mode = Mode::Kubernetes,
             None => {}
         }
     }

@@ -69,26 +69,10 @@ pub struct SidecarArgs {
     /// strips client-set x-prefiller-host-port headers.
     #[arg(long, conflicts_with_all = ["pool_name", "endpoint_selector"])]
     insecure_any_prefiller: bool,
-    /// Allow the Ready pods of this InferencePool as prefill targets (podIP:port for the
-    /// pool's target ports), followed live; --prefill-allow entries are allowed too.
-    #[arg(long, conflicts_with = "endpoint_selector")]
-    pool_name: Option<String>,
-    /// Namespace of the pool and its pods [default: the service account's / kubeconfig's].
-    #[arg(long)]
-    pool_namespace: Option<String>,
-    /// InferencePool API group: inference.networking.k8s.io (v1) or
-    /// inference.networking.x-k8s.io (v1alpha2) [default: inference.networking.k8s.io].
-    #[arg(long)]
-    pool_group: Option<String>,
-    /// Without a pool: allow the Ready pods with these labels, e.g. app=vllm.
-    #[arg(long)]
-    endpoint_selector: Option<String>,
-    /// Without a pool: the selected pods' ports, comma-separated [default: 8000].
-    #[arg(long, value_delimiter = ',')]
-    endpoint_target_ports: Vec<u16>,
-    /// Kubeconfig file [default: the in-cluster service account, else $KUBECONFIG].
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
+    /// The pool whose Ready pods (podIP:port for the pool's target ports) are allowed
+    /// prefill targets, followed live; --prefill-allow entries are allowed too.
+    #[command(flatten)]
+    pool: super::fleet::PoolArgs,
     /// Time for a prefill reply, ms; past it the request is decoded without it.
     #[arg(long, default_value_t = 120_000)]
     prefill_timeout_ms: u64,
@@ -144,31 +128,17 @@ impl Allow {
 
 /// The pool to follow (`--pool-name` / `--endpoint-selector`), if any.
 fn pool_section(a: &SidecarArgs) -> anyhow::Result<Option<KubeSection>> {
-    if a.pool_name.is_none() && a.endpoint_selector.is_none() {
-        let stray = a.pool_namespace.is_some()
-            || a.pool_group.is_some()
-            || !a.endpoint_target_ports.is_empty()
-            || a.kubeconfig.is_some();
+    if !a.pool.named() {
         anyhow::ensure!(
-            !stray,
+            !a.pool.any_detail(),
             "--pool-namespace, --pool-group, --endpoint-target-ports and --kubeconfig need --pool-name or \
              --endpoint-selector"
         );
         return Ok(None);
     }
-    let mut k = KubeSection {
-        kubeconfig: a.kubeconfig.clone(),
-        namespace: a.pool_namespace.clone(),
-        pool_name: a.pool_name.clone(),
-        endpoint_selector: a.endpoint_selector.clone(),
-        target_ports: a.endpoint_target_ports.clone(),
-        // Only who the pods are; request priorities are the endpoint picker's business.
-        objectives: false,
-        ..KubeSection::default()
-    };
-    if let Some(g) = &a.pool_group {
-        k.pool_group = g.clone();
-    }
+    // Only who the pods are; request priorities are the endpoint picker's business.
+    let mut k = KubeSection { objectives: false, ..KubeSection::default() };
+    a.pool.apply(&mut k);
     k.validate().map_err(anyhow::Error::msg)?;
     Ok(Some(k))
 }
