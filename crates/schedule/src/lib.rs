@@ -190,53 +190,71 @@ pub struct PrefillStage {
 }
 
 impl PrefillStage {
-    /// The best prefill pod (a dry run of the prefill profile) and, for kvroute's decider,
-    /// what a split through it costs, for the decode stage's scorers. `None` when no pod
-    /// passes the prefill filters.
-    fn remote(&self, req: &RequestView, pods: &[PodView]) -> Option<(Decision, Option<RemotePrefill>)> {
+    /// For kvroute's decider, the best prefill pod (a dry run of the prefill profile) and
+    /// what a split through it costs, for the decode stage's scorers; llm-d's deciders read
+    /// the decode pick alone, so their prefill profile runs only once they split. `None`
+    /// when no pod passes the prefill filters.
+    fn remote(&self, req: &RequestView, pods: &[PodView]) -> Option<(Option<Decision>, Option<RemotePrefill>)> {
         if self.profile.filtered(req, pods).is_empty() {
             return None;
         }
+        let Decider::PredictedTtft(m) = &self.decider else { return Some((None, None)) };
         let dry = self.profile.run(req, pods, false);
-        let remote = match (&self.decider, dry.pick) {
-            (Decider::PredictedTtft(m), Some(j)) => {
-                let c = m.prefill_s_per_token.max(1e-12);
-                let p = &pods[j];
-                Some(RemotePrefill {
-                    base_tokens: p.pending_prefill_tokens.max(0.0)
-                        + pd::uncached(req, p) as f64
-                        + m.overhead_s.max(0.0) / c,
-                    transfer_ratio: m.transfer_s_per_token.max(0.0) / c,
-                })
+        let remote = dry.pick.map(|j| {
+            let c = m.prefill_s_per_token.max(1e-12);
+            let p = &pods[j];
+            RemotePrefill {
+                base_tokens: p.pending_prefill_tokens.max(0.0)
+                    + pd::uncached(req, p) as f64
+                    + m.overhead_s.max(0.0) / c,
+                transfer_ratio: m.transfer_s_per_token.max(0.0) / c,
             }
-            _ => None,
-        };
-        Some((dry, remote))
+        });
+        Some((Some(dry), remote))
     }
 
     /// Decode picked `decode`: the decider's verdict and, if it splits, the prefill pick
-    /// (`dry`: the prefill profile's dry run, from [`Self::remote`]).
+    /// (`dry`: the prefill profile's dry run from [`Self::remote`], if it made one).
     fn run(
         &self,
         req: &RequestView,
         pods: &[PodView],
         decode: &PodView,
-        dry: Decision,
+        dry: Option<Decision>,
         commit: bool,
         scorer_seconds: &mut Vec<(String, f64)>,
     ) -> (Option<usize>, Option<Verdict>) {
-        let mut verdict = self.decider.decide(req, decode, dry.pick.map(|j| &pods[j]));
-        scorer_seconds.extend(dry.scorer_seconds.iter().cloned());
+        let best = dry.as_ref().and_then(|d| d.pick).map(|j| &pods[j]);
+        let mut verdict = self.decider.decide(req, decode, best);
+        if let Some(d) = &dry {
+            scorer_seconds.extend(d.scorer_seconds.iter().cloned());
+        }
         if !verdict.split {
             return (None, Some(verdict));
         }
-        // The real run makes the same pick as the dry one (pickers peek first).
-        let prefill = if commit { self.profile.run(req, pods, true).pick } else { dry.pick };
+        // A real run after a dry one makes the same pick (pickers peek first).
+        let prefill = match dry {
+            Some(d) if !commit => d.pick,
+            _ => {
+                let d = self.profile.run(req, pods, commit);
+                scorer_seconds.extend(d.scorer_seconds);
+                d.pick
+            }
+        };
         if prefill.is_none() {
             verdict.split = false;
             verdict.reason = format!("{}, but the prefill profile picked no pod", verdict.reason);
         }
         (prefill, Some(verdict))
+    }
+}
+
+/// `pods` at `idx` (an increasing subsequence): borrowed when it is all of them.
+fn subset<'a>(pods: &'a [PodView], idx: &[usize]) -> std::borrow::Cow<'a, [PodView]> {
+    if idx.len() == pods.len() {
+        std::borrow::Cow::Borrowed(pods)
+    } else {
+        std::borrow::Cow::Owned(idx.iter().map(|&i| pods[i].clone()).collect())
     }
 }
 
@@ -309,8 +327,8 @@ impl Profile {
     fn filtered(&self, req: &RequestView, pods: &[PodView]) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..pods.len()).collect();
         for f in &self.filters {
-            let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
-            idx = f.filter(req, &view).into_iter().filter_map(|j| idx.get(j).copied()).collect();
+            let kept = f.filter(req, &subset(pods, &idx));
+            idx = kept.into_iter().filter_map(|j| idx.get(j).copied()).collect();
         }
         idx
     }
@@ -328,7 +346,7 @@ impl Profile {
             None => req,
         };
         let idx = self.filtered(req, pods);
-        let view: Vec<PodView> = idx.iter().map(|&i| pods[i].clone()).collect();
+        let view = subset(pods, &idx);
         let mut totals = vec![0.0; view.len()];
         let mut scores = Vec::new();
         let mut scorer_seconds = Vec::new();
