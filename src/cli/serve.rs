@@ -177,7 +177,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     zmq_curve_secret_key_file: Option<PathBuf>,
     /// A publisher public key (Z85) allowed with CurveZMQ (repeatable) [default: any key].
-    #[arg(long = "zmq-curve-allow", value_name = "KEY")]
+    /// Z85 keys may start with `-`, so the value is never read as a flag.
+    #[arg(long = "zmq-curve-allow", value_name = "KEY", allow_hyphen_values = true)]
     zmq_curve_allow: Vec<String>,
     // Listeners: the admin surface, client limits, TLS (docs/security.md).
     /// Admin listener for /v1/kv/score, /v1/kv/pods, /v1/route/explain and /metrics (the
@@ -785,5 +786,14 @@ mod tests {
         assert_eq!(d.replay.as_deref(), Some("tcp://10.0.0.1:5558"));
         assert!(parse_dial("tcp://x:1").is_err());
         assert!(parse_dial("p=tcp://x:1,foo=bar").is_err());
+    }
+
+    #[test]
+    fn a_z85_key_starting_with_a_hyphen_is_a_value() {
+        use clap::Parser;
+        let cli =
+            crate::cli::Cli::try_parse_from(["kvroute", "serve", "--zmq-curve-allow", "-^x", "--zmq-curve-allow=-y"]);
+        let Ok(crate::cli::Cli { command: crate::cli::Command::Serve(a) }) = cli else { panic!("{cli:?}") };
+        assert_eq!(a.zmq_curve_allow, ["-^x", "-y"]);
     }
 }
