@@ -25,6 +25,7 @@ pub mod passthrough;
 pub mod pd;
 pub mod pool;
 pub mod proxy;
+pub mod record;
 pub mod recovery;
 pub mod upstream;
 
@@ -103,6 +104,8 @@ pub struct Gateway {
     /// P/D: who runs the prefill → decode flow ([`pd`]), and its metrics.
     pub pd_mode: pd::Mode,
     pd: pd::PdMetrics,
+    /// `--record-trace`: completed requests go to the trace ([`record`]).
+    pub recorder: Option<Arc<record::TraceRecorder>>,
 }
 
 /// What routing decided for one request.
@@ -268,6 +271,7 @@ impl Gateway {
             matched_blocks,
             panic_routes,
             lifecycle: kvroute_api::lifecycle::Lifecycle::new(),
+            recorder: None,
         })
     }
 
