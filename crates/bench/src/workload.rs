@@ -39,6 +39,7 @@ struct MooncakeLine {
 /// A Mooncake-format JSONL trace (`timestamp` ms, lengths, `hash_ids` of
 /// `trace_block`-token blocks, prefix-chained). Each trace block becomes
 /// `trace_block / block_size` keys derived from its id, so sharing is reproduced exactly.
+/// Requests are returned in arrival order (`timestamp`, stable), whatever the file's order.
 pub fn mooncake(
     path: &std::path::Path,
     trace_block: usize,
@@ -51,7 +52,7 @@ pub fn mooncake(
     }
     let per = trace_block / block_size;
     let f = std::io::BufReader::new(std::fs::File::open(path)?);
-    let mut out = Vec::new();
+    let (mut out, mut sorted) = (Vec::new(), true);
     for (i, line) in f.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -76,9 +77,17 @@ pub fn mooncake(
             output_tokens: m.output_length.max(1),
             session: i as u64,
         });
-        if max.is_some_and(|n| out.len() >= n) {
+        // A sorted trace (Mooncake's) can stop early; a recorded one is read whole first.
+        sorted &= out.len() < 2 || out[out.len() - 2].arrival_s <= out[out.len() - 1].arrival_s;
+        if sorted && max.is_some_and(|n| out.len() >= n) {
             break;
         }
+    }
+    // `kvroute serve --record-trace` writes requests as they complete: replay them in
+    // arrival order (stable, so equal timestamps keep the file's order).
+    out.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+    if let Some(n) = max {
+        out.truncate(n);
     }
     Ok(out)
 }
@@ -388,6 +397,26 @@ mod tests {
         assert!(l.len() > 4 + 20, "{}", l.len());
         assert!(l[4..].iter().all(|x| r.iter().any(|y| y.keys == x.keys)));
         assert!(l.windows(2).all(|w| w[0].arrival_s <= w[1].arrival_s));
+    }
+
+    #[test]
+    fn mooncake_traces_replay_in_arrival_order_whatever_the_file_order() {
+        // As `kvroute serve --record-trace` writes them: by completion, not arrival.
+        let p = std::env::temp_dir().join(format!("kvroute-mooncake-order-{}.jsonl", std::process::id()));
+        let line = |t: u64, ids: &str| {
+            format!("{{\"timestamp\":{t},\"input_length\":40,\"output_length\":3,\"hash_ids\":[{ids}]}}\n")
+        };
+        std::fs::write(&p, [line(30, "1,2"), line(10, "1,3"), line(20, "7"), line(10, "9")].concat()).unwrap();
+        let r = mooncake(&p, 16, 16, 1.0, None).unwrap();
+        let at: Vec<(f64, u64)> = r.iter().map(|x| (x.arrival_s * 1000.0, x.session)).collect();
+        assert_eq!(at, [(10.0, 1), (10.0, 3), (20.0, 2), (30.0, 0)], "sorted, ties in file order");
+        assert_eq!(r[0].keys.len(), 2);
+        assert_eq!(r[0].keys[0], r[3].keys[0], "shared first id, shared first key");
+        assert_ne!(r[0].keys[1], r[3].keys[1]);
+        // --max-requests takes the first arrivals, not the first lines.
+        let two = mooncake(&p, 16, 16, 1.0, Some(2)).unwrap();
+        assert_eq!(two.iter().map(|x| x.session).collect::<Vec<_>>(), [1, 3]);
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
