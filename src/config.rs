@@ -96,6 +96,12 @@
 //!   cert: null                  # PEM chain (+ key): HTTPS on listen and admin.listen
 //!   key: null
 //!   grpc: false                 # ext_proc and gRPC health over TLS too
+//! record:                       # traffic record for `kvroute simulate` (docs/observability.md)
+//!   path: null                  # JSONL trace file; null = off
+//!   max_bytes: 268435456        # rotate (FILE → FILE.1 → …) before growing past this
+//!   keep: 4                     # rotated files kept
+//!   salt_file: null             # secret keying the hash ids; null = random per process
+//!   queue: 65536                # entries waiting for the writer before new ones are dropped
 //! ```
 
 use std::net::SocketAddr;
@@ -391,6 +397,8 @@ pub struct ServeConfig {
     pub admin: kvroute_api::admin::AdminSection,
     /// TLS of the HTTP (and gRPC) listeners.
     pub tls: kvroute_api::listen::TlsSection,
+    /// Traffic recording for offline replay (`kvroute_gateway::record`).
+    pub record: crate::cli::record::RecordSection,
     /// Logs, hit attribution and the recent-decisions view.
     pub observability: ObservabilitySection,
 }
@@ -449,6 +457,7 @@ impl Default for ServeConfig {
             admin: Default::default(),
             tls: Default::default(),
             observability: Default::default(),
+            record: Default::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ mod hash;
 mod lifecycle;
 mod observe;
 mod profile;
+pub mod record;
 mod serve;
 mod sidecar;
 mod simulate;

@@ -33,6 +33,8 @@ pub struct ServeArgs {
     discovery: super::fleet::DiscoveryArgs,
     #[command(flatten)]
     observe: super::observe::ObserveArgs,
+    #[command(flatten)]
+    record: super::record::RecordArgs,
     /// Tokenizer of a served model: NAME=DIR with tokenizer.json (+ tokenizer_config.json)
     /// (repeatable) [default: the built-in tokenizer, as `kvroute sim` uses].
     #[arg(long = "model", value_name = "NAME=DIR")]
@@ -319,6 +321,7 @@ impl ServeArgs {
         }
         self.discovery.apply(&mut c.discovery);
         self.observe.apply(&mut c.observability);
+        self.record.apply(&mut c.record);
         for m in &self.models {
             let (name, dir) = m.split_once('=').with_context(|| format!("--model expects NAME=DIR, got {m:?}"))?;
             c.models.insert(name.to_string(), dir.into());
@@ -622,6 +625,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     gateway.set_timeouts(cfg.upstream.timeouts());
     gateway.pd_mode = cfg.pd.mode.gateway_mode();
     gateway.configure_attribution(cfg.observability.hit_attribution, cfg.observability.recent_decisions);
+    super::record::start(&cfg, &registry, &mut gateway)?;
     gateway.saturation = kvroute_gateway::Saturation {
         max_queued_per_pod: cfg.saturation.max_queued_per_pod,
         queue_depth: cfg.saturation.queue_depth,

@@ -119,6 +119,35 @@ pub struct TraceEntry {
     pub keys: Arc<[u64]>,
 }
 
+impl TraceEntry {
+    /// A completed request as hit attribution saw it: the engine's token counts (the
+    /// router's own prompt count when the engine reported none; output 0 then).
+    pub fn completed(p: &crate::attribution::Prediction, u: &crate::attribution::Usage) -> Self {
+        Self {
+            arrival: p.started,
+            input_length: u.prompt_tokens.unwrap_or(p.prompt_tokens),
+            output_length: u.completion_tokens.unwrap_or(0),
+            keys: p.keys.clone(),
+        }
+    }
+}
+
+impl crate::Gateway {
+    /// Records every completed request (2xx, its body ended) to `rec`, from hit
+    /// attribution's completion point ([`crate::attribution::Attribution::finish`]), which
+    /// has the engine's usage. Needs hit attribution on, and the gateway not yet shared.
+    pub fn set_recorder(&mut self, rec: Arc<TraceRecorder>) -> Result<(), String> {
+        let a = Arc::get_mut(&mut self.attribution).ok_or("the gateway is already serving")?;
+        if !a.enabled {
+            return Err("recording needs hit attribution (it reads the engine's usage)".into());
+        }
+        let r = rec.clone();
+        a.sink = Some(Box::new(move |p, u| r.record(TraceEntry::completed(p, u))));
+        self.recorder = Some(rec);
+        Ok(())
+    }
+}
+
 enum Msg {
     Entry(TraceEntry),
     Flush(SyncSender<()>),
