@@ -180,6 +180,9 @@ pub fn ask_for_usage(v: &mut Value) -> bool {
     true
 }
 
+/// Receives each attributed request with the engine's counts (the traffic record).
+pub type Sink = Box<dyn Fn(&Prediction, &Usage) + Send + Sync>;
+
 /// `kvroute_prefix_*` / `kvroute_cache_attribution_total`, and the recent decisions.
 pub struct Attribution {
     /// Off: requests pass untouched and nothing is counted (`observability.hit_attribution`).
@@ -188,12 +191,13 @@ pub struct Attribution {
     cached: HistogramVec,
     over: IntCounterVec,
     under: IntCounterVec,
+    prompt: IntCounterVec,
     outcomes: IntCounterVec,
     missed: IntCounterVec,
     recent: parking_lot::Mutex<VecDeque<Value>>,
     capacity: usize,
     /// Called with each attributed request (the traffic record).
-    pub sink: Option<Box<dyn Fn(&Prediction, &Usage) + Send + Sync>>,
+    pub sink: Option<Sink>,
 }
 
 impl Attribution {
@@ -226,6 +230,13 @@ impl Attribution {
             ),
             &["pod"],
         )?;
+        let prompt = IntCounterVec::new(
+            Opts::new(
+                "kvroute_prefix_prompt_tokens_total",
+                "Prompt tokens of attributed requests (engine-reported): the denominator of predicted and actual hit rates",
+            ),
+            &["pod"],
+        )?;
         let outcomes = IntCounterVec::new(
             Opts::new(
                 "kvroute_cache_attribution_total",
@@ -240,7 +251,7 @@ impl Attribution {
             ),
             &["cause"],
         )?;
-        for c in [&over, &under, &outcomes, &missed] {
+        for c in [&over, &under, &prompt, &outcomes, &missed] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(predicted.clone()))?;
@@ -257,6 +268,7 @@ impl Attribution {
             cached,
             over,
             under,
+            prompt,
             outcomes,
             missed,
             recent: parking_lot::Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
@@ -285,6 +297,7 @@ impl Attribution {
             self.cached.with_label_values(&pod).observe(u.cached_tokens.unwrap_or(0) as f64);
             self.over.with_label_values(&pod).inc_by(a.over);
             self.under.with_label_values(&pod).inc_by(a.under);
+            self.prompt.with_label_values(&pod).inc_by(u.prompt_tokens.unwrap_or(p.prompt_tokens));
             self.missed.with_label_values(&["workload"]).inc_by(a.workload);
             self.missed.with_label_values(&["routing"]).inc_by(a.routing);
             self.missed.with_label_values(&["stale"]).inc_by(a.stale);
