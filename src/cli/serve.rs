@@ -298,10 +298,16 @@ impl ServeArgs {
             }
             None => ServeConfig::default(),
         };
+        // A given flag overrides; `some`: for settings that are themselves optional.
         macro_rules! set {
             ($flag:expr, $field:expr) => {
                 if let Some(v) = $flag.clone() {
                     $field = v;
+                }
+            };
+            (some $flag:expr, $field:expr) => {
+                if $flag.is_some() {
+                    $field = $flag.clone();
                 }
             };
         }
@@ -326,35 +332,21 @@ impl ServeArgs {
             let (name, dir) = m.split_once('=').with_context(|| format!("--model expects NAME=DIR, got {m:?}"))?;
             c.models.insert(name.to_string(), dir.into());
         }
-        if self.scheduler_config.is_some() {
-            c.scheduler_config = self.scheduler_config.clone();
-        }
-        if self.policy.is_some() {
-            c.policy = self.policy.clone();
-        }
+        set!(some self.scheduler_config, c.scheduler_config);
+        set!(some self.policy, c.policy);
         set!(self.health_interval_ms, c.health_interval_ms);
         set!(self.tokenize_deadline_ms, c.tokenize_deadline_ms);
-        if self.ext_proc_listen.is_some() {
-            c.ext_proc.listen = self.ext_proc_listen;
-        }
-        if self.grpc_health_listen.is_some() {
-            c.ext_proc.health_listen = self.grpc_health_listen;
-        }
+        set!(some self.ext_proc_listen, c.ext_proc.listen);
+        set!(some self.grpc_health_listen, c.ext_proc.health_listen);
         set!(self.max_queued_per_pod, c.saturation.max_queued_per_pod);
         set!(self.index_backend, c.index.backend);
         set!(self.redis_url, c.index.url);
         if self.redis_cluster {
             c.index.cluster = true;
         }
-        if self.redis_writer_lease_ms.is_some() {
-            c.index.writer_lease_ms = self.redis_writer_lease_ms;
-        }
-        if self.hash_seed.is_some() {
-            c.hash.seed = self.hash_seed.clone();
-        }
-        if self.replay_port.is_some() {
-            c.ingest.replay_port = self.replay_port;
-        }
+        set!(some self.redis_writer_lease_ms, c.index.writer_lease_ms);
+        set!(some self.hash_seed, c.hash.seed);
+        set!(some self.replay_port, c.ingest.replay_port);
         if self.no_zmq_bind {
             c.ingest.bind.clear();
         } else if !self.zmq_bind.is_empty() {
@@ -379,9 +371,7 @@ impl ServeArgs {
         if !self.zmq_allow_sources.is_empty() {
             c.ingest.allow_sources = self.zmq_allow_sources.clone();
         }
-        if self.zmq_curve_secret_key_file.is_some() {
-            c.ingest.curve_secret_key_file = self.zmq_curve_secret_key_file.clone();
-        }
+        set!(some self.zmq_curve_secret_key_file, c.ingest.curve_secret_key_file);
         if !self.zmq_curve_allow.is_empty() {
             c.ingest.curve_allowed_keys = self.zmq_curve_allow.clone();
         }
@@ -395,9 +385,7 @@ impl ServeArgs {
         if self.reset_on_serving_port {
             c.admin.reset_on_serving_port = true;
         }
-        if self.admin_token_file.is_some() {
-            c.admin.token_file = self.admin_token_file.clone();
-        }
+        set!(some self.admin_token_file, c.admin.token_file);
         set!(self.header_timeout_ms, c.http.header_timeout_ms);
         set!(self.idle_timeout_ms, c.http.idle_timeout_ms);
         set!(self.max_connections, c.http.max_connections);
