@@ -108,3 +108,26 @@ pub fn start(
     tracing::info!(path = %path.display(), trace_block_size = block_size, "recording traffic");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_record_section() {
+        let mut c: crate::config::ServeConfig =
+            serde_yaml::from_str("record: {path: /tmp/a.jsonl, keep: 9, salt_file: /etc/salt}").unwrap();
+        assert_eq!((c.record.keep, c.record.max_bytes), (9, DEFAULT_MAX_BYTES));
+        let a = RecordArgs {
+            record_trace: Some("/tmp/b.jsonl".into()),
+            record_trace_max_bytes: Some(100),
+            ..Default::default()
+        };
+        a.apply(&mut c.record);
+        assert_eq!(c.record.path, Some(PathBuf::from("/tmp/b.jsonl")));
+        assert_eq!((c.record.max_bytes, c.record.keep), (100, 9));
+        assert_eq!(c.record.salt_file, Some(PathBuf::from("/etc/salt")));
+        assert!(serde_yaml::from_str::<crate::config::ServeConfig>("record: {salt: x}").is_err());
+        assert_eq!(crate::config::ServeConfig::default().record.path, None, "off by default");
+    }
+}
