@@ -38,7 +38,7 @@ pub struct RecordArgs {
     /// Record every completed request to this file as a Mooncake-style JSONL trace for
     /// `kvroute simulate --workload trace --trace FILE --trace-block-size <--block-size>`:
     /// arrival time, prompt and output lengths, salted hash ids of the prompt's blocks —
-    /// never its text (docs/observability.md) [default: off].
+    /// never its text (docs/observability.md); needs hit attribution [default: off].
     #[arg(long, value_name = "FILE")]
     record_trace: Option<PathBuf>,
     /// Rotate the trace file (FILE → FILE.1 → …) before it would grow past this many bytes
