@@ -203,7 +203,8 @@ impl TraceRecorder {
         let (tx, rx) = mpsc::sync_channel(cfg.queue.max(1));
         let start = Instant::now();
         let block_tokens = cfg.block_tokens;
-        let writer = Writer { cfg, out: Some(std::io::BufWriter::new(file)), size, start, metrics: metrics.clone() };
+        let writer =
+            Writer { cfg, out: Some(std::io::BufWriter::new(file)), size, start, metrics: metrics.clone(), failing: 0 };
         std::thread::Builder::new().name("kvroute-record".into()).spawn(move || writer.run(rx))?;
         Ok(Self { tx, start, metrics, block_tokens })
     }
@@ -273,6 +274,8 @@ struct Writer {
     size: u64,
     start: Instant,
     metrics: RecordMetrics,
+    /// Failures since the last successful write.
+    failing: u64,
 }
 
 impl Writer {
@@ -340,6 +343,10 @@ impl Writer {
             Ok(()) => {
                 self.size += n;
                 self.metrics.entries.inc();
+                if self.failing > 0 {
+                    tracing::info!(path = %self.cfg.path.display(), failures = self.failing, "trace record: writing again");
+                    self.failing = 0;
+                }
             }
             Err(e) => {
                 self.out = None;
@@ -357,9 +364,14 @@ impl Writer {
         }
     }
 
-    fn fail(&self, what: &str, e: &std::io::Error) {
+    /// Counts a failure; logs the first of a run of them (and how many there were once it
+    /// ends), not one line per entry while the disk is full.
+    fn fail(&mut self, what: &str, e: &std::io::Error) {
         self.metrics.errors.inc();
-        tracing::warn!(path = %self.cfg.path.display(), "trace record: {what} failed: {e}");
+        if self.failing == 0 {
+            tracing::warn!(path = %self.cfg.path.display(), "trace record: {what} failed: {e}");
+        }
+        self.failing += 1;
     }
 }
 

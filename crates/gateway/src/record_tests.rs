@@ -191,3 +191,31 @@ fn metric_names_collide_on_a_second_registration() {
     let _a = TraceRecorder::open(cfg.clone(), &reg).unwrap();
     assert!(TraceRecorder::open(RecordConfig { path: dir.0.join("b"), ..cfg }, &reg).is_err());
 }
+
+#[test]
+fn failures_are_counted_and_writing_resumes_when_the_file_can_be_opened_again() {
+    let dir = TempDir::new("fail");
+    let sub = dir.0.join("traces");
+    std::fs::create_dir_all(&sub).unwrap();
+    let path = sub.join("t.jsonl");
+    let reg = Registry::new();
+    let cfg = RecordConfig { max_bytes: 100, ..RecordConfig::new(path.clone(), salt("failure-test-salt!"), 16) };
+    let rec = TraceRecorder::open(cfg, &reg).unwrap();
+    rec.record(entry(rec.start(), 1, &[1, 2]));
+    rec.flush();
+    // The directory goes away: the next rotation and every open fail, nothing blocks.
+    std::fs::remove_dir_all(&sub).unwrap();
+    for i in 2..6 {
+        rec.record(entry(rec.start(), i, &[i, i + 1]));
+    }
+    rec.flush();
+    let errors = metric(&reg, "kvroute_record_errors_total");
+    assert!(errors >= 4, "{errors}");
+    assert_eq!(metric(&reg, "kvroute_record_entries_total"), 1);
+    // Back: the next entry opens the file again.
+    std::fs::create_dir_all(&sub).unwrap();
+    rec.record(entry(rec.start(), 9, &[7]));
+    rec.flush();
+    assert_eq!(lines(&path).iter().map(|v| v["timestamp"].as_u64().unwrap()).collect::<Vec<_>>(), [9]);
+    assert_eq!(metric(&reg, "kvroute_record_entries_total"), 2);
+}
