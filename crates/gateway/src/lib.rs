@@ -23,6 +23,7 @@ pub mod approx;
 mod errors;
 pub mod passthrough;
 pub mod pd;
+pub mod pod_metrics;
 pub mod pool;
 pub mod proxy;
 pub mod recovery;
