@@ -88,6 +88,10 @@
 //!   listen: 127.0.0.1:9090      # null = no admin listener
 //!   on_serving_port: false      # also serve them on `listen`
 //!   token_file: null            # bearer token they require (or KVROUTE_ADMIN_TOKEN)
+//! observability:                # docs/observability.md
+//!   log_format: text            # text | json (one object per line on stderr)
+//!   hit_attribution: true       # predicted vs engine-reported cached tokens (kvroute_prefix_*)
+//!   recent_decisions: 256       # requests kept for GET /v1/route/recent (admin)
 //! tls:                          # rustls; off while cert is null
 //!   cert: null                  # PEM chain (+ key): HTTPS on listen and admin.listen
 //!   key: null
@@ -387,6 +391,37 @@ pub struct ServeConfig {
     pub admin: kvroute_api::admin::AdminSection,
     /// TLS of the HTTP (and gRPC) listeners.
     pub tls: kvroute_api::listen::TlsSection,
+    /// Logs, hit attribution and the recent-decisions view.
+    pub observability: ObservabilitySection,
+}
+
+/// Log line format on stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line (fields flattened: `timestamp`, `level`, `target`, …).
+    Json,
+}
+
+/// Logs, hit attribution and the recent-decisions view (docs/observability.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObservabilitySection {
+    pub log_format: LogFormat,
+    /// Compare the predicted cached prefix on each pick with the engine's
+    /// `usage.prompt_tokens_details.cached_tokens` (asks streaming requests for their usage
+    /// chunk and removes it again when the client did not ask for it).
+    pub hit_attribution: bool,
+    /// Requests kept for `GET /v1/route/recent`.
+    pub recent_decisions: usize,
+}
+
+impl Default for ObservabilitySection {
+    fn default() -> Self {
+        Self { log_format: LogFormat::Text, hit_attribution: true, recent_decisions: 256 }
+    }
 }
 
 impl Default for ServeConfig {
@@ -413,6 +448,7 @@ impl Default for ServeConfig {
             http: Default::default(),
             admin: Default::default(),
             tls: Default::default(),
+            observability: Default::default(),
         }
     }
 }

@@ -8,6 +8,7 @@ mod fleet;
 mod grpc;
 mod hash;
 mod lifecycle;
+mod observe;
 mod profile;
 mod serve;
 mod sidecar;

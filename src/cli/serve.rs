@@ -31,6 +31,8 @@ pub struct ServeArgs {
     backends: Vec<String>,
     #[command(flatten)]
     discovery: super::fleet::DiscoveryArgs,
+    #[command(flatten)]
+    observe: super::observe::ObserveArgs,
     /// Tokenizer of a served model: NAME=DIR with tokenizer.json (+ tokenizer_config.json)
     /// (repeatable) [default: the built-in tokenizer, as `kvroute sim` uses].
     #[arg(long = "model", value_name = "NAME=DIR")]
@@ -316,6 +318,7 @@ impl ServeArgs {
             c.backends = self.backends.iter().cloned().map(crate::config::BackendSpec::Url).collect();
         }
         self.discovery.apply(&mut c.discovery);
+        self.observe.apply(&mut c.observability);
         for m in &self.models {
             let (name, dir) = m.split_once('=').with_context(|| format!("--model expects NAME=DIR, got {m:?}"))?;
             c.models.insert(name.to_string(), dir.into());
@@ -486,10 +489,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             cfg.ingest.known_pods.push(pod);
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    super::observe::init_logs(cfg.observability.log_format);
     // Readiness holds and the shutdown drain (kvroute_api::lifecycle): /ready answers 503
     // while a hold is out, e.g. `let synced = lifecycle.hold("discovery")` until discovery
     // has synced.
@@ -621,6 +621,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     gateway.set_lifecycle(lifecycle.clone());
     gateway.set_timeouts(cfg.upstream.timeouts());
     gateway.pd_mode = cfg.pd.mode.gateway_mode();
+    gateway.configure_attribution(cfg.observability.hit_attribution, cfg.observability.recent_decisions);
     gateway.saturation = kvroute_gateway::Saturation {
         max_queued_per_pod: cfg.saturation.max_queued_per_pod,
         queue_depth: cfg.saturation.queue_depth,

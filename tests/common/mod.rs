@@ -128,13 +128,16 @@ pub fn admin(base: &str) -> String {
 
 /// `kvroute serve` on `port` with KV events bound on `zmq` and the sims on `backends`
 /// as backends, hashing like [`sim`] (block 16, `sha256_cbor`, seed 42), probing every
-/// 100 ms, its admin routes on a free loopback port ([`admin`]), plus `extra`; returns
+/// 100 ms (unless `extra` says otherwise), its admin routes on a free loopback port ([`admin`]), plus `extra`; returns
 /// once `/health` answers. `SERVE_LOG` sets the router's `RUST_LOG` (e.g. `kvroute_gateway=debug` logs every
 /// routing decision).
 pub fn serve(port: u16, zmq: u16, backends: &[u16], extra: &[&str]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zmq}")]);
-    cmd.args(["--block-size", "16", "--hash-algo", "sha256_cbor", "--hash-seed", "42", "--health-interval-ms", "100"]);
+    cmd.args(["--block-size", "16", "--hash-algo", "sha256_cbor", "--hash-seed", "42"]);
+    if !extra.contains(&"--health-interval-ms") {
+        cmd.args(["--health-interval-ms", "100"]);
+    }
     for p in backends {
         cmd.args(["--backend", &format!("http://127.0.0.1:{p}")]);
     }

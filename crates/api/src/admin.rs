@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 /// The admin routes.
 pub const ADMIN_PATHS: &[&str] =
-    &["/v1/kv/score", "/v1/kv/pods", "/v1/route/explain", "/metrics", "/reset_prefix_cache"];
+    &["/v1/kv/score", "/v1/kv/pods", "/v1/route/explain", "/v1/route/recent", "/metrics", "/reset_prefix_cache"];
 
 /// `admin:` in the configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -249,6 +249,7 @@ impl ExtProc {
             sheddable,
             subset: s.subset.as_deref(),
             dry_run: false,
+            request_id: s.header("x-request-id"),
         };
         let routed = match self.gw.route(&req).await {
             Ok(r) => r,

@@ -20,6 +20,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod approx;
+pub mod attribution;
 mod errors;
 pub mod passthrough;
 pub mod pd;
@@ -27,6 +28,8 @@ pub mod pod_metrics;
 pub mod pool;
 pub mod proxy;
 pub mod recovery;
+mod routes;
+pub mod sse;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -34,11 +37,6 @@ use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use kvroute_api::{RequestKeys, SharedIndex};
 use kvroute_index::{BlockIndex, EventApplier, Tiers};
 use kvroute_schedule::{PodView, Profile, RequestView};
@@ -48,9 +46,10 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use serde_json::{json, Value};
 
 pub use axum::http::StatusCode;
-use errors::{bad, error, json_rejections};
+use errors::{bad, error};
 pub use errors::{error_type, model_not_found, parse_request, RouteError};
 pub use pool::{Backend, DiscoveryStatus, Pool};
+pub use routes::{pool_readiness, router};
 pub use upstream::Timeouts;
 
 /// Exact prompt → tokens entries, and their insertion order (FIFO eviction at 4,096).
@@ -104,6 +103,8 @@ pub struct Gateway {
     /// P/D: who runs the prefill → decode flow ([`pd`]), and its metrics.
     pub pd_mode: pd::Mode,
     pd: pd::PdMetrics,
+    /// Predicted vs engine-reported cached tokens ([`attribution`]); its `sink` records traffic.
+    pub attribution: Arc<attribution::Attribution>,
 }
 
 /// What routing decided for one request.
@@ -120,6 +121,20 @@ pub struct Routed {
     pub uncached: Vec<u64>,
     /// P/D: the prefill pick and its estimated uncached prompt tokens.
     pub prefill: Option<(Arc<Backend>, u64)>,
+    /// Prompt tokens (estimated when not tokenized) and the block size.
+    pub prompt_tokens: u64,
+    pub block_size: u64,
+    /// The longest prefix (tokens) any candidate had, and a pod that had it.
+    pub best: (u64, Option<String>),
+    /// Why the pick, in a phrase (the decision's log line, `/v1/route/recent`).
+    pub reason: String,
+}
+
+impl Routed {
+    /// Prefix tokens the router predicted cached on `order[i]`.
+    pub fn predicted(&self, i: usize) -> u64 {
+        self.uncached.get(i).map_or(0, |u| self.prompt_tokens.saturating_sub(*u))
+    }
 }
 
 /// A request to route, from either door.
@@ -137,6 +152,8 @@ pub struct RouteRequest<'a> {
     pub subset: Option<&'a [String]>,
     /// Decide only (`/v1/route/explain`): leave no trace of the pick in the index.
     pub dry_run: bool,
+    /// The request's id (`x-request-id`), for the decision's log line.
+    pub request_id: Option<&'a str>,
 }
 
 /// When a pod counts as saturated (llm-d's saturation detector, plus the router's own
@@ -243,6 +260,7 @@ impl Gateway {
             upstream: upstream::UpstreamMetrics::new(registry)?,
             pd_mode: pd::Mode::default(),
             pd: pd::PdMetrics::new(registry)?,
+            attribution: Arc::new(attribution::Attribution::new(registry, 256)?),
             recovery,
             profile,
             applier,
@@ -422,6 +440,7 @@ impl Gateway {
     /// Tokenize → keys → index scores → profile → candidates in order.
     pub async fn route(&self, req: &RouteRequest<'_>) -> Result<Routed, RouteError> {
         let (chat, model, v, session) = (req.chat, req.model, req.body, req.session);
+        let (dry_run, request_id) = (req.dry_run, req.request_id);
         let t0 = Instant::now();
         let (text, given) = self.prompt(chat, model, v)?;
         let tokens = match given {
@@ -595,10 +614,42 @@ impl Gateway {
             m.insert(s.to_string(), views[pick].name.clone());
         }
         let hit = views[pick].matched_blocks > 0;
-        tracing::debug!(decision = %explain, "routed");
+        let best = views.iter().max_by_key(|p| p.matched_blocks).filter(|p| p.matched_blocks > 0);
+        let best = (best.map_or(0, |p| (p.matched_blocks * bs) as u64), best.map(|p| p.name.clone()));
+        let predicted = views[pick].matched_blocks * bs;
+        let reason = if let Some(pd) = d.pd.as_ref().filter(|_| d.prefill.is_some()) {
+            format!("P/D split: {}", pd.reason)
+        } else if best.0 == 0 {
+            "no cached prefix anywhere".to_string()
+        } else if predicted as u64 >= best.0 {
+            "longest cached prefix".to_string()
+        } else {
+            format!("load over cache: {} tokens cached on {}", best.0, best.1.as_deref().unwrap_or("?"))
+        };
+        if !dry_run {
+            tracing::debug!(
+                request_id = request_id.unwrap_or(""), model, pick = %views[pick].name,
+                prefill = d.prefill.map(|j| views[j].name.as_str()), prompt_tokens = est_tokens,
+                predicted_tokens = predicted, best_tokens = best.0, reason = %reason,
+                decision_us = (t0.elapsed().as_secs_f64() * 1e6) as u64, "routed"
+            );
+            tracing::trace!(decision = %explain, "routed (explain)");
+        }
         let prefill =
             d.prefill.map(|j| (backends[j].clone(), est_tokens.saturating_sub(views[j].matched_blocks * bs) as u64));
-        Ok(Routed { order, keys, text_keys, explain, hit, uncached, prefill })
+        Ok(Routed {
+            order,
+            keys,
+            text_keys,
+            explain,
+            hit,
+            uncached,
+            prefill,
+            prompt_tokens: est_tokens as u64,
+            block_size: bs as u64,
+            best,
+            reason,
+        })
     }
 }
 
@@ -645,80 +696,6 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 fn thread_local_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     thread_local!(static S: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default()));
     S.with(|s| f(&mut s.borrow_mut()))
-}
-
-/// The gateway's routes (merged into the router's HTTP app).
-pub fn router(gw: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/v1/completions", post(|s, h, b| proxy::proxy(s, h, b, false)))
-        .route("/v1/chat/completions", post(|s, h, b| proxy::proxy(s, h, b, true)))
-        .route("/v1/route/explain", post(explain))
-        .route("/ready", get(ready))
-        .merge(passthrough::routes())
-        .layer(axum::extract::DefaultBodyLimit::max(32 << 20))
-        .layer(axum::middleware::map_response(json_rejections))
-        .with_state(gw)
-}
-
-impl Gateway {
-    /// Answers readiness with `lifecycle` (its holds and drain), whose extra check becomes
-    /// this gateway's rule ([`pool_readiness`]) so that `kvroute_ready` agrees with `/ready`.
-    pub fn set_lifecycle(&mut self, lifecycle: Arc<kvroute_api::lifecycle::Lifecycle>) {
-        let pool = self.pool.clone();
-        lifecycle.set_check(Box::new(move || pool_readiness(&pool).map(|_| ())));
-        self.lifecycle = lifecycle;
-    }
-}
-
-/// The pool's part of readiness: (backends in rotation, backends) while some backend is in
-/// rotation and has passed a probe, or none is configured (an index-only router); else why not.
-/// A discovered pool is also not ready before discovery's first full listing (and the
-/// replays of the pods it found), or while it has no endpoint (the reason says why, e.g.
-/// the pool does not exist).
-pub fn pool_readiness(pool: &Pool) -> Result<(usize, usize), String> {
-    let healthy = pool.ready_backends();
-    let total = pool.backends().len();
-    let discovery = pool.discovery.read().clone();
-    if let Some(d) = discovery {
-        if !d.synced {
-            let why = d.problem.map(|p| format!(" ({p})")).unwrap_or_default();
-            return Err(format!("not ready: discovery has not listed the fleet yet{why}"));
-        }
-        if total == 0 {
-            return Err(format!("not ready: {}", d.problem.unwrap_or_else(|| "discovery found no endpoint".into())));
-        }
-    }
-    if healthy == 0 && total > 0 {
-        return Err(format!("not ready: none of {total} backends is in rotation"));
-    }
-    Ok((healthy, total))
-}
-
-/// Readiness (`GET /ready`): 200 while no readiness hold is outstanding, the router is not
-/// draining, and [`pool_readiness`] passes; else 503 (with the holds' names). `/health`
-/// stays liveness (the router process answers).
-async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
-    if let Some(not_ready) = gw.lifecycle.not_ready() {
-        return not_ready.into_response();
-    }
-    match pool_readiness(&gw.pool) {
-        Ok((healthy, total)) => {
-            Json(json!({"status": "ready", "healthy_backends": healthy, "backends": total})).into_response()
-        }
-        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, &why),
-    }
-}
-
-async fn explain(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
-    let (v, model) = match parse_request(&body) {
-        Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
-    let chat = v.get("messages").is_some();
-    match gw.route(&RouteRequest { chat, model: &model, body: &v, dry_run: true, ..Default::default() }).await {
-        Ok(r) => Json(r.explain).into_response(),
-        Err(e) => e.into_response(),
-    }
 }
 
 /// A request in flight to a pod: counted in `in_flight` until the response (stream) is

@@ -179,43 +179,14 @@ pub fn merge_body(body: &[u8], cached: u64) -> Bytes {
 }
 
 /// An SSE body with the cached tokens merged into each event that carries a `usage`
-/// object (vLLM: the final usage chunk); every other byte passes unchanged. Events are
-/// re-cut at their `\n\n` boundaries, so an event split across chunks is seen whole.
+/// object (vLLM: the final usage chunk); every other byte passes unchanged
+/// ([`crate::sse::map_events`]).
 pub fn merge_sse<S, E>(body: S, cached: u64) -> BoxStream<'static, Result<Bytes, E>>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
 {
-    struct St<S> {
-        body: S,
-        buf: Vec<u8>,
-        done: bool,
-    }
-    let st = St { body: Box::pin(body), buf: Vec::new(), done: false };
-    futures_util::stream::unfold(st, move |mut st| async move {
-        loop {
-            if let Some(end) = st.buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = st.buf.drain(..end + 2).collect();
-                return Some((Ok(merge_event(&event, cached)), st));
-            }
-            if st.done {
-                if st.buf.is_empty() {
-                    return None;
-                }
-                let rest = std::mem::take(&mut st.buf);
-                return Some((Ok(Bytes::from(rest)), st));
-            }
-            match st.body.next().await {
-                Some(Ok(b)) => st.buf.extend_from_slice(&b),
-                Some(Err(e)) => {
-                    st.done = true;
-                    return Some((Err(e), st));
-                }
-                None => st.done = true,
-            }
-        }
-    })
-    .boxed()
+    crate::sse::map_events(body, move |event| Some(merge_event(event, cached)))
 }
 
 /// A non-streaming body, held whole, then given back with the cached tokens merged
@@ -238,12 +209,7 @@ where
 
 /// One SSE event (`data: {...}\n\n`) with the cached tokens merged when it has `usage`.
 fn merge_event(event: &[u8], cached: u64) -> Bytes {
-    let text = match std::str::from_utf8(event) {
-        Ok(t) => t,
-        Err(_) => return Bytes::copy_from_slice(event),
-    };
-    let data = text.trim_end().strip_prefix("data:").map(str::trim);
-    if let Some(Ok(mut v)) = data.filter(|d| d.starts_with('{')).map(serde_json::from_str::<Value>) {
+    if let Some(mut v) = crate::sse::event_json(event) {
         if merge_usage(&mut v, cached) {
             return Bytes::from(format!("data: {v}\n\n"));
         }

@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 
 use crate::pd::{self, Mode, Prefilled};
 use crate::upstream::{describe, error_kind, guard};
-use crate::{error, parse_request, Gateway, RouteRequest};
+use crate::{attribution, error, parse_request, Gateway, RouteRequest};
 
 /// An attempt that ended before the pod's first byte.
 enum Outcome {
@@ -37,29 +37,48 @@ enum Failure {
 }
 
 pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
-    let (v, model) = match parse_request(&body) {
+    let (mut v, model) = match parse_request(&body) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
-    let t0 = Instant::now();
+    let (t0, arrival) = (Instant::now(), std::time::SystemTime::now());
     let deadline = t0 + gw.timeouts.total;
     let session = ["x-session-id", "x-session-token"].iter().find_map(|h| headers.get(*h)?.to_str().ok());
     let sheddable = gw.sheddable(|h| headers.get(h).and_then(|v| v.to_str().ok()));
-    let routed = match gw
-        .route(&RouteRequest { chat, model: &model, body: &v, session, sheddable, subset: None, dry_run: false })
-        .await
-    {
+    let request_id = attribution::request_id(headers.get("x-request-id"));
+    let request_id_header = HeaderValue::from_str(&request_id).ok();
+    let req = RouteRequest {
+        chat,
+        model: &model,
+        body: &v,
+        session,
+        sheddable,
+        subset: None,
+        dry_run: false,
+        request_id: Some(&request_id),
+    };
+    let routed = match gw.route(&req).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    // Hit attribution: a streaming request is asked for its final usage chunk, which the
+    // client gets only if it asked for it itself.
+    let attribute = gw.attribution.enabled;
+    let strip_usage = attribute && attribution::ask_for_usage(&mut v);
+    let body = if strip_usage { Bytes::from(v.to_string()) } else { body };
+    let stream = v.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+    let predicted: Vec<u64> = (0..routed.order.len()).map(|i| routed.predicted(i)).collect();
+    let prefill_predicted = routed.prefill.as_ref().map(|(_, u)| routed.prompt_tokens.saturating_sub(*u)).unwrap_or(0);
     let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
     // P/D in gateway mode: prefill first; its kv_transfer_params go with the decode request,
     // and the decode pod then computes no prompt (its pending prefill is only the rest).
     let mut routed = routed;
+    let mut prefilled_on: Option<String> = None;
     let (body, cached) = match &routed.prefill {
         Some((p, _)) if gw.pd_mode == Mode::Gateway => {
             match gw.prefill(p.clone(), &routed, path, &v, &headers, deadline).await {
                 Some(done) => {
+                    prefilled_on = Some(p.name.clone());
                     if let Some(u) = routed.uncached.first_mut() {
                         *u = 0;
                     }
@@ -77,6 +96,9 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     // In sidecar mode the decode pod's sidecar prefills on the named pod before the first
     // byte comes back: count that prefill in the prefill pod's load until then.
     let mut sidecar_prefill = if gw.pd_mode == Mode::Sidecar { gw.commit_prefill(&routed) } else { None };
+    if gw.pd_mode == Mode::Sidecar {
+        prefilled_on = routed.prefill.as_ref().map(|(p, _)| p.name.clone());
+    }
     let (mut last_err, mut worst, mut all_busy) = (String::new(), Failure::Unavailable, true);
     let m = &gw.upstream;
     for (i, b) in routed.order.iter().enumerate().take(gw.max_retries + 1) {
@@ -93,10 +115,13 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
         let mut guard_ = gw.commit(&routed, i);
         let mut req =
             gw.client.post(format!("{}{path}", b.url)).header("content-type", "application/json").body(body.clone());
-        for h in ["authorization", "x-request-id", "x-session-id"] {
+        for h in ["authorization", "x-session-id"] {
             if let Some(val) = headers.get(h) {
                 req = req.header(h, val);
             }
+        }
+        if let Some(id) = &request_id_header {
+            req = req.header("x-request-id", id);
         }
         // P/D in sidecar mode (llm-d's disagg-profile-handler): the decode pod's sidecar
         // prefills there.
@@ -154,6 +179,34 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                 if let Some(c) = cached.filter(|_| status.is_success()) {
                     body = if sse { pd::merge_sse(body, c) } else { pd::merge_whole(body, c) };
                 }
+                if attribute && status.is_success() {
+                    let (pod, predicted, decode_pod) = match &prefilled_on {
+                        Some(p) => (p.clone(), prefill_predicted, Some(b.name.clone())),
+                        None => (b.name.clone(), predicted.get(i).copied().unwrap_or(0), None),
+                    };
+                    let prediction = attribution::Prediction {
+                        request_id: request_id.clone(),
+                        model: model.clone(),
+                        pod,
+                        decode_pod,
+                        prompt_tokens: routed.prompt_tokens,
+                        predicted_tokens: predicted,
+                        best_tokens: routed.best.0,
+                        best_pod: routed.best.1.clone(),
+                        block_size: routed.block_size,
+                        reason: if i == 0 { routed.reason.clone() } else { format!("retry {i}") },
+                        arrival,
+                        started: t0,
+                        keys: routed.keys.clone(),
+                        stream,
+                    };
+                    let tap = attribution::Tap::new(gw.attribution.clone(), prediction, status.as_u16());
+                    body = if sse {
+                        attribution::tap_sse(body, tap, strip_usage)
+                    } else {
+                        attribution::tap_whole(body, tap)
+                    };
+                }
                 // The in-flight count lasts as long as the body.
                 let body = body.map(move |c| {
                     let _ = &guard_;
@@ -166,6 +219,9 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                 }
                 if let Ok(p) = HeaderValue::from_str(&b.name) {
                     out.headers_mut().insert("x-kvroute-pod", p);
+                }
+                if let Some(id) = request_id_header {
+                    out.headers_mut().insert("x-request-id", id);
                 }
                 return out;
             }

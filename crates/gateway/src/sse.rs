@@ -1,0 +1,92 @@
+//! Server-sent events, re-cut at their boundaries: a body stream mapped event by event, so
+//! an event split across chunks is seen whole (P/D's usage merge, hit attribution's usage
+//! tap). Every byte outside the events passes unchanged; events the map keeps are given
+//! back as it returns them.
+
+use axum::body::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
+
+/// `body` with each event (`…\n\n`) replaced by `f(event)`; `None` drops the event. A
+/// trailing partial event (the body ended mid-event) passes unchanged; an error from the
+/// body is passed on and ends the stream.
+pub fn map_events<S, E, F>(body: S, f: F) -> BoxStream<'static, Result<Bytes, E>>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Send + 'static,
+    F: FnMut(&[u8]) -> Option<Bytes> + Send + 'static,
+{
+    struct St<S, F> {
+        body: S,
+        buf: Vec<u8>,
+        /// Where the search for the next boundary resumes (bytes before it have none).
+        scanned: usize,
+        done: bool,
+        f: F,
+    }
+    let st = St { body: Box::pin(body), buf: Vec::new(), scanned: 0, done: false, f };
+    futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            let from = st.scanned.saturating_sub(1).min(st.buf.len());
+            if let Some(end) = memchr::memmem::find(&st.buf[from..], b"\n\n").map(|p| p + from) {
+                let event: Vec<u8> = st.buf.drain(..end + 2).collect();
+                st.scanned = 0;
+                match (st.f)(&event) {
+                    Some(out) => return Some((Ok(out), st)),
+                    None => continue,
+                }
+            }
+            st.scanned = st.buf.len();
+            if st.done {
+                if st.buf.is_empty() {
+                    return None;
+                }
+                let rest = std::mem::take(&mut st.buf);
+                return Some((Ok(Bytes::from(rest)), st));
+            }
+            match st.body.next().await {
+                Some(Ok(b)) => st.buf.extend_from_slice(&b),
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+                None => st.done = true,
+            }
+        }
+    })
+    .boxed()
+}
+
+/// The JSON of an event's `data:` line when it is an object (`data: {...}`).
+pub fn event_json(event: &[u8]) -> Option<serde_json::Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let data = text.trim_end().strip_prefix("data:")?.trim();
+    data.starts_with('{').then(|| serde_json::from_str(data).ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(chunks: &[&str], f: impl FnMut(&[u8]) -> Option<Bytes> + Send + 'static) -> Vec<String> {
+        let owned: Vec<Result<Bytes, ()>> = chunks.iter().map(|c| Ok(Bytes::from(c.to_string()))).collect();
+        let out: Vec<_> = map_events(futures_util::stream::iter(owned), f).collect().await;
+        out.into_iter().map(|r| String::from_utf8(r.unwrap().to_vec()).unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn events_split_across_chunks_are_seen_whole_and_can_be_dropped() {
+        let chunks = ["data: {\"a\":1}\n", "\ndata: {\"b\"", ":2}\n\ndata: [DONE]\n\n", "tail"];
+        let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let out = run(&chunks, move |e| {
+            s.lock().push(String::from_utf8_lossy(e).to_string());
+            (!e.starts_with(b"data: {\"b\"")).then(|| Bytes::copy_from_slice(e))
+        })
+        .await;
+        assert_eq!(out, ["data: {\"a\":1}\n\n", "data: [DONE]\n\n", "tail"]);
+        assert_eq!(seen.lock().len(), 3);
+        assert_eq!(event_json(b"data: {\"b\":2}\n\n"), Some(serde_json::json!({"b": 2})));
+        assert_eq!(event_json(b"data: [DONE]\n\n"), None);
+    }
+}
