@@ -27,10 +27,12 @@ impl Saturation {
     }
 }
 
-/// Registers the per-pod collector for `gateway` (it holds the gateway weakly: once the
-/// gateway is gone, it reports nothing).
-pub fn register(gateway: &Arc<Gateway>, registry: &Registry) -> Result<(), prometheus::Error> {
-    registry.register(Box::new(PodCollector::new(Arc::downgrade(gateway))?))
+/// The configured gateway, shared, with its per-pod collector registered (the collector
+/// holds it weakly: once the gateway is gone, it reports nothing).
+pub fn shared(gateway: Gateway, registry: &Registry) -> Result<Arc<Gateway>, prometheus::Error> {
+    let gateway = Arc::new(gateway);
+    registry.register(Box::new(PodCollector::new(Arc::downgrade(&gateway))?))?;
+    Ok(gateway)
 }
 
 struct PodCollector {
