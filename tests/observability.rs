@@ -307,7 +307,7 @@ fn fleet(tag: &str) -> Fleet {
     kids.0.push(common::sim(p1, zmq, &[]));
     kids.0.push(common::sim(p2, zmq, &["--failure-rate", "100"]));
     kids.0.push(common::sim(d1, zmq, &[]));
-    kids.0.push(common::sim(d2, zmq, &[]));
+    kids.0.push(common::sim(d2, zmq, &["--num-gpu-blocks", "1234"]));
     // Model x: one pod failing every request, one whose streams stall before the first
     // token (first-byte timeouts).
     kids.0.push(sim_without_events(x1, "x", &["--failure-rate", "100"]));
@@ -461,6 +461,74 @@ fn every_metric_the_dashboard_and_the_rules_read_is_exported() {
     let exported = f.exported();
     let missing = unknown_metrics(&dashboard_queries(&dashboard()), &rules(), &exported);
     assert!(missing.is_empty(), "metrics kvroute does not export:\n  {}", missing.join("\n  "));
+}
+
+/// The value of `name{pod="127.0.0.1:<port>"}` in a `/metrics` text.
+fn pod_value(text: &str, name: &str, port: u16) -> Option<f64> {
+    let head = format!("{name}{{pod=\"127.0.0.1:{port}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&head)?.parse().ok())
+}
+
+#[test]
+fn per_pod_series_follow_the_pool_the_index_and_the_event_streams() {
+    let f = fleet("pods");
+    let (a, [d1, d2]) = (f.a, f.decode);
+    let (s, pod) = complete(a, json!({"model": "m", "prompt": words("pods", 100), "max_tokens": 3}));
+    assert_eq!(s, 200);
+    let served: u16 = pod.rsplit(':').next().unwrap().parse().unwrap();
+    // The serving pod's KV events arrive: its last-event time is now, its index entries
+    // are /v1/kv/pods' count; every pod's scraped capacity is the sim's num_gpu_blocks.
+    let admin = common::admin(&format!("http://127.0.0.1:{a}"));
+    eventually("the per-pod series", 20, || {
+        let text = metrics_text(a);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let last =
+            pod_value(&text, "kvroute_ingest_pod_last_event_timestamp_seconds", served).ok_or("no last event")?;
+        if !(now - 30.0..=now + 1.0).contains(&last) {
+            return Err(format!("last event at {last}, now {now}"));
+        }
+        let lag = pod_value(&text, "kvroute_ingest_pod_event_lag_seconds", served).ok_or("no lag")?;
+        assert!(lag.abs() < 30.0, "lag {lag}");
+        assert!(pod_value(&text, "kvroute_ingest_pod_messages_total", served).is_some_and(|n| n >= 1.0), "{text}");
+        assert_eq!(pod_value(&text, "kvroute_ingest_pod_seq_gaps_total", served), Some(0.0));
+        let pods: Value = ureq::get(&format!("{admin}/v1/kv/pods")).call().unwrap().into_json().unwrap();
+        let blocks =
+            pods["pods"].as_array().unwrap().iter().find(|p| p["pod"] == pod.as_str()).map(|p| p["blocks"].clone());
+        let index = pod_value(&text, "kvroute_pod_index_blocks", served);
+        if index.is_none_or(|n| n < 1.0) || blocks.as_ref().and_then(Value::as_f64) != index {
+            return Err(format!("index blocks {index:?}, /v1/kv/pods {blocks:?}"));
+        }
+        if pod_value(&text, "kvroute_pod_kv_capacity_blocks", d2) != Some(1234.0) {
+            return Err(format!("capacity of d2: {:?}", pod_value(&text, "kvroute_pod_kv_capacity_blocks", d2)));
+        }
+        for d in [d1, d2] {
+            assert_eq!(pod_value(&text, "kvroute_pod_up", d), Some(1.0));
+            assert_eq!(pod_value(&text, "kvroute_pod_saturated", d), Some(0.0));
+            let usage = pod_value(&text, "kvroute_pod_kv_cache_usage_ratio", d).ok_or("no kv usage")?;
+            assert!((0.0..=1.0).contains(&usage), "{usage}");
+        }
+        Ok(())
+    });
+    // A stream to model x's stalling pod waits for its first byte: queued and in flight
+    // there (with its prompt as pending prefill) until the first-byte timeout, then nothing.
+    let [_, x1, x2] = f.silent;
+    let sum = |text: &str, name: &str| [x1, x2].iter().filter_map(|p| pod_value(text, name, *p)).sum::<f64>();
+    let waiting = std::thread::spawn(move || {
+        complete(a, json!({"model": "x", "prompt": words("wait", 50), "max_tokens": 2, "stream": true}));
+    });
+    eventually("a request queued on model x's stalling pod", 10, || {
+        let text = metrics_text(a);
+        let got = [sum(&text, "kvroute_pod_queued"), sum(&text, "kvroute_pod_in_flight")];
+        let prefill = sum(&text, "kvroute_pod_pending_prefill_tokens");
+        (got == [1.0, 1.0] && prefill >= 50.0)
+            .then_some(())
+            .ok_or(format!("queued, in flight {got:?}, prefill {prefill}"))
+    });
+    waiting.join().unwrap();
+    let text = metrics_text(a);
+    let after =
+        ["kvroute_pod_queued", "kvroute_pod_in_flight", "kvroute_pod_pending_prefill_tokens"].map(|n| sum(&text, n));
+    assert_eq!(after, [0.0; 3], "nothing left once the request ended");
 }
 
 /// A real Prometheus scraping `targets` every second and evaluating the rules every second.
