@@ -243,3 +243,43 @@ fn streaming_clients_see_exactly_the_engines_stream_and_usage_only_if_they_asked
     assert_eq!(outcome(rp, "hit"), 1.0);
     assert_eq!(outcome(rp, "unreported"), 0.0);
 }
+
+#[test]
+fn json_logs_have_one_line_per_decision_with_its_request_id_pick_and_prediction() {
+    let ports = free_ports(3);
+    let (rp, zp, s) = (ports[0], ports[1], ports[2]);
+    let mut kids = Kids(vec![sim(s, zp, &[])]);
+    let log = std::env::temp_dir().join(format!("kvroute-json-log-{}-{rp}", std::process::id()));
+    let file = std::fs::File::create(&log).unwrap();
+    let router = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{rp}"), "--zmq-bind", &format!("tcp://127.0.0.1:{zp}")])
+        .args(["--block-size", "16", "--hash-algo", "sha256_cbor", "--hash-seed", "42"])
+        .args(["--backend", &format!("http://127.0.0.1:{s}"), "--log-format", "json"])
+        .args(admin_args(rp))
+        .env("RUST_LOG", "info,kvroute_gateway=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    kids.0.push(router);
+    wait_healthy(&format!("http://127.0.0.1:{rp}"));
+    let r = post(&format!("http://127.0.0.1:{rp}/v1/completions"), &completion("logged"), Some("req-42"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lines = || -> Vec<Value> {
+        let text = std::fs::read_to_string(&log).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
+    };
+    wait_for("the attributed line", Duration::from_secs(5), || {
+        lines().iter().any(|l| l["message"] == "attributed" && l["request_id"] == "req-42")
+    });
+    let all = lines();
+    let routed: Vec<&Value> = all.iter().filter(|l| l["message"] == "routed").collect();
+    assert_eq!(routed.len(), 1, "{all:?}");
+    let d = routed[0];
+    assert_eq!(d["level"], "DEBUG");
+    assert_eq!(d["request_id"], "req-42");
+    assert_eq!(d["pick"], format!("127.0.0.1:{s}"));
+    assert_eq!(d["predicted_tokens"], 0);
+    assert_eq!(d["reason"], "no cached prefix anywhere");
+    let _ = std::fs::remove_file(&log);
+}

@@ -180,6 +180,9 @@ pub fn ask_for_usage(v: &mut Value) -> bool {
     true
 }
 
+/// Receives each attributed request with the engine's counts (the traffic record).
+pub type Sink = Box<dyn Fn(&Prediction, &Usage) + Send + Sync>;
+
 /// `kvroute_prefix_*` / `kvroute_cache_attribution_total`, and the recent decisions.
 pub struct Attribution {
     /// Off: requests pass untouched and nothing is counted (`observability.hit_attribution`).
@@ -194,7 +197,7 @@ pub struct Attribution {
     recent: parking_lot::Mutex<VecDeque<Value>>,
     capacity: usize,
     /// Called with each attributed request (the traffic record).
-    pub sink: Option<Box<dyn Fn(&Prediction, &Usage) + Send + Sync>>,
+    pub sink: Option<Sink>,
 }
 
 impl Attribution {
