@@ -365,10 +365,11 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
 {
+    let usage = memchr::memmem::Finder::new(b"\"usage\"");
     crate::sse::map_events(body, move |event| {
         let tap = &mut tap; // the whole tap lives in the closure (its drop counts the request)
-        if memchr::memmem::find(event, b"\"usage\"").is_some() {
-            if let Some(v) = crate::sse::event_json(event) {
+        if usage.find(&event).is_some() {
+            if let Some(v) = crate::sse::event_json(&event) {
                 if let Some(u) = Usage::of(&v) {
                     tap.usage = Some(u);
                     let usage_chunk = v.get("choices").and_then(Value::as_array).is_some_and(|c| c.is_empty());
@@ -378,7 +379,7 @@ where
                 }
             }
         }
-        Some(Bytes::copy_from_slice(event))
+        Some(event)
     })
 }
 
