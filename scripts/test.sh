@@ -30,6 +30,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
         || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null; }
 fi
 
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    echo "installing prometheus (Debian; server + promtool) for the dashboard/alert tests"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+        || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+fi
+
 if ! command -v etcd >/dev/null 2>&1; then
     echo "installing etcd-server (Debian) for the Kubernetes tests (a real kube-apiserver needs it)"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -619,7 +619,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         queue_depth: cfg.saturation.queue_depth,
         kv_cache_utilization: cfg.saturation.kv_cache_utilization,
     };
-    let gateway = Arc::new(gateway);
+    let gateway = kvroute_gateway::pod_metrics::shared(gateway, &registry)?;
     let block_mismatch = prometheus::IntGaugeVec::new(
         prometheus::Opts::new(
             "kvroute_pod_block_size_mismatch",

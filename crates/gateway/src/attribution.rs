@@ -141,9 +141,9 @@ pub fn classify(p: &Prediction, u: &Usage) -> Attributed {
 }
 
 /// The request's id: the client's `x-request-id` when it sent a usable one (visible ASCII,
-/// at most 128 bytes), else a new one (`kvr-` + 24 hex digits, random per process, then a
-/// counter). It goes to the pod (vLLM takes it as its request id with
-/// `--enable-request-id-headers`), back to the client, and into the logs.
+/// at most 128 bytes), else a new one — 32 hex digits, as vLLM's own (`uuid4().hex`): 16
+/// random per process, then a counter. It goes to the pod (vLLM takes it as its request
+/// id with `--enable-request-id-headers`), back to the client, and into the logs.
 pub fn request_id(given: Option<&axum::http::HeaderValue>) -> String {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -155,7 +155,7 @@ pub fn request_id(given: Option<&axum::http::HeaderValue>) -> String {
     static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| std::collections::hash_map::RandomState::new().build_hasher().finish());
-    format!("kvr-{prefix:016x}{:08x}", NEXT.fetch_add(1, Ordering::Relaxed) as u32)
+    format!("{prefix:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Asks the engine for the final usage chunk of a streaming request the client did not ask
@@ -365,10 +365,11 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
 {
+    let usage = memchr::memmem::Finder::new(b"\"usage\"");
     crate::sse::map_events(body, move |event| {
         let tap = &mut tap; // the whole tap lives in the closure (its drop counts the request)
-        if memchr::memmem::find(event, b"\"usage\"").is_some() {
-            if let Some(v) = crate::sse::event_json(event) {
+        if usage.find(&event).is_some() {
+            if let Some(v) = crate::sse::event_json(&event) {
                 if let Some(u) = Usage::of(&v) {
                     tap.usage = Some(u);
                     let usage_chunk = v.get("choices").and_then(Value::as_array).is_some_and(|c| c.is_empty());
@@ -378,7 +379,7 @@ where
                 }
             }
         }
-        Some(Bytes::copy_from_slice(event))
+        Some(event)
     })
 }
 

@@ -24,6 +24,7 @@ pub mod attribution;
 mod errors;
 pub mod passthrough;
 pub mod pd;
+pub mod pod_metrics;
 pub mod pool;
 pub mod proxy;
 pub mod record;

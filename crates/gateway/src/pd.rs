@@ -208,13 +208,13 @@ where
 }
 
 /// One SSE event (`data: {...}\n\n`) with the cached tokens merged when it has `usage`.
-fn merge_event(event: &[u8], cached: u64) -> Bytes {
-    if let Some(mut v) = crate::sse::event_json(event) {
+fn merge_event(event: Bytes, cached: u64) -> Bytes {
+    if let Some(mut v) = crate::sse::event_json(&event) {
         if merge_usage(&mut v, cached) {
             return Bytes::from(format!("data: {v}\n\n"));
         }
     }
-    Bytes::copy_from_slice(event)
+    event
 }
 
 /// `kvroute_pd_*`.

@@ -177,6 +177,11 @@ impl Backend {
         Some(kvroute_schedule::decayed(g.0, g.1.elapsed().as_secs_f64()) / cap as f64)
     }
 
+    /// KV capacity in blocks from `vllm:cache_config_info{num_gpu_blocks}`, once scraped.
+    pub fn gpu_blocks(&self) -> Option<u64> {
+        Some(self.gpu_blocks.load(Relaxed)).filter(|&n| n > 0)
+    }
+
     /// The block size the pod reports in `vllm:cache_config_info{block_size}`, once scraped.
     pub fn block_size(&self) -> Option<u64> {
         Some(self.block_size.load(Relaxed)).filter(|&n| n > 0)

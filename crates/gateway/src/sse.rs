@@ -4,6 +4,7 @@
 //! back as it returns them.
 
 use axum::body::Bytes;
+use bytes::BytesMut;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 
@@ -14,24 +15,27 @@ pub fn map_events<S, E, F>(body: S, f: F) -> BoxStream<'static, Result<Bytes, E>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
-    F: FnMut(&[u8]) -> Option<Bytes> + Send + 'static,
+    F: FnMut(Bytes) -> Option<Bytes> + Send + 'static,
 {
     struct St<S, F> {
         body: S,
-        buf: Vec<u8>,
+        buf: BytesMut,
         /// Where the search for the next boundary resumes (bytes before it have none).
         scanned: usize,
         done: bool,
         f: F,
+        boundary: memchr::memmem::Finder<'static>,
     }
-    let st = St { body: Box::pin(body), buf: Vec::new(), scanned: 0, done: false, f };
+    let boundary = memchr::memmem::Finder::new(b"\n\n");
+    let st = St { body: Box::pin(body), buf: BytesMut::new(), scanned: 0, done: false, f, boundary };
     futures_util::stream::unfold(st, |mut st| async move {
         loop {
             let from = st.scanned.saturating_sub(1).min(st.buf.len());
-            if let Some(end) = memchr::memmem::find(&st.buf[from..], b"\n\n").map(|p| p + from) {
-                let event: Vec<u8> = st.buf.drain(..end + 2).collect();
+            if let Some(end) = st.boundary.find(&st.buf[from..]).map(|p| p + from) {
+                // The event's bytes are handed over without a copy.
+                let event = st.buf.split_to(end + 2).freeze();
                 st.scanned = 0;
-                match (st.f)(&event) {
+                match (st.f)(event) {
                     Some(out) => return Some((Ok(out), st)),
                     None => continue,
                 }
@@ -41,8 +45,9 @@ where
                 if st.buf.is_empty() {
                     return None;
                 }
-                let rest = std::mem::take(&mut st.buf);
-                return Some((Ok(Bytes::from(rest)), st));
+                st.scanned = 0;
+                let rest = st.buf.split().freeze();
+                return Some((Ok(rest), st));
             }
             match st.body.next().await {
                 Some(Ok(b)) => st.buf.extend_from_slice(&b),
@@ -68,7 +73,7 @@ pub fn event_json(event: &[u8]) -> Option<serde_json::Value> {
 mod tests {
     use super::*;
 
-    async fn run(chunks: &[&str], f: impl FnMut(&[u8]) -> Option<Bytes> + Send + 'static) -> Vec<String> {
+    async fn run(chunks: &[&str], f: impl FnMut(Bytes) -> Option<Bytes> + Send + 'static) -> Vec<String> {
         let owned: Vec<Result<Bytes, ()>> = chunks.iter().map(|c| Ok(Bytes::from(c.to_string()))).collect();
         let out: Vec<_> = map_events(futures_util::stream::iter(owned), f).collect().await;
         out.into_iter().map(|r| String::from_utf8(r.unwrap().to_vec()).unwrap()).collect()
@@ -80,8 +85,8 @@ mod tests {
         let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
         let s = seen.clone();
         let out = run(&chunks, move |e| {
-            s.lock().push(String::from_utf8_lossy(e).to_string());
-            (!e.starts_with(b"data: {\"b\"")).then(|| Bytes::copy_from_slice(e))
+            s.lock().push(String::from_utf8_lossy(&e).to_string());
+            (!e.starts_with(b"data: {\"b\"")).then_some(e)
         })
         .await;
         assert_eq!(out, ["data: {\"a\":1}\n\n", "data: [DONE]\n\n", "tail"]);

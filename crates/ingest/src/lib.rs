@@ -35,6 +35,7 @@
 mod auth;
 mod control;
 mod pipeline;
+mod pod_metrics;
 mod ratelog;
 mod replay;
 mod seq;
@@ -258,7 +259,7 @@ impl Ingestor {
         for t in &cfg.connect {
             sockets.extend(control::dial_sockets(&ctx, t, dial_opts, None)?);
         }
-        let table = Arc::new(PodTable::default());
+        let table = metrics.pods.clone();
         let joins_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let sh = Arc::new(Shared {
             applier,

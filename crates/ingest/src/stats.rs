@@ -24,6 +24,10 @@ pub struct PodCounters {
     pub anomalies_ignored: AtomicU64,
     /// Last sequence number received live, + 1 (0 = none yet).
     pub last_seq_plus_one: AtomicU64,
+    /// When the last live batch arrived (Unix seconds, f64 bits; 0 = none yet), and how far
+    /// that was behind the batch's own engine timestamp `ts` (seconds, f64 bits).
+    pub last_event_unix: AtomicU64,
+    pub last_event_lag: AtomicU64,
     pub model: Mutex<String>,
 }
 
@@ -82,10 +86,15 @@ pub struct Metrics {
     pub held_expired: IntCounter,
     /// Pods that left the fleet (discovery) and were forgotten: sockets closed, index cleared.
     pub pods_removed: IntCounter,
+    /// Every pod's counters: the ingestor keeps them here, and the registry reads them per
+    /// pod at scrape time (`kvroute_ingest_pod_*`, see [`crate::pod_metrics`]).
+    pub pods: Arc<PodTable>,
 }
 
 impl Metrics {
     pub fn new(reg: &Registry) -> Result<Self, prometheus::Error> {
+        let pods = Arc::new(PodTable::default());
+        reg.register(Box::new(crate::pod_metrics::PodCollector::new(pods.clone())?))?;
         let c = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::with_opts(Opts::new(name, help))?;
             reg.register(Box::new(c.clone()))?;
@@ -152,6 +161,7 @@ impl Metrics {
                 "kvroute_ingest_pods_removed_total",
                 "Pods that left the fleet: their event sockets closed and index entries removed",
             )?,
+            pods,
         })
     }
 }
@@ -163,6 +173,11 @@ pub struct PodTable {
 }
 
 impl PodTable {
+    /// Every pod's counters now, by name.
+    pub fn all(&self) -> Vec<(String, Arc<PodCounters>)> {
+        self.inner.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     pub fn get(&self, pod: &str) -> Arc<PodCounters> {
         if let Some(c) = self.inner.read().get(pod) {
             return c.clone();

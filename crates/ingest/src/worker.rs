@@ -230,6 +230,9 @@ impl<I: BlockIndex> Worker<I> {
         let c = st.counters.clone();
         c.received.fetch_add(1, Relaxed);
         c.last_seq_plus_one.store(m.seq.wrapping_add(1), Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        c.last_event_unix.store(now.to_bits(), Relaxed);
+        c.last_event_lag.store((now - batch.ts).to_bits(), Relaxed);
         if !m.model.is_empty() && *c.model.lock() != m.model {
             *c.model.lock() = m.model.clone();
         }
