@@ -299,7 +299,7 @@ impl SchedulerConfig {
                             queue_tokens: 128.0,
                             recompute_penalty: 2.0,
                             queued_tokens: 0.0,
-                            waiting_tokens: 1024.0,
+                            waiting_tokens: 6144.0,
                             turnover_weight: 4.0,
                             pending_weight: 1.0,
                             relative_queue: true,

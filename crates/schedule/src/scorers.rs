@@ -113,7 +113,10 @@ pub struct PredictedTtftScorer {
     pub queued_tokens: f64,
     /// Token-equivalents per request the engine reports waiting (scraped
     /// `vllm:num_requests_waiting`: not admitted for want of a sequence slot or KV blocks —
-    /// a wait the prefill queue does not show).
+    /// a wait the prefill queue does not show), scaled by the pod's free KV share
+    /// (`1 − kv_usage`, 1 when unknown): with KV to spare the request waits for a sequence
+    /// slot, which elsewhere it would not; with the cache full it waits for blocks, and
+    /// moving it puts another copy of its prefix into caches that are full too.
     pub waiting_tokens: f64,
     /// Weight of the pod's cache turnover on the cost of its uncached tokens.
     pub turnover_weight: f64,
@@ -138,7 +141,9 @@ impl Scorer for PredictedTtftScorer {
                 self.pending_weight * p.pending_prefill_tokens.max(0.0)
                     + self.queue_tokens * p.in_flight as f64
                     + self.queued_tokens * p.queued as f64
-                    + self.waiting_tokens * p.waiting.unwrap_or(0.0).max(0.0)
+                    + self.waiting_tokens
+                        * p.waiting.unwrap_or(0.0).max(0.0)
+                        * (1.0 - p.kv_usage.unwrap_or(0.0).clamp(0.0, 1.0))
             })
             .collect();
         let qmin = queues.iter().copied().fold(f64::INFINITY, f64::min).max(0.0);

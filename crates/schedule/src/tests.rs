@@ -322,18 +322,23 @@ fn in_a_pd_pool_a_decode_pods_cache_saves_a_transfer_not_a_prefill() {
 }
 
 #[test]
-fn requests_the_engine_reports_waiting_move_a_prompt_off_its_cached_pod() {
+fn requests_the_engine_reports_waiting_move_a_prompt_off_its_cached_pod_unless_its_kv_is_full() {
     // 2,048 tokens cached on a; b is cold: recomputing costs 2,048 × 3 token-equivalents.
     let req = RequestView { prompt_tokens: 2048, block_size: 16, total_blocks: 128, ..Default::default() };
     let p = SchedulerConfig::default_profile();
-    let with_waiting = |w: f64| {
+    let with_waiting = |w: f64, kv: Option<f64>| {
         let mut a = pod("a", 0, 128);
-        a.waiting = Some(w);
+        (a.waiting, a.kv_usage) = (Some(w), kv);
         let mut b = pod("b", 0, 0);
-        b.waiting = Some(0.0);
+        (b.waiting, b.kv_usage) = (Some(0.0), kv);
         p.schedule_dry(&req, &[a, b]).pick
     };
-    // Each request the engine cannot admit (no sequence slot or KV) counts 1,024 tokens.
-    assert_eq!(with_waiting(4.0), Some(0), "4 waiting (4,096) < a recompute (6,144)");
-    assert_eq!(with_waiting(8.0), Some(1), "8 waiting (8,192) > a recompute");
+    // Each request the engine cannot admit counts 6,144 tokens × a's free KV share: with
+    // KV to spare it waits for a sequence slot, which b has free.
+    assert_eq!(with_waiting(2.0, None), Some(1), "2 waiting (12,288) > a recompute (6,144)");
+    assert_eq!(with_waiting(2.0, Some(0.2)), Some(1), "2 × 6,144 × 0.8 > a recompute");
+    // A full cache: they wait for blocks; moving adds a prefix copy to a full fleet.
+    assert_eq!(with_waiting(2.0, Some(0.9)), Some(0), "2 × 6,144 × 0.1 < a recompute");
+    assert_eq!(with_waiting(8.0, Some(0.95)), Some(0), "8 × 6,144 × 0.05 < a recompute");
+    assert_eq!(with_waiting(0.0, Some(0.0)), Some(0), "nothing waiting: the hit decides");
 }
