@@ -183,6 +183,22 @@ pub fn ask_for_usage(v: &mut Value) -> bool {
 /// Receives each attributed request with the engine's counts (the traffic record).
 pub type Sink = Box<dyn Fn(&Prediction, &Usage) + Send + Sync>;
 
+/// The body to send once [`ask_for_usage`] changed `v`: when the client's body had no
+/// `stream_options` (the usual case) the option is appended before the object's closing
+/// brace, without re-serializing the prompt; else `v` re-serialized.
+pub fn body_asking_usage(body: &Bytes, v: &Value, had_options: bool) -> Bytes {
+    if !had_options {
+        let end = body.iter().rposition(|b| !b.is_ascii_whitespace());
+        if let Some(e) = end.filter(|&e| body[e] == b'}' && v.as_object().is_some_and(|o| o.len() > 1)) {
+            let mut out = Vec::with_capacity(e + 48);
+            out.extend_from_slice(&body[..e]);
+            out.extend_from_slice(br#","stream_options":{"include_usage":true}}"#);
+            return Bytes::from(out);
+        }
+    }
+    Bytes::from(v.to_string())
+}
+
 /// `kvroute_prefix_*` / `kvroute_cache_attribution_total`, and the recent decisions.
 pub struct Attribution {
     /// Off: requests pass untouched and nothing is counted (`observability.hit_attribution`).
@@ -476,6 +492,19 @@ mod tests {
         let mut v = json!({"stream": false});
         assert!(!ask_for_usage(&mut v));
         assert_eq!(v, json!({"stream": false}));
+    }
+
+    #[test]
+    fn the_usage_option_is_appended_without_reserializing() {
+        let body = Bytes::from_static(b"{\"model\":\"m\",\"prompt\":\"a\\u00e9\",\"stream\":true} \n");
+        let mut v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(ask_for_usage(&mut v));
+        let out = body_asking_usage(&body, &v, false);
+        assert!(out.starts_with(b"{\"model\":\"m\",\"prompt\":\"a\\u00e9\",\"stream\":true,"), "{out:?}");
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), v);
+        // A client's own stream_options: re-serialized from the edited value.
+        let out = body_asking_usage(&body, &v, true);
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), v);
     }
 
     #[tokio::test]

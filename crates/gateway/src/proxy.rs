@@ -64,8 +64,9 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     // Hit attribution: a streaming request is asked for its final usage chunk, which the
     // client gets only if it asked for it itself.
     let attribute = gw.attribution.enabled;
+    let had_options = v.get("stream_options").is_some();
     let strip_usage = attribute && attribution::ask_for_usage(&mut v);
-    let body = if strip_usage { Bytes::from(v.to_string()) } else { body };
+    let body = if strip_usage { attribution::body_asking_usage(&body, &v, had_options) } else { body };
     let stream = v.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
     let predicted: Vec<u64> = (0..routed.order.len()).map(|i| routed.predicted(i)).collect();
     let prefill_predicted = routed.prefill.as_ref().map(|(_, u)| routed.prompt_tokens.saturating_sub(*u)).unwrap_or(0);

@@ -11,7 +11,7 @@
 //!
 //! [`TraceRecorder::record`] never blocks: entries go through a bounded queue to a writer
 //! thread, and an entry that finds the queue full is dropped and counted. The writer
-//! flushes whenever the queue is empty, and rotates by size: `FILE` → `FILE.1` → … →
+//! drains the queue and flushes every 20 ms (never woken by a request), and rotates by size: `FILE` → `FILE.1` → … →
 //! `FILE.<keep>` (the oldest is deleted). A file left by an earlier process is rotated away
 //! at open, so each file holds one process's clock.
 
@@ -278,31 +278,42 @@ struct Writer {
     failing: u64,
 }
 
+/// How often the writer drains the queue and flushes the file.
+const TICK: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl Writer {
+    /// Drains the queue every [`TICK`] rather than blocking on it: a request handing over
+    /// its entry never has to wake this thread (a futex call per request), and the file
+    /// gets one write per tick, not one per entry.
     fn run(mut self, rx: Receiver<Msg>) {
         let mut line = String::with_capacity(4096);
-        while let Ok(mut msg) = rx.recv() {
+        loop {
+            let mut wrote = false;
             loop {
-                match msg {
-                    Msg::Entry(e) => {
+                match rx.try_recv() {
+                    Ok(Msg::Entry(e)) => {
                         self.format(&e, &mut line);
                         self.write(line.as_bytes());
+                        wrote = true;
                     }
-                    Msg::Flush(ack) => {
+                    Ok(Msg::Flush(ack)) => {
                         self.flush();
                         let _ = ack.try_send(());
                     }
-                }
-                match rx.try_recv() {
-                    Ok(m) => msg = m,
-                    Err(_) => break,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.flush();
+                        return;
+                    }
                 }
             }
-            // The queue is empty: what was written reaches the file (the router may exit
-            // at any time without tearing anything down).
-            self.flush();
+            // What was written reaches the file within a tick (the router may exit at
+            // any time without tearing anything down).
+            if wrote {
+                self.flush();
+            }
+            std::thread::sleep(TICK);
         }
-        self.flush();
     }
 
     fn format(&self, e: &TraceEntry, line: &mut String) {

@@ -19,28 +19,44 @@ where
 {
     struct St<S, F> {
         body: S,
+        /// The chunk being cut while no partial event is carried (events are slices of it).
+        cur: Bytes,
+        /// A partial event and what arrived after it (copied until it is cut).
         buf: BytesMut,
-        /// Where the search for the next boundary resumes (bytes before it have none).
+        /// Where the search for the next boundary in `buf` resumes (bytes before it have none).
         scanned: usize,
         done: bool,
         f: F,
         boundary: memchr::memmem::Finder<'static>,
     }
     let boundary = memchr::memmem::Finder::new(b"\n\n");
-    let st = St { body: Box::pin(body), buf: BytesMut::new(), scanned: 0, done: false, f, boundary };
+    let st = St { body: Box::pin(body), cur: Bytes::new(), buf: BytesMut::new(), scanned: 0, done: false, f, boundary };
     futures_util::stream::unfold(st, |mut st| async move {
         loop {
-            let from = st.scanned.saturating_sub(1).min(st.buf.len());
-            if let Some(end) = st.boundary.find(&st.buf[from..]).map(|p| p + from) {
-                // The event's bytes are handed over without a copy.
-                let event = st.buf.split_to(end + 2).freeze();
-                st.scanned = 0;
-                match (st.f)(event) {
-                    Some(out) => return Some((Ok(out), st)),
-                    None => continue,
+            if !st.buf.is_empty() {
+                let from = st.scanned.saturating_sub(1).min(st.buf.len());
+                if let Some(end) = st.boundary.find(&st.buf[from..]).map(|p| p + from) {
+                    let event = st.buf.split_to(end + 2).freeze();
+                    st.scanned = 0;
+                    match (st.f)(event) {
+                        Some(out) => return Some((Ok(out), st)),
+                        None => continue,
+                    }
                 }
+                st.scanned = st.buf.len();
+            } else if !st.cur.is_empty() {
+                // Whole events straight out of the chunk, without a copy (the usual case:
+                // engines write an event per chunk).
+                if let Some(end) = st.boundary.find(&st.cur) {
+                    let event = st.cur.split_to(end + 2);
+                    match (st.f)(event) {
+                        Some(out) => return Some((Ok(out), st)),
+                        None => continue,
+                    }
+                }
+                st.buf.extend_from_slice(&std::mem::take(&mut st.cur));
+                st.scanned = st.buf.len();
             }
-            st.scanned = st.buf.len();
             if st.done {
                 if st.buf.is_empty() {
                     return None;
@@ -50,6 +66,7 @@ where
                 return Some((Ok(rest), st));
             }
             match st.body.next().await {
+                Some(Ok(b)) if st.buf.is_empty() => st.cur = b,
                 Some(Ok(b)) => st.buf.extend_from_slice(&b),
                 Some(Err(e)) => {
                     st.done = true;
@@ -93,5 +110,12 @@ mod tests {
         assert_eq!(seen.lock().len(), 3);
         assert_eq!(event_json(b"data: {\"b\":2}\n\n"), Some(serde_json::json!({"b": 2})));
         assert_eq!(event_json(b"data: [DONE]\n\n"), None);
+    }
+
+    #[tokio::test]
+    async fn several_events_in_one_chunk_and_a_boundary_split_between_chunks() {
+        let chunks = ["data: 1\n\ndata: 2\n\ndata: 3", "\n", "\ndata: 4\n\n", "data: 5\n\ndata"];
+        let out = run(&chunks, Some).await;
+        assert_eq!(out, ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n", "data: 4\n\n", "data: 5\n\n", "data"]);
     }
 }
