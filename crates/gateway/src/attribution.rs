@@ -123,21 +123,22 @@ pub fn classify(p: &Prediction, u: &Usage) -> Attributed {
     let bs = p.block_size.max(1);
     let prompt = u.prompt_tokens.unwrap_or(p.prompt_tokens);
     let cap = prompt.saturating_sub(1) / bs * bs;
-    let (pred, best) = (p.predicted_tokens.min(cap), p.best_tokens.min(cap).max(p.predicted_tokens.min(cap)));
-    let act_c = act;
-    let stale = pred.saturating_sub(act_c);
-    let routing = best.saturating_sub(act_c.max(pred));
-    let workload = cap.saturating_sub(best.max(act_c));
+    let pred = p.predicted_tokens.min(cap);
+    // The pick's own prediction counts among the prefixes cached somewhere.
+    let best = p.best_tokens.min(cap).max(pred);
+    let stale = pred.saturating_sub(act);
+    let routing = best.saturating_sub(act.max(pred));
+    let workload = cap.saturating_sub(best.max(act));
     let outcome = if stale > 0 {
         Outcome::StaleIndex
     } else if routing > 0 {
         Outcome::RoutedElsewhere
-    } else if best == 0 && act_c == 0 {
+    } else if best == 0 && act == 0 {
         Outcome::NoPrefix
     } else {
         Outcome::Hit
     };
-    Attributed { outcome, over: stale, under: act_c.saturating_sub(pred), workload, routing, stale }
+    Attributed { outcome, over: stale, under: act.saturating_sub(pred), workload, routing, stale }
 }
 
 /// The request's id: the client's `x-request-id` when it sent a usable one (visible ASCII,
@@ -160,15 +161,19 @@ pub fn request_id(given: Option<&axum::http::HeaderValue>) -> String {
 
 /// Asks the engine for the final usage chunk of a streaming request the client did not ask
 /// it for (`stream_options.include_usage`; continuous usage is left off so no other chunk
-/// changes); `true` when it did, and that chunk must then be removed ([`tap_sse`]).
-pub fn ask_for_usage(v: &mut Value) -> bool {
+/// changes): edits `v` and returns the body to send instead of `body`, or `None` when
+/// nothing needed asking. The usage chunk must then be removed ([`tap_sse`]). When the
+/// client's body had no `stream_options` (the usual case) the option is appended before
+/// the object's closing brace, without re-serializing the prompt; else `v` is serialized.
+pub fn ask_for_usage(v: &mut Value, body: &Bytes) -> Option<Bytes> {
     if v.get("stream").and_then(Value::as_bool) != Some(true) {
-        return false;
+        return None;
     }
     if v.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true) {
-        return false;
+        return None;
     }
-    let Some(o) = v.as_object_mut() else { return false };
+    let o = v.as_object_mut()?;
+    let had_options = o.contains_key("stream_options");
     let opts = o.entry("stream_options").or_insert_with(|| json!({}));
     if !opts.is_object() {
         *opts = json!({});
@@ -177,27 +182,21 @@ pub fn ask_for_usage(v: &mut Value) -> bool {
         opts.insert("include_usage".into(), json!(true));
         opts.remove("continuous_usage_stats");
     }
-    true
+    if !had_options {
+        // `v` has `stream` besides: the object is not empty, so a comma goes first.
+        let end = body.iter().rposition(|b| !b.is_ascii_whitespace());
+        if let Some(e) = end.filter(|&e| body[e] == b'}') {
+            let mut out = Vec::with_capacity(e + 48);
+            out.extend_from_slice(&body[..e]);
+            out.extend_from_slice(br#","stream_options":{"include_usage":true}}"#);
+            return Some(Bytes::from(out));
+        }
+    }
+    Some(Bytes::from(v.to_string()))
 }
 
 /// Receives each attributed request with the engine's counts (the traffic record).
 pub type Sink = Box<dyn Fn(&Prediction, &Usage) + Send + Sync>;
-
-/// The body to send once [`ask_for_usage`] changed `v`: when the client's body had no
-/// `stream_options` (the usual case) the option is appended before the object's closing
-/// brace, without re-serializing the prompt; else `v` re-serialized.
-pub fn body_asking_usage(body: &Bytes, v: &Value, had_options: bool) -> Bytes {
-    if !had_options {
-        let end = body.iter().rposition(|b| !b.is_ascii_whitespace());
-        if let Some(e) = end.filter(|&e| body[e] == b'}' && v.as_object().is_some_and(|o| o.len() > 1)) {
-            let mut out = Vec::with_capacity(e + 48);
-            out.extend_from_slice(&body[..e]);
-            out.extend_from_slice(br#","stream_options":{"include_usage":true}}"#);
-            return Bytes::from(out);
-        }
-    }
-    Bytes::from(v.to_string())
-}
 
 /// `kvroute_prefix_*` / `kvroute_cache_attribution_total`, and the recent decisions.
 pub struct Attribution {
@@ -484,13 +483,14 @@ mod tests {
 
     #[test]
     fn usage_is_asked_for_only_when_the_client_did_not() {
+        let ask = |v: &mut Value| ask_for_usage(v, &Bytes::from(v.to_string())).is_some();
         let mut v = json!({"stream": true, "stream_options": {"continuous_usage_stats": true}});
-        assert!(ask_for_usage(&mut v));
+        assert!(ask(&mut v));
         assert_eq!(v["stream_options"], json!({"include_usage": true}));
         let mut v = json!({"stream": true, "stream_options": {"include_usage": true}});
-        assert!(!ask_for_usage(&mut v));
+        assert!(!ask(&mut v));
         let mut v = json!({"stream": false});
-        assert!(!ask_for_usage(&mut v));
+        assert!(!ask(&mut v));
         assert_eq!(v, json!({"stream": false}));
     }
 
@@ -498,13 +498,16 @@ mod tests {
     fn the_usage_option_is_appended_without_reserializing() {
         let body = Bytes::from_static(b"{\"model\":\"m\",\"prompt\":\"a\\u00e9\",\"stream\":true} \n");
         let mut v: Value = serde_json::from_slice(&body).unwrap();
-        assert!(ask_for_usage(&mut v));
-        let out = body_asking_usage(&body, &v, false);
+        let out = ask_for_usage(&mut v, &body).unwrap();
         assert!(out.starts_with(b"{\"model\":\"m\",\"prompt\":\"a\\u00e9\",\"stream\":true,"), "{out:?}");
         assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), v);
-        // A client's own stream_options: re-serialized from the edited value.
-        let out = body_asking_usage(&body, &v, true);
+        // A client's own stream_options: serialized from the edited value.
+        let body =
+            Bytes::from_static(b"{\"model\":\"m\",\"stream\":true,\"stream_options\":{\"include_usage\":false}}");
+        let mut v: Value = serde_json::from_slice(&body).unwrap();
+        let out = ask_for_usage(&mut v, &body).unwrap();
         assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), v);
+        assert_eq!(v["stream_options"], json!({"include_usage": true}));
     }
 
     #[tokio::test]

@@ -138,6 +138,11 @@ impl Routed {
     pub fn predicted(&self, i: usize) -> u64 {
         self.uncached.get(i).map_or(0, |u| self.prompt_tokens.saturating_sub(*u))
     }
+
+    /// Prefix tokens the router predicted cached on the prefill pick (0 without one).
+    pub fn prefill_predicted(&self) -> u64 {
+        self.prefill.as_ref().map_or(0, |(_, u)| self.prompt_tokens.saturating_sub(*u))
+    }
 }
 
 /// A request to route, from either door.

@@ -64,12 +64,10 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     // Hit attribution: a streaming request is asked for its final usage chunk, which the
     // client gets only if it asked for it itself.
     let attribute = gw.attribution.enabled;
-    let had_options = v.get("stream_options").is_some();
-    let strip_usage = attribute && attribution::ask_for_usage(&mut v);
-    let body = if strip_usage { attribution::body_asking_usage(&body, &v, had_options) } else { body };
+    let asked = if attribute { attribution::ask_for_usage(&mut v, &body) } else { None };
+    let strip_usage = asked.is_some();
+    let body = asked.unwrap_or(body);
     let stream = v.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
-    let predicted: Vec<u64> = (0..routed.order.len()).map(|i| routed.predicted(i)).collect();
-    let prefill_predicted = routed.prefill.as_ref().map(|(_, u)| routed.prompt_tokens.saturating_sub(*u)).unwrap_or(0);
     let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
     // P/D in gateway mode: prefill first; its kv_transfer_params go with the decode request,
     // and the decode pod then computes no prompt (its pending prefill is only the rest).
@@ -181,9 +179,11 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                     body = if sse { pd::merge_sse(body, c) } else { pd::merge_whole(body, c) };
                 }
                 if attribute && status.is_success() {
+                    // (`predicted(i)` is read only without a prefill leg: a split zeroes the
+                    // decode pick's uncached tokens.)
                     let (pod, predicted, decode_pod) = match &prefilled_on {
-                        Some(p) => (p.clone(), prefill_predicted, Some(b.name.clone())),
-                        None => (b.name.clone(), predicted.get(i).copied().unwrap_or(0), None),
+                        Some(p) => (p.clone(), routed.prefill_predicted(), Some(b.name.clone())),
+                        None => (b.name.clone(), routed.predicted(i), None),
                     };
                     let prediction = attribution::Prediction {
                         request_id: request_id.clone(),
