@@ -104,8 +104,6 @@ pub struct Gateway {
     /// P/D: who runs the prefill → decode flow ([`pd`]), and its metrics.
     pub pd_mode: pd::Mode,
     pd: pd::PdMetrics,
-    /// `--record-trace`: completed requests go to the trace ([`record`]).
-    pub recorder: Option<Arc<record::TraceRecorder>>,
     /// Predicted vs engine-reported cached tokens ([`attribution`]); its `sink` records traffic.
     pub attribution: Arc<attribution::Attribution>,
 }
@@ -176,6 +174,17 @@ pub struct Saturation {
     pub queue_depth: f64,
     /// Scraped `vllm:kv_cache_usage_perc` at which a pod is busy.
     pub kv_cache_utilization: f64,
+}
+
+impl Saturation {
+    /// Whether a pod counts as saturated (busy): its router queue full, or the scraped
+    /// engine queue or KV-cache usage at their thresholds. Shedding (`Gateway::route`) and
+    /// `kvroute_pod_saturated` both use it.
+    pub fn busy(&self, queued: u32, waiting: Option<f64>, kv_usage: Option<f64>) -> bool {
+        queued >= self.max_queued_per_pod
+            || waiting.is_some_and(|w| w >= self.queue_depth)
+            || kv_usage.is_some_and(|k| k >= self.kv_cache_utilization)
+    }
 }
 
 impl Default for Saturation {
@@ -295,7 +304,6 @@ impl Gateway {
             matched_blocks,
             panic_routes,
             lifecycle: kvroute_api::lifecycle::Lifecycle::new(),
-            recorder: None,
         })
     }
 
@@ -548,11 +556,7 @@ impl Gateway {
             .collect();
         let sat = &self.saturation;
         let full = |p: &PodView| p.queued >= sat.max_queued_per_pod;
-        let busy = |p: &PodView| {
-            full(p)
-                || p.waiting.is_some_and(|w| w >= sat.queue_depth)
-                || p.kv_usage.is_some_and(|k| k >= sat.kv_cache_utilization)
-        };
+        let busy = |p: &PodView| sat.busy(p.queued, p.waiting, p.kv_usage);
         if views.iter().all(full) || (req.sheddable && views.iter().all(busy)) {
             self.shed.inc();
             return Err(RouteError::new(StatusCode::TOO_MANY_REQUESTS, "every candidate pod is saturated"));

@@ -14,18 +14,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry};
 
-use crate::{Gateway, Saturation};
-
-impl Saturation {
-    /// Whether a pod counts as saturated: as the gateway's shedding rule (`busy` in
-    /// `Gateway::route`) — its router queue full, or the scraped engine queue or KV-cache
-    /// usage at their thresholds.
-    pub fn busy(&self, queued: u32, waiting: Option<f64>, kv_usage: Option<f64>) -> bool {
-        queued >= self.max_queued_per_pod
-            || waiting.is_some_and(|w| w >= self.queue_depth)
-            || kv_usage.is_some_and(|k| k >= self.kv_cache_utilization)
-    }
-}
+use crate::Gateway;
 
 /// The configured gateway, shared, with its per-pod collector registered (the collector
 /// holds it weakly: once the gateway is gone, it reports nothing).
@@ -148,7 +137,7 @@ impl Collector for PodCollector {
 
 #[cfg(test)]
 mod tests {
-    use super::Saturation;
+    use crate::Saturation;
 
     #[test]
     fn a_pod_is_saturated_by_any_one_threshold_and_unknown_scrapes_do_not_count() {

@@ -141,9 +141,7 @@ impl crate::Gateway {
         if !a.enabled {
             return Err("recording needs hit attribution (it reads the engine's usage)".into());
         }
-        let r = rec.clone();
-        a.sink = Some(Box::new(move |p, u| r.record(TraceEntry::completed(p, u))));
-        self.recorder = Some(rec);
+        a.sink = Some(Box::new(move |p, u| rec.record(TraceEntry::completed(p, u))));
         Ok(())
     }
 }
