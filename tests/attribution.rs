@@ -7,21 +7,10 @@
 
 mod common;
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-
-struct Kids(Vec<Child>);
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 struct Reply {
     status: u16,
@@ -99,7 +88,7 @@ fn misses_are_attributed_to_the_workload_the_routing_or_a_stale_index_exactly() 
     // One request at a time per sim, 10× faster than model time: a handful of long
     // requests sent straight to one sim keeps it busy for seconds.
     let slow = ["--speedup", "10", "--max-num-seqs", "1"];
-    let mut kids = Kids(sims.iter().map(|p| sim(*p, zp, &slow)).collect());
+    let mut kids = Children(sims.iter().map(|p| sim(*p, zp, &slow)).collect());
     // Health probes (and scrapes) each second: a sim restarted in a fraction of one is
     // never seen down, so the router keeps its index entries.
     kids.0.push(serve(rp, zp, sims, &["--health-interval-ms", "1000"]));
@@ -209,7 +198,7 @@ fn normalized(body: &str) -> String {
 fn streaming_clients_see_exactly_the_engines_stream_and_usage_only_if_they_asked() {
     let ports = free_ports(3);
     let (rp, zp, s) = (ports[0], ports[1], ports[2]);
-    let mut kids = Kids(vec![sim(s, zp, &[])]);
+    let mut kids = Children(vec![sim(s, zp, &[])]);
     kids.0.push(serve(rp, zp, &[s], &[]));
     let via = format!("http://127.0.0.1:{rp}");
     let direct = format!("http://127.0.0.1:{s}");
@@ -249,7 +238,7 @@ fn streaming_clients_see_exactly_the_engines_stream_and_usage_only_if_they_asked
 fn json_logs_have_one_line_per_decision_with_its_request_id_pick_and_prediction() {
     let ports = free_ports(3);
     let (rp, zp, s) = (ports[0], ports[1], ports[2]);
-    let mut kids = Kids(vec![sim(s, zp, &[])]);
+    let mut kids = Children(vec![sim(s, zp, &[])]);
     let log = std::env::temp_dir().join(format!("kvroute-json-log-{}-{rp}", std::process::id()));
     let file = std::fs::File::create(&log).unwrap();
     let router = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
