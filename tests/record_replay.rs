@@ -78,7 +78,10 @@ fn trace_files(file: &Path) -> Vec<PathBuf> {
 fn a_cache_aware_policy_replays_with_the_live_hit_rate() {
     // Room for every prefix: the hit rate is the sharing structure the trace must keep
     // (each group's first prompt misses, the rest find its system prompt on its pod).
-    round_trip("default", 64);
+    // The workload caches 108 full blocks (6 × (10 + 8)): 128 per server hold them all
+    // however the groups are spread. With 64 a 4/2 spread evicted, and which spread the
+    // first prompts got depended on when each pod's KV usage was last scraped live.
+    round_trip("default", 128);
 }
 
 #[test]
@@ -122,7 +125,9 @@ fn round_trip(policy: &str, kv_blocks: usize) {
     // One request at a time (deterministic), each a group's system prompt + its question;
     // every third one streamed (the engine's usage still reaches the record).
     let reqs = order();
+    let metric = |name: &str| common::metric_sum(&[rp], name);
     for (i, &(g, q)) in reqs.iter().enumerate() {
+        let batches = metric("kvroute_kv_batches_applied_total");
         let prompt = format!("{} {}", system(g), question(g, q));
         let stream = i % 3 == 0;
         let r = ureq::post(&format!("{router}/v1/completions"))
@@ -130,14 +135,19 @@ fn round_trip(policy: &str, kv_blocks: usize) {
             .unwrap();
         let text = r.into_string().unwrap();
         assert!(text.contains(if stream { "[DONE]" } else { "\"completion_tokens\":4" }), "{text}");
-        // Let the pick's KV events reach the router before the next decision.
-        std::thread::sleep(Duration::from_millis(40));
+        // The pick's KV events reach the router before the next decision (every prompt
+        // stores at least one block: its question fills one). A fixed pause was not enough
+        // on a loaded CI machine: a decision on a stale index split a group across pods.
+        let t = Instant::now();
+        while metric("kvroute_kv_batches_applied_total") <= batches {
+            assert!(t.elapsed() < Duration::from_secs(10), "request {i}: no KV events reached the router");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     let (queries, hits) = live_counters(sims);
     let live = hits / queries;
 
     // Every request is recorded (written once the writer drains its queue).
-    let metric = |name: &str| common::metric_sum(&[rp], name);
     let t = Instant::now();
     while metric("kvroute_record_entries_total") < reqs.len() as f64 {
         assert!(t.elapsed() < Duration::from_secs(10), "entries: {}", metric("kvroute_record_entries_total"));
