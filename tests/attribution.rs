@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -49,14 +49,6 @@ fn metric_with(rp: u16, name: &str, label: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// What the router would pick for `body` now (dry run on the admin port).
@@ -109,7 +101,7 @@ fn misses_are_attributed_to_the_workload_the_routing_or_a_stale_index_exactly() 
     let first = post(&url, &h, Some("client-id-1"));
     assert_eq!(first.request_id.as_deref(), Some("client-id-1"), "the client's request id is kept");
     workload_tokens += cap(prompt_tokens(&first));
-    wait_for("the hot prompt's blocks in the index", Duration::from_secs(5), || pick(rp, &h) == first.pod);
+    wait_for(Duration::from_secs(5), "the hot prompt's blocks in the index", || pick(rp, &h) == first.pod);
     let again = post(&url, &h, None);
     assert_eq!(again.pod, first.pod);
 
@@ -118,7 +110,7 @@ fn misses_are_attributed_to_the_workload_the_routing_or_a_stale_index_exactly() 
     let primed = post(&url, &a, None);
     workload_tokens += cap(prompt_tokens(&primed));
     let x = primed.pod.clone();
-    wait_for("the prompt's blocks in the index", Duration::from_secs(5), || pick(rp, &a) == x);
+    wait_for(Duration::from_secs(5), "the prompt's blocks in the index", || pick(rp, &a) == x);
     let busy: Vec<_> = (0..6)
         .map(|i| {
             let url = format!("http://{x}/v1/completions");
@@ -128,7 +120,7 @@ fn misses_are_attributed_to_the_workload_the_routing_or_a_stale_index_exactly() 
             })
         })
         .collect();
-    wait_for("the router to prefer another pod for the busy pod's prompt", Duration::from_secs(15), || {
+    wait_for(Duration::from_secs(15), "the router to prefer another pod for the busy pod's prompt", || {
         pick(rp, &a) != x
     });
     let moved = post(&url, &a, None);
@@ -141,13 +133,13 @@ fn misses_are_attributed_to_the_workload_the_routing_or_a_stale_index_exactly() 
     let stored = post(&url, &c, None);
     workload_tokens += cap(prompt_tokens(&stored));
     let z = stored.pod.clone();
-    wait_for("the stale prompt's blocks in the index", Duration::from_secs(5), || pick(rp, &c) == z);
+    wait_for(Duration::from_secs(5), "the stale prompt's blocks in the index", || pick(rp, &c) == z);
     let zport: u16 = z.rsplit(':').next().unwrap().parse().unwrap();
     let i = sims.iter().position(|p| *p == zport).unwrap();
     let _ = kids.0[i].kill();
     let _ = kids.0[i].wait();
     kids.0[i] = sim_at("127.0.0.1", zport, 16, &json!({"enable_kv_cache_events": false}), &slow);
-    wait_for("the stale prompt still predicted on the restarted pod", Duration::from_secs(10), || pick(rp, &c) == z);
+    wait_for(Duration::from_secs(10), "the stale prompt still predicted on the restarted pod", || pick(rp, &c) == z);
     let gone = post(&url, &c, None);
     assert_eq!(gone.pod, z, "{}", gone.body);
     stale_tokens += cap(prompt_tokens(&gone));
@@ -155,7 +147,7 @@ fn misses_are_attributed_to_the_workload_the_routing_or_a_stale_index_exactly() 
     // Counters: exactly the construction (responses are counted when their body ends).
     let expect =
         [("no_prefix", 6.0), ("hit", 1.0), ("routed_elsewhere", 1.0), ("stale_index", 1.0), ("unreported", 0.0)];
-    wait_for("every request attributed", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "every request attributed", || {
         expect.iter().map(|(o, _)| outcome(rp, o)).sum::<f64>() == 9.0
     });
     for (o, n) in expect {
@@ -226,7 +218,7 @@ fn streaming_clients_see_exactly_the_engines_stream_and_usage_only_if_they_asked
                       "stream_options": {"include_usage": true}});
     let r = post(&format!("{via}/v1/completions"), &body, None);
     assert!(r.body.contains("\"cached_tokens\""), "{}", r.body);
-    wait_for("three requests attributed", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "three requests attributed", || {
         ["hit", "no_prefix"].iter().map(|o| outcome(rp, o)).sum::<f64>() == 3.0
     });
     // The third repeats the second's prompt on the same pod: a hit the engine confirms.
@@ -259,7 +251,7 @@ fn json_logs_have_one_line_per_decision_with_its_request_id_pick_and_prediction(
         let text = std::fs::read_to_string(&log).unwrap();
         text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
     };
-    wait_for("the attributed line", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "the attributed line", || {
         lines().iter().any(|l| l["message"] == "attributed" && l["request_id"] == "req-42")
     });
     let all = lines();

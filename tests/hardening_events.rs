@@ -7,7 +7,7 @@ mod common;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::{free_ports, metric_sum, serve, sim, words, Children};
+use common::{free_ports, metric_sum, serve, sim, wait_for, words, Children};
 use kvroute_events::{encode_batch, BlockStored, EventBatch, KvEvent, WireFormat};
 use serde_json::{json, Value};
 
@@ -58,14 +58,6 @@ fn blocks(port: u16, name: &str) -> u64 {
     pod(port, name).and_then(|p| p["blocks"].as_u64()).unwrap_or(0)
 }
 
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// One completion straight to a sim (it publishes the prompt's blocks).
 fn complete(sim: u16, prompt: &str) {
     ureq::post(&format!("http://127.0.0.1:{sim}/v1/completions"))
@@ -104,8 +96,8 @@ fn events_for_unknown_pods_are_dropped_and_counted() {
     }
     complete(s, &words("known", 120));
     let real = format!("127.0.0.1:{s}");
-    wait_for("the backend's blocks", Duration::from_secs(5), || blocks(http, &real) > 0);
-    wait_for("50 drops counted", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "the backend's blocks", || blocks(http, &real) > 0);
+    wait_for(Duration::from_secs(5), "50 drops counted", || {
         metric_sum(&[http], "kvroute_ingest_unknown_pod_messages_total") >= 50.0
     });
     let names: Vec<Value> = pods(http).into_iter().map(|p| p["pod"].clone()).collect();
@@ -123,7 +115,7 @@ fn unknown_pods_can_be_accepted_up_to_a_cap() {
     for n in 0..10u64 {
         forger.send(&format!("kv@10.66.0.{n}:8000@m"), 0, &stored(1, n, None));
     }
-    wait_for("7 over the cap counted", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "7 over the cap counted", || {
         metric_sum(&[http], "kvroute_ingest_unknown_pod_messages_total") >= 7.0
     });
     assert_eq!(pods(http).len(), 3, "at most max_pods pods");
@@ -147,8 +139,8 @@ fn a_data_parallel_rank_beyond_the_configured_size_is_dropped() {
     forger.send("kv@10.0.0.1:8000@m", 0, &stored(2, 1, Some(7))); // size is 1: rank 7 is forged
     forger.send("kv@10.0.0.1:8000@m", 0, &stored(2, 1, Some(-1)));
     forger.send("kv@10.0.0.1:8000@m", 0, &stored(2, 1, Some(0)));
-    wait_for("rank 0 indexed", Duration::from_secs(5), || blocks(http, "10.0.0.1:8000") == 2);
-    wait_for("2 counted", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "rank 0 indexed", || blocks(http, "10.0.0.1:8000") == 2);
+    wait_for(Duration::from_secs(5), "2 counted", || {
         metric_sum(&[http], "kvroute_ingest_bad_dp_rank_messages_total") == 2.0
     });
     let names: Vec<Value> = pods(http).into_iter().map(|p| p["pod"].clone()).collect();
@@ -180,7 +172,7 @@ fn a_100_mb_frame_is_refused_with_memory_bounded_and_real_events_flow() {
     forger.send(&format!("kv@{real}@m"), 0, &vec![0x90u8; 100 << 20]);
     std::thread::sleep(Duration::from_millis(1500)); // the frame crosses loopback (or not)
     complete(s, &words("after", 120));
-    wait_for("real events after the big frame", Duration::from_secs(5), || blocks(http, &real) > 0);
+    wait_for(Duration::from_secs(5), "real events after the big frame", || blocks(http, &real) > 0);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let grown = sampler.join().unwrap().saturating_sub(base);
     eprintln!("100 MB frame: router RSS peak {grown} KiB above base {base} KiB");
@@ -192,7 +184,7 @@ fn a_100_mb_frame_is_refused_with_memory_bounded_and_real_events_flow() {
     let huge = EventBatch { ts: 0.0, events: evs.collect(), data_parallel_rank: None, unknown_events: 0 };
     let forger = Forger::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
     forger.send(&format!("kv@{real}@m"), 1_000, &encode_batch(&huge, WireFormat::Map));
-    wait_for("oversized batch counted", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "oversized batch counted", || {
         metric_sum(&[http], "kvroute_ingest_oversized_batches_total") == 1.0
     });
 }
@@ -232,7 +224,7 @@ fn replays_with_unknown_pods_accepted_still_never_dial_topic_hosts() {
     let ctx = zmq::Context::new();
     let forger = Forger::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
     forger.send("kv@127.0.0.2:8000@m", 42, &stored(1, 1, None));
-    wait_for("the accepted pod's batch applied", Duration::from_secs(5), || blocks(http, "127.0.0.2:8000") == 1);
+    wait_for(Duration::from_secs(5), "the accepted pod's batch applied", || blocks(http, "127.0.0.2:8000") == 1);
     assert!(no_connection(&forged_host, Duration::from_millis(1000)), "the router dialled a host a topic named");
 }
 
@@ -251,7 +243,7 @@ fn twenty_stalled_replays_do_not_delay_a_real_pods_events() {
     let real = format!("127.0.0.1:{s}");
     std::thread::sleep(Duration::from_millis(300));
     complete(s, &words("warm", 40)); // the real stream starts at seq 0: no replay
-    wait_for("warm-up blocks", Duration::from_secs(5), || blocks(http, &real) > 0);
+    wait_for(Duration::from_secs(5), "warm-up blocks", || blocks(http, &real) > 0);
     let warm = blocks(http, &real);
     let ctx = zmq::Context::new();
     let forger = Forger::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
@@ -262,11 +254,11 @@ fn twenty_stalled_replays_do_not_delay_a_real_pods_events() {
     std::thread::sleep(Duration::from_millis(100)); // the replays have started
     complete(s, &words("measured", 120));
     let t = Instant::now();
-    wait_for("the real pod's new blocks", Duration::from_secs(5), || blocks(http, &real) > warm);
+    wait_for(Duration::from_secs(5), "the real pod's new blocks", || blocks(http, &real) > warm);
     let took = t.elapsed();
     eprintln!("real events visible {took:?} after the completion, 20 replays stalled");
     assert!(took < Duration::from_millis(100), "real events took {took:?} behind 20 stalled replays");
-    wait_for("replays counted", Duration::from_secs(5), || metric_sum(&[http], "kvroute_kv_replays_total") >= 4.0);
+    wait_for(Duration::from_secs(5), "replays counted", || metric_sum(&[http], "kvroute_kv_replays_total") >= 4.0);
 }
 
 #[test]
@@ -278,7 +270,7 @@ fn one_forged_gap_or_backwards_message_leaves_a_pods_index_intact() {
     let real = format!("127.0.0.1:{s}");
     std::thread::sleep(Duration::from_millis(300));
     complete(s, &words("first", 200));
-    wait_for("first blocks", Duration::from_secs(5), || blocks(http, &real) > 0);
+    wait_for(Duration::from_secs(5), "first blocks", || blocks(http, &real) > 0);
     let first = blocks(http, &real);
     let ctx = zmq::Context::new();
     let forger = Forger::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
@@ -292,7 +284,7 @@ fn one_forged_gap_or_backwards_message_leaves_a_pods_index_intact() {
     assert_eq!(blocks(http, &real), first, "a held suspect changes nothing");
     // The real stream goes on from where it was: both suspects are discarded.
     complete(s, &words("second", 60));
-    wait_for("second blocks", Duration::from_secs(5), || blocks(http, &real) > first);
+    wait_for(Duration::from_secs(5), "second blocks", || blocks(http, &real) > first);
     let p = pod(http, &real).unwrap();
     assert_eq!((p["restarts"].as_u64(), p["anomalies_ignored"].as_u64()), (Some(0), Some(2)), "{p}");
     assert_eq!(metric_sum(&[http], "kvroute_ingest_seq_anomalies_ignored_total"), 2.0);
@@ -335,7 +327,7 @@ fn dropped_messages_are_logged_once_per_kind_and_interval_with_counts() {
         forger.send("kv@10.0.0.1:8000@m", n, b"\xc1 not msgpack");
         forger.send(&format!("kv@10.9.9.{n}:8000@m"), 0, &stored(1, n, None));
     }
-    wait_for("100 malformed counted", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "100 malformed counted", || {
         metric_sum(&[http], "kvroute_kv_messages_malformed_total") == 100.0
     });
     // log_interval_ms is 500: the first of each kind at once, the other 99 in one line.
@@ -427,7 +419,7 @@ fn with_curve_only_publishers_with_an_allowed_key_are_heard() {
     wrong_key.send("kv@10.0.0.2:8000@m", 0, &stored(2, 1, None));
     plain.send("kv@10.0.0.3:8000@m", 0, &stored(2, 1, None));
     good.send("kv@10.0.0.1:8000@m", 0, &stored(2, 1, None));
-    wait_for("the allowed publisher's blocks", Duration::from_secs(5), || blocks(http, "10.0.0.1:8000") == 2);
+    wait_for(Duration::from_secs(5), "the allowed publisher's blocks", || blocks(http, "10.0.0.1:8000") == 2);
     std::thread::sleep(Duration::from_millis(300));
     let names: Vec<Value> = pods(http).into_iter().map(|p| p["pod"].clone()).collect();
     assert_eq!(names, vec![json!("10.0.0.1:8000")]);
@@ -447,7 +439,7 @@ fn only_allowed_source_addresses_are_heard() {
     let other = Forger::connect(&ctx, &format!("tcp://127.0.0.1:{z}"));
     other.send("kv@10.0.0.2:8000@m", 0, &stored(2, 1, None));
     allowed.send("kv@10.0.0.1:8000@m", 0, &stored(2, 1, None));
-    wait_for("the allowed source's blocks", Duration::from_secs(5), || blocks(http, "10.0.0.1:8000") == 2);
+    wait_for(Duration::from_secs(5), "the allowed source's blocks", || blocks(http, "10.0.0.1:8000") == 2);
     std::thread::sleep(Duration::from_millis(300));
     let names: Vec<Value> = pods(http).into_iter().map(|p| p["pod"].clone()).collect();
     assert_eq!(names, vec![json!("10.0.0.1:8000")]);
@@ -477,7 +469,7 @@ fn a_batch_announcing_millions_of_events_reserves_no_memory() {
     p.extend(0x00f0_0000u32.to_be_bytes());
     p.resize(0x00f0_0000 + 16, 0);
     forger.send("kv@10.0.0.1:8000@m", 0, &p);
-    wait_for("counted malformed", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "counted malformed", || {
         metric_sum(&[http], "kvroute_kv_messages_malformed_total") == 1.0
     });
     let grown = vm_peak().saturating_sub(before);
@@ -511,7 +503,7 @@ fn a_pods_live_messages_wait_behind_its_own_replay_in_order() {
     std::thread::sleep(Duration::from_millis(300));
     let p = pod(http, "127.0.0.1:8000").unwrap();
     assert_eq!(p["applied_batches"], 0, "live 6 and 7 wait behind the replay: {p}");
-    wait_for("all 8 batches", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "all 8 batches", || {
         pod(http, "127.0.0.1:8000").is_some_and(|p| p["applied_batches"] == 8)
     });
     let p = pod(http, "127.0.0.1:8000").unwrap();
@@ -547,7 +539,7 @@ fn start_up_replays_of_silent_pods_run_concurrently() {
     // One at a time: 8 × the 2 s idle timeout = 16 s; 4 at once: ~4 s. The bound leaves
     // room for a loaded CI machine (a clean-clone run beside a build took > 10 s to answer).
     let _c = Children(vec![router]); // killed even when the wait below fails
-    wait_for("/health", Duration::from_secs(14), || {
+    wait_for(Duration::from_secs(14), "/health", || {
         ureq::get(&format!("http://127.0.0.1:{http}/health")).call().is_ok()
     });
     let took = t.elapsed();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_ports, words, Children};
+use common::{free_ports, wait_for, words, Children};
 use serde_json::{json, Value};
 
 fn agent() -> ureq::Agent {
@@ -41,15 +41,6 @@ fn get(url: &str) -> (u16, String, Option<String>) {
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
     assert!(ok, "kill {sig} {pid}");
-}
-
-/// Polls `f` every 20 ms until it holds, for at most `limit`.
-fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A router's metric (on its admin port), summed over the series with all `labels`.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::kube::Kube;
-use common::{free_ports, words, Children};
+use common::{free_ports, wait_for, words, Children};
 use serde_json::{json, Value};
 
 const NS: &str = "default";
@@ -113,15 +113,6 @@ fn blocks(rp: u16, pod: &str) -> u64 {
 
 fn metric(rp: u16, name: &str) -> f64 {
     common::metric_sum(&[rp], name)
-}
-
-fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t0.elapsed()
 }
 
 /// Pods served by the next `n` distinct-prompt requests.

@@ -5,9 +5,9 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{free_ports, sim_publishing as sim, wait_healthy, words, Children};
+use common::{free_ports, sim_publishing as sim, wait_for, wait_healthy, words, Children};
 use serde_json::{json, Value};
 
 fn redis(port: u16) -> Child {
@@ -62,14 +62,6 @@ fn matched(router: u16, prompt: &str, pod: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Two publishing sims; replica A ingests their events, replica B only reads the shared
 /// index at `url`. Returns (A, B, the sims' ports, the children to stop).
 fn two_replicas(url: &str, extra: &[&str]) -> (u16, u16, [u16; 2], Children) {
@@ -93,7 +85,9 @@ fn replicas_share_the_index_and_survive_a_redis_restart() {
     let prompt = words("shared", 160);
     let (status, pod) = complete(a, &prompt);
     assert_eq!(status, 200);
-    eventually("replica B sees the blocks replica A ingested", || matched(b, &prompt, &pod) == 10);
+    wait_for(Duration::from_secs(10), "replica B sees the blocks replica A ingested", || {
+        matched(b, &prompt, &pod) == 10
+    });
     // B would route that prompt to the same pod without having seen an event (explain:
     // the decision without forwarding, so no speculative entry is left behind in B).
     let ex: Value = ureq::post(&format!("http://127.0.0.1:{}/v1/route/explain", common::admin_port(b)))
@@ -111,7 +105,7 @@ fn replicas_share_the_index_and_survive_a_redis_restart() {
         let p = words(&format!("outage{i}x"), 40);
         assert_eq!(complete(if i % 2 == 0 { a } else { b }, &p).0, 200, "request {i} while Redis is down");
     }
-    eventually("replica A reports Redis down", || {
+    wait_for(Duration::from_secs(10), "replica A reports Redis down", || {
         let m = ureq::get(&format!("http://127.0.0.1:{}/metrics", common::admin_port(a)))
             .call()
             .unwrap()
@@ -128,11 +122,13 @@ fn replicas_share_the_index_and_survive_a_redis_restart() {
             .send_json(json!({"model": "m", "prompt": words(&format!("poke{p}x"), 20), "max_tokens": 1}));
         assert!(r.is_ok());
     }
-    eventually("blocks from before the outage are rebuilt from the replay", || matched(b, &prompt, &pod) == 10);
+    wait_for(Duration::from_secs(10), "blocks from before the outage are rebuilt from the replay", || {
+        matched(b, &prompt, &pod) == 10
+    });
     let after = words("after", 160);
     let (status, pod2) = complete(a, &after);
     assert_eq!(status, 200);
-    eventually("new events flow into the restarted Redis", || matched(b, &after, &pod2) == 10);
+    wait_for(Duration::from_secs(10), "new events flow into the restarted Redis", || matched(b, &after, &pod2) == 10);
 }
 
 #[test]
@@ -150,7 +146,7 @@ fn one_writer_per_pod_and_a_survivor_takes_over_with_a_replay() {
     let prompt = words("lease", 160);
     let (status, pod) = complete(a, &prompt);
     assert_eq!(status, 200);
-    eventually("the pod's writer stored the blocks", || matched(b, &prompt, &pod) == 10);
+    wait_for(Duration::from_secs(10), "the pod's writer stored the blocks", || matched(b, &prompt, &pod) == 10);
     let owner = |pod: &str| -> String {
         let o = Command::new("redis-cli").args(["-p", &rp.to_string(), "GET", &format!("kvr:owner:{pod}")]).output();
         String::from_utf8_lossy(&o.unwrap().stdout).trim().to_string()
@@ -170,8 +166,12 @@ fn one_writer_per_pod_and_a_survivor_takes_over_with_a_replay() {
     let r = ureq::post(&format!("http://127.0.0.1:{pod_port}/v1/completions"))
         .send_json(json!({"model": "m", "prompt": after, "max_tokens": 1}));
     assert!(r.is_ok());
-    eventually("the survivor holds the lease", || owner(&pod).starts_with(&format!("127.0.0.1:{survivor}#")));
-    eventually("blocks stored during the takeover are in the index", || matched(survivor, &after, &pod) == 10);
+    wait_for(Duration::from_secs(10), "the survivor holds the lease", || {
+        owner(&pod).starts_with(&format!("127.0.0.1:{survivor}#"))
+    });
+    wait_for(Duration::from_secs(10), "blocks stored during the takeover are in the index", || {
+        matched(survivor, &after, &pod) == 10
+    });
     fleet.push(ra);
     fleet.push(rb);
     let _fleet = Children(fleet);
@@ -185,7 +185,9 @@ fn replicas_share_the_index_on_a_redis_cluster() {
     let prompt = words("clustered", 160);
     let (status, pod) = complete(a, &prompt);
     assert_eq!(status, 200);
-    eventually("replica B sees the blocks replica A ingested", || matched(b, &prompt, &pod) == 10);
+    wait_for(Duration::from_secs(10), "replica B sees the blocks replica A ingested", || {
+        matched(b, &prompt, &pod) == 10
+    });
     let (status, again) = complete(b, &prompt);
     assert_eq!((status, again.as_str()), (200, pod.as_str()), "B routes to the pod holding the prefix");
     // The ten blocks are spread over the nodes, not on one.

@@ -12,10 +12,10 @@ mod common;
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::kube::{Auth, Kube};
-use common::{free_ports, metric_sum, wait_healthy, words, Children};
+use common::{free_ports, metric_sum, wait_for, wait_healthy, words, Children};
 use serde_json::{json, Value};
 
 const NS: &str = "default";
@@ -43,14 +43,6 @@ fn post(side: u16, prefiller: &str, tag: &str) -> (u16, Option<String>, String) 
             (r.status(), retry, r.into_string().unwrap_or_default())
         }
         Err(e) => panic!("{e}"),
-    }
-}
-
-fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -183,3 +183,14 @@ impl Drop for Children {
         }
     }
 }
+
+/// Polls `f` every 20 ms until it holds; panics naming `what` after `limit`. Returns how
+/// long it took.
+pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
