@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::envoy::post;
-use common::{free_ports, metric_sum, sim, words, Children};
+use common::{free_ports, metric_sum, sim, wait_for, words, Children};
 use serde_json::{json, Value};
 
 struct Setup {
@@ -249,4 +249,98 @@ fn buffered_body_mode_routes_the_same_way() {
     assert!(served.iter().all(|p| *p == served[0]), "{served:?}");
     let (status, _, _, text) = post(&s.envoy, "/v1/completions", "{\"prompt\": 1}", &[]);
     assert_eq!((status, text.contains("missing `model`")), (400, true), "{text}");
+    // A stream whose client asked no usage: the door cannot ask for it (it does not re-send
+    // the body in this mode), so the request is attributed as unreported.
+    let b = json!({"model": "m", "prompt": prompt, "max_tokens": 2, "stream": true}).to_string();
+    let (status, _, _, text) = post(&s.envoy, "/v1/completions", &b, &[]);
+    assert_eq!((status, text.contains("usage")), (200, false), "{text}");
+    let rp = router_port(&s);
+    let unreported = "kvroute_cache_attribution_total{outcome=\"unreported\"}";
+    wait_for(Duration::from_secs(5), "the stream attributed", || metric_sum(&[rp], unreported) == 1.0);
+    assert_eq!(metric_sum(&[rp], "kvroute_cache_attribution_total"), 7.0, "6 with usage, 1 without");
+}
+
+fn router_port(s: &Setup) -> u16 {
+    s.router.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap()
+}
+
+/// Hit attribution and the traffic record on the ext_proc door. In Envoy's full-duplex
+/// mode (the shipped config) the door re-sends the bodies, so it asks the engine for a
+/// stream's usage and removes that chunk again before the client sees it.
+#[test]
+fn the_door_attributes_hits_records_traffic_and_strips_the_usage_it_asked_for() {
+    let dir = std::env::temp_dir().join(format!("kvroute-envoy-record-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("trace.jsonl");
+    let s = start(2, &["--record-trace", trace.to_str().unwrap()], &[]);
+    let rp = router_port(&s);
+    let metric = |n: &str| metric_sum(&[rp], n);
+    let send = |prompt: String, stream: bool, usage: bool| -> String {
+        let mut b = json!({"model": "m", "prompt": prompt, "max_tokens": 3, "stream": stream});
+        if usage {
+            b["stream_options"] = json!({"include_usage": true});
+        }
+        let batches = metric("kvroute_kv_batches_applied_total");
+        let (status, pod, picked, text) = post(&s.envoy, "/v1/completions", &b.to_string(), &[]);
+        assert_eq!((status, &pod), (200, &picked), "{text}");
+        // The next pick sees this one's blocks (each prompt stores at least one).
+        wait_for(Duration::from_secs(5), "the request's KV events", || {
+            metric("kvroute_kv_batches_applied_total") > batches
+        });
+        text
+    };
+    let usage_events = |text: &str| -> Vec<Value> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter(|v| v["usage"].is_object())
+            .collect()
+    };
+    let system = words("attrib", 160);
+    // A new prefix, streamed, no usage asked for: none reaches the client.
+    let text = send(format!("{system} {}", words("qa", 20)), true, false);
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(!text.contains("usage"), "the client did not ask for usage: {text}");
+    // The same prefix, streamed, usage asked for: the client's own usage chunk arrives.
+    let text = send(format!("{system} {}", words("qb", 20)), true, true);
+    let u = usage_events(&text);
+    assert_eq!(u.len(), 1, "{text}");
+    assert_eq!(u[0]["usage"]["prompt_tokens_details"]["cached_tokens"], 160, "{text}");
+    // Not streamed.
+    let text = send(format!("{system} {}", words("qc", 20)), false, false);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 160, "{text}");
+
+    wait_for(Duration::from_secs(5), "three requests attributed", || metric("kvroute_cache_attribution_total") == 3.0);
+    assert_eq!(metric("kvroute_cache_attribution_total{outcome=\"no_prefix\"}"), 1.0);
+    assert_eq!(metric("kvroute_cache_attribution_total{outcome=\"hit\"}"), 2.0);
+    let recent: Value =
+        ureq::get(&format!("{}/v1/route/recent", common::admin(&s.router))).call().unwrap().into_json().unwrap();
+    let d = recent["decisions"].as_array().unwrap();
+    assert_eq!(d.len(), 3, "{recent}");
+    // Newest first: the two hits predicted and found the 160-token prefix.
+    for e in &d[..2] {
+        assert_eq!((e["predicted_tokens"].as_u64(), e["cached_tokens"].as_u64()), (Some(160), Some(160)), "{e}");
+    }
+    assert_eq!(d[2]["stream"], true);
+    // Envoy's request ids (one per request) name the decisions.
+    let ids: std::collections::HashSet<&str> = d.iter().filter_map(|e| e["request_id"].as_str()).collect();
+    assert_eq!(ids.len(), 3, "{recent}");
+
+    // The traffic record: one line per request, block hash ids only.
+    wait_for(Duration::from_secs(5), "three recorded", || metric("kvroute_record_entries_total") == 3.0);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!text.contains("attrib"), "no prompt text in the record");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for l in &lines {
+        let n = l["input_length"].as_u64().unwrap();
+        assert_eq!(l["hash_ids"].as_array().unwrap().len() as u64, n / 16, "{l}");
+    }
+    // The first ten hash ids (the shared prefix) are the same in every line.
+    assert!(lines
+        .iter()
+        .all(|l| l["hash_ids"].as_array().unwrap()[..10] == lines[0]["hash_ids"].as_array().unwrap()[..10]));
 }

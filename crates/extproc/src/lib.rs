@@ -20,22 +20,26 @@
 //! request. On the response side it marks
 //! the pod's first byte (the router's in-flight view), adds `x-kvroute-pod`, and reads
 //! `usage` (vLLM's `prompt_tokens_details.cached_tokens`) from streamed and buffered
-//! bodies into metrics. [`listen`] serves the gRPC listeners under client limits
-//! (connection cap, handshake timeout, streams per connection, keepalive).
+//! bodies into metrics and the gateway's hit attribution and traffic record
+//! ([`attribute`]; a request id is set on the request when Envoy sent none).
+//! [`listen`] serves the gRPC listeners under client limits (connection cap, handshake
+//! timeout, streams per connection, keepalive).
 
+mod attribute;
 pub mod listen;
 mod metrics;
 pub mod proto;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{processing_request, ProcessingRequest, ProcessingResponse};
 use futures_util::Stream;
+use kvroute_gateway::attribution::{self, Arrival, Prediction};
 use kvroute_gateway::{Gateway, InFlight, RouteError, RouteRequest};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -109,8 +113,15 @@ struct StreamState {
     /// prefills before answering).
     prefill_guard: Option<InFlight>,
     started: Option<Instant>,
-    /// Response body seen so far (scanned for `usage` at the end; bounded).
-    response: Vec<u8>,
+    arrival: Option<SystemTime>,
+    /// The request's id, when the door made one (set on the request for the pod).
+    new_request_id: Option<String>,
+    /// What routing predicted on the pod serving the prompt (hit attribution on).
+    prediction: Option<Prediction>,
+    /// The door asked the engine for the stream's usage chunk: remove it from the response.
+    strip_usage: bool,
+    /// The response on its way back (usage, attribution).
+    response: Option<attribute::ResponseReader>,
 }
 
 impl StreamState {
@@ -136,6 +147,7 @@ impl ExtProc {
             match req {
                 processing_request::Request::RequestHeaders(h) => {
                     s.started = Some(Instant::now());
+                    s.arrival = Some(SystemTime::now());
                     s.headers = proto::headers(h.headers.as_ref());
                     s.subset = proto::subset_hint(msg.metadata_context.as_ref());
                     if h.end_of_stream {
@@ -187,6 +199,14 @@ impl ExtProc {
                         .map(|(_, v)| v)
                         .unwrap_or_default();
                     self.metrics.responses.with_label_values(&[&status]).inc();
+                    let ctype = proto::headers(h.headers.as_ref()).into_iter().find(|(k, _)| k == "content-type");
+                    s.response = Some(attribute::ResponseReader::new(
+                        &self.gw.attribution,
+                        s.prediction.take(),
+                        status.parse().unwrap_or(0),
+                        ctype.as_ref().map(|(_, v)| v.as_str()),
+                        s.strip_usage,
+                    ));
                     let set = s.pod.iter().map(|p| ("x-kvroute-pod".to_string(), p.clone())).collect();
                     send(tx, Reply::response_headers(set)).await?;
                     if h.end_of_stream {
@@ -194,14 +214,23 @@ impl ExtProc {
                     }
                 }
                 processing_request::Request::ResponseBody(b) => {
-                    if s.response.len() < 1 << 20 {
-                        s.response.extend_from_slice(&b.body);
-                    }
+                    let (recut, usage) = match s.response.as_mut() {
+                        Some(r) => r.chunk(&b.body, b.end_of_stream),
+                        None => (None, None),
+                    };
                     if b.end_of_stream {
-                        self.metrics.usage(&s.response);
+                        self.metrics.usage(usage);
                         s.guard = None;
                     }
-                    send(tx, Reply::response_body(s.response_mode, b.body, b.end_of_stream)).await?;
+                    // Re-cut (full duplex only): whole events, sent once there are some.
+                    match recut {
+                        Some(out) if s.response_mode == BodyMode::FullDuplexStreamed => {
+                            if !out.is_empty() || b.end_of_stream {
+                                send(tx, Reply::response_body(s.response_mode, out, b.end_of_stream)).await?;
+                            }
+                        }
+                        _ => send(tx, Reply::response_body(s.response_mode, b.body, b.end_of_stream)).await?,
+                    }
                 }
                 processing_request::Request::ResponseTrailers(_) => {
                     s.guard = None;
@@ -235,12 +264,14 @@ impl ExtProc {
             // Unknown API: pass through to any ready pod, body untouched.
             return self.pass_through(tx, s).await;
         }
-        let (v, model) = match kvroute_gateway::parse_request(&s.body) {
+        let (mut v, model) = match kvroute_gateway::parse_request(&s.body) {
             Ok(x) => x,
             Err(e) => return self.refuse(tx, &e).await,
         };
         let session = s.header("x-session-id").or_else(|| s.header("x-session-token"));
         let sheddable = self.gw.sheddable(|h| s.header(h));
+        let request_id = attribution::request_id(s.header("x-request-id"));
+        let new_request_id = (s.header("x-request-id") != Some(request_id.as_str())).then(|| request_id.clone());
         let req = RouteRequest {
             chat,
             model: &model,
@@ -249,12 +280,13 @@ impl ExtProc {
             sheddable,
             subset: s.subset.as_deref(),
             dry_run: false,
-            request_id: s.header("x-request-id"),
+            request_id: Some(&request_id),
         };
         let routed = match self.gw.route(&req).await {
             Ok(r) => r,
             Err(e) => return self.refuse(tx, &e).await,
         };
+        s.new_request_id = new_request_id;
         let endpoints: Vec<String> = routed.order.iter().map(|b| b.name.clone()).collect();
         s.pod = endpoints.first().cloned();
         s.prefill = routed.explain["prefill"].as_str().map(str::to_string);
@@ -268,7 +300,38 @@ impl ExtProc {
         if let Some(t) = s.started {
             self.metrics.decision.observe(t.elapsed().as_secs_f64());
         }
+        if self.gw.attribution.enabled {
+            self.predict(s, &routed, &mut v, &model, &request_id);
+        }
         self.answer(tx, s, &endpoints.join(",")).await
+    }
+
+    /// Keeps what routing predicted for the response to be compared with; in full-duplex
+    /// mode both ways, asks the engine for a stream's usage (the body is re-sent anyway).
+    fn predict(
+        &self,
+        s: &mut StreamState,
+        routed: &kvroute_gateway::Routed,
+        v: &mut serde_json::Value,
+        model: &str,
+        id: &str,
+    ) {
+        let stream = v.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+        let a = Arrival {
+            request_id: id,
+            model,
+            arrival: s.arrival.unwrap_or_else(SystemTime::now),
+            started: s.started.unwrap_or_else(Instant::now),
+            stream,
+        };
+        s.prediction = Prediction::of(routed, 0, s.prefill.as_deref(), &a);
+        let duplex = BodyMode::FullDuplexStreamed;
+        if s.request_mode == duplex && s.response_mode == duplex {
+            let body = bytes::Bytes::from(std::mem::take(&mut s.body));
+            let asked = attribution::ask_for_usage(v, &body);
+            s.strip_usage = asked.is_some();
+            s.body = Vec::from(asked.unwrap_or(body));
+        }
     }
 
     async fn pass_through(&self, tx: &Tx, s: &mut StreamState) -> Result<(), Status> {
@@ -290,6 +353,9 @@ impl ExtProc {
     async fn answer(&self, tx: &Tx, s: &mut StreamState, endpoints: &str) -> Result<(), Status> {
         let pick = endpoints.split(',').next().unwrap_or_default();
         let mut set = vec![(DESTINATION_HEADER.to_string(), pick.to_string())];
+        if let Some(id) = s.new_request_id.take() {
+            set.push(("x-request-id".into(), id));
+        }
         let remove: &[&str] = match &s.prefill {
             Some(p) => {
                 set.push((PREFILLER_HEADER.to_string(), p.clone()));

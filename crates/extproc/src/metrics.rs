@@ -62,46 +62,11 @@ impl ExtProcMetrics {
         self.pd.with_label_values(&[decision]).inc();
     }
 
-    /// Reads `usage` from a buffered JSON body or from the SSE `data:` events of a stream
-    /// (the last event carrying it wins).
-    pub fn usage(&self, body: &[u8]) {
-        if let Some((p, c)) = usage(body) {
-            self.prompt_tokens.inc_by(p);
-            self.cached_tokens.inc_by(c);
+    /// Counts a response's `usage` (prompt and cached prompt tokens), when it had one.
+    pub fn usage(&self, usage: Option<kvroute_gateway::attribution::Usage>) {
+        if let Some(u) = usage.filter(|u| u.prompt_tokens.is_some()) {
+            self.prompt_tokens.inc_by(u.prompt_tokens.unwrap_or(0));
+            self.cached_tokens.inc_by(u.cached_tokens.unwrap_or(0));
         }
-    }
-}
-
-/// (prompt tokens, cached prompt tokens) from a response body.
-pub fn usage(body: &[u8]) -> Option<(u64, u64)> {
-    let text = std::str::from_utf8(body).ok()?;
-    let from = |v: &serde_json::Value| {
-        let u = v.get("usage").filter(|u| u.is_object())?;
-        let p = u.get("prompt_tokens")?.as_u64()?;
-        // vLLM and OpenAI: `prompt_tokens_details` (llm-d's EPP reads a misspelt field).
-        let c = u.pointer("/prompt_tokens_details/cached_tokens").and_then(|x| x.as_u64()).unwrap_or(0);
-        Some((p, c))
-    };
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-        return from(&v);
-    }
-    text.lines()
-        .rev()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim)
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .find_map(|v| from(&v))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn usage_from_buffered_and_streamed_bodies() {
-        let j = br#"{"choices":[],"usage":{"prompt_tokens":160,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":144}}}"#;
-        assert_eq!(super::usage(j), Some((160, 144)));
-        let sse = b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"prompt_tokens_details\":null}}\n\ndata: [DONE]\n\n";
-        assert_eq!(super::usage(sse), Some((20, 0)));
-        assert_eq!(super::usage(b"not json"), None);
     }
 }

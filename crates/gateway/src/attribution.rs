@@ -56,6 +56,45 @@ pub struct Prediction {
     pub stream: bool,
 }
 
+/// The request a [`Prediction`] is made for (see [`Prediction::of`]).
+pub struct Arrival<'a> {
+    pub request_id: &'a str,
+    pub model: &'a str,
+    pub arrival: SystemTime,
+    pub started: Instant,
+    pub stream: bool,
+}
+
+impl Prediction {
+    /// What `routed` predicted for `routed.order[i]`; when a prefill pod computed the
+    /// prompt (`prefilled_on`, P/D), for that pod, `order[i]` being the decode pod. (The
+    /// pick's own prediction is read only without a prefill leg: a gateway-mode split
+    /// zeroes the decode pick's uncached tokens.)
+    pub fn of(routed: &crate::Routed, i: usize, prefilled_on: Option<&str>, a: &Arrival) -> Option<Prediction> {
+        let pick = routed.order.get(i)?;
+        let (pod, predicted, decode_pod) = match prefilled_on {
+            Some(p) => (p.to_string(), routed.prefill_predicted(), Some(pick.name.clone())),
+            None => (pick.name.clone(), routed.predicted(i), None),
+        };
+        Some(Prediction {
+            request_id: a.request_id.to_string(),
+            model: a.model.to_string(),
+            pod,
+            decode_pod,
+            prompt_tokens: routed.prompt_tokens,
+            predicted_tokens: predicted,
+            best_tokens: routed.best.0,
+            best_pod: routed.best.1.clone(),
+            block_size: routed.block_size,
+            reason: if i == 0 { routed.reason.clone() } else { format!("retry {i}") },
+            arrival: a.arrival,
+            started: a.started,
+            keys: routed.keys.clone(),
+            stream: a.stream,
+        })
+    }
+}
+
 /// The engine's token counts for one response.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -73,6 +112,47 @@ impl Usage {
             completion_tokens: u.get("completion_tokens").and_then(Value::as_u64),
             cached_tokens: u.pointer("/prompt_tokens_details/cached_tokens").and_then(Value::as_u64),
         })
+    }
+
+    /// The counts in a whole (non-streaming) JSON response body.
+    pub fn of_body(body: &[u8]) -> Option<Usage> {
+        serde_json::from_slice::<Value>(body).ok().as_ref().and_then(Usage::of)
+    }
+}
+
+/// Reads the engine's usage from a stream's SSE events, one whole event at a time; with
+/// `strip`, removes the final usage chunk (`choices: []` with `usage`) that was asked for
+/// on the client's behalf ([`ask_for_usage`]).
+pub struct UsageReader {
+    usage: Option<Usage>,
+    strip: bool,
+    finder: memchr::memmem::Finder<'static>,
+}
+
+impl UsageReader {
+    pub fn new(strip: bool) -> Self {
+        Self { usage: None, strip, finder: memchr::memmem::Finder::new(b"\"usage\"") }
+    }
+
+    /// The event to pass on, `None` for the usage chunk removed.
+    pub fn event(&mut self, event: Bytes) -> Option<Bytes> {
+        if self.finder.find(&event).is_some() {
+            if let Some(v) = crate::sse::event_json(&event) {
+                if let Some(u) = Usage::of(&v) {
+                    self.usage = Some(u);
+                    let usage_chunk = v.get("choices").and_then(Value::as_array).is_some_and(|c| c.is_empty());
+                    if self.strip && usage_chunk {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(event)
+    }
+
+    /// The last usage seen.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
     }
 }
 
@@ -145,10 +225,10 @@ pub fn classify(p: &Prediction, u: &Usage) -> Attributed {
 /// at most 128 bytes), else a new one — 32 hex digits, as vLLM's own (`uuid4().hex`): 16
 /// random per process, then a counter. It goes to the pod (vLLM takes it as its request
 /// id with `--enable-request-id-headers`), back to the client, and into the logs.
-pub fn request_id(given: Option<&axum::http::HeaderValue>) -> String {
+pub fn request_id(given: Option<&str>) -> String {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
-    if let Some(id) = given.and_then(|h| h.to_str().ok()) {
+    if let Some(id) = given {
         if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
             return id.to_string();
         }
@@ -365,6 +445,11 @@ impl Tap {
     pub fn new(attribution: Arc<Attribution>, prediction: Prediction, status: u16) -> Self {
         Self { attribution, prediction, usage: None, status }
     }
+
+    /// The engine's counts, once read (counted when the tap is dropped).
+    pub fn set_usage(&mut self, usage: Option<Usage>) {
+        self.usage = usage;
+    }
 }
 
 impl Drop for Tap {
@@ -380,21 +465,12 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
 {
-    let usage = memchr::memmem::Finder::new(b"\"usage\"");
+    let mut reader = UsageReader::new(strip);
     crate::sse::map_events(body, move |event| {
         let tap = &mut tap; // the whole tap lives in the closure (its drop counts the request)
-        if usage.find(&event).is_some() {
-            if let Some(v) = crate::sse::event_json(&event) {
-                if let Some(u) = Usage::of(&v) {
-                    tap.usage = Some(u);
-                    let usage_chunk = v.get("choices").and_then(Value::as_array).is_some_and(|c| c.is_empty());
-                    if strip && usage_chunk {
-                        return None;
-                    }
-                }
-            }
-        }
-        Some(event)
+        let out = reader.event(event);
+        tap.usage = reader.usage();
+        out
     })
 }
 
@@ -423,7 +499,7 @@ where
             Some(Err(e)) => Some((Err(e), st)),
             None => {
                 let St { copy, mut tap, .. } = st;
-                tap.usage = serde_json::from_slice::<Value>(&copy).ok().as_ref().and_then(Usage::of);
+                tap.usage = Usage::of_body(&copy);
                 drop(tap);
                 None
             }

@@ -45,7 +45,7 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
     let deadline = t0 + gw.timeouts.total;
     let session = ["x-session-id", "x-session-token"].iter().find_map(|h| headers.get(*h)?.to_str().ok());
     let sheddable = gw.sheddable(|h| headers.get(h).and_then(|v| v.to_str().ok()));
-    let request_id = attribution::request_id(headers.get("x-request-id"));
+    let request_id = attribution::request_id(headers.get("x-request-id").and_then(|h| h.to_str().ok()));
     let request_id_header = HeaderValue::from_str(&request_id).ok();
     let req = RouteRequest {
         chat,
@@ -179,34 +179,17 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Byt
                     body = if sse { pd::merge_sse(body, c) } else { pd::merge_whole(body, c) };
                 }
                 if attribute && status.is_success() {
-                    // (`predicted(i)` is read only without a prefill leg: a split zeroes the
-                    // decode pick's uncached tokens.)
-                    let (pod, predicted, decode_pod) = match &prefilled_on {
-                        Some(p) => (p.clone(), routed.prefill_predicted(), Some(b.name.clone())),
-                        None => (b.name.clone(), routed.predicted(i), None),
-                    };
-                    let prediction = attribution::Prediction {
-                        request_id: request_id.clone(),
-                        model: model.clone(),
-                        pod,
-                        decode_pod,
-                        prompt_tokens: routed.prompt_tokens,
-                        predicted_tokens: predicted,
-                        best_tokens: routed.best.0,
-                        best_pod: routed.best.1.clone(),
-                        block_size: routed.block_size,
-                        reason: if i == 0 { routed.reason.clone() } else { format!("retry {i}") },
-                        arrival,
-                        started: t0,
-                        keys: routed.keys.clone(),
-                        stream,
-                    };
-                    let tap = attribution::Tap::new(gw.attribution.clone(), prediction, status.as_u16());
-                    body = if sse {
-                        attribution::tap_sse(body, tap, strip_usage)
-                    } else {
-                        attribution::tap_whole(body, tap)
-                    };
+                    let a =
+                        attribution::Arrival { request_id: &request_id, model: &model, arrival, started: t0, stream };
+                    let prediction = attribution::Prediction::of(&routed, i, prefilled_on.as_deref(), &a);
+                    if let Some(p) = prediction {
+                        let tap = attribution::Tap::new(gw.attribution.clone(), p, status.as_u16());
+                        body = if sse {
+                            attribution::tap_sse(body, tap, strip_usage)
+                        } else {
+                            attribution::tap_whole(body, tap)
+                        };
+                    }
                 }
                 // The in-flight count lasts as long as the body.
                 let body = body.map(move |c| {

@@ -79,6 +79,42 @@ where
     .boxed()
 }
 
+/// [`map_events`] for a caller handed chunks one at a time (the ext_proc door): `push`
+/// returns the events a chunk completed and keeps a partial one; `rest` gives back what is
+/// left when the body ends.
+#[derive(Default)]
+pub struct Cutter {
+    buf: BytesMut,
+    /// Where the search for the next boundary resumes (bytes before it have none).
+    scanned: usize,
+}
+
+impl Cutter {
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<Bytes> {
+        self.buf.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        loop {
+            let from = self.scanned.saturating_sub(1).min(self.buf.len());
+            match memchr::memmem::find(&self.buf[from..], b"\n\n") {
+                Some(p) => {
+                    events.push(self.buf.split_to(from + p + 2).freeze());
+                    self.scanned = 0;
+                }
+                None => {
+                    self.scanned = self.buf.len();
+                    return events;
+                }
+            }
+        }
+    }
+
+    /// The partial event left (the body ended mid-event), if any.
+    pub fn rest(&mut self) -> Bytes {
+        self.scanned = 0;
+        self.buf.split().freeze()
+    }
+}
+
 /// The JSON of an event's `data:` line when it is an object (`data: {...}`).
 pub fn event_json(event: &[u8]) -> Option<serde_json::Value> {
     let text = std::str::from_utf8(event).ok()?;
@@ -116,6 +152,14 @@ mod tests {
     async fn several_events_in_one_chunk_and_a_boundary_split_between_chunks() {
         let chunks = ["data: 1\n\ndata: 2\n\ndata: 3", "\n", "\ndata: 4\n\n", "data: 5\n\ndata"];
         let out = run(&chunks, Some).await;
-        assert_eq!(out, ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n", "data: 4\n\n", "data: 5\n\n", "data"]);
+        let want = ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n", "data: 4\n\n", "data: 5\n\n", "data"];
+        assert_eq!(out, want);
+        // The chunk-at-a-time cutter cuts the same events.
+        let mut c = Cutter::default();
+        let mut cut: Vec<String> =
+            chunks.iter().flat_map(|ch| c.push(ch.as_bytes())).map(|e| String::from_utf8_lossy(&e).into()).collect();
+        cut.push(String::from_utf8_lossy(&c.rest()).into());
+        assert_eq!(cut, want);
+        assert!(c.rest().is_empty());
     }
 }
