@@ -6,6 +6,8 @@ same server), alternating, on one machine.
 
     cargo build --release && python3 scripts/bench-extproc.py [--requests 300]
 
+--attribution compares hit attribution on and off instead (two routers, two Envoys).
+
 REQUEST_BODY_MODE=BUFFERED compares Envoy's buffered body mode instead of the shipped
 FULL_DUPLEX_STREAMED; DEBUG=1 also prints kvroute's own decision-time histogram sums.
 """
@@ -44,14 +46,19 @@ def wait(port, path="/health", timeout=20):
     sys.exit(f"port {port} not ready")
 
 
-def configs(listen_a, listen_b, grpc, admin_a, admin_b, sim):
-    base = yaml.safe_load(open(os.path.join(ROOT, "deploy", "envoy", "envoy.yaml")))
-    a = json.loads(json.dumps(base))
-    a["admin"]["address"]["socket_address"]["port_value"] = admin_a
-    a["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listen_a
+def with_ext_proc(listen, grpc, admin):
+    """The shipped config on these ports."""
+    a = yaml.safe_load(open(os.path.join(ROOT, "deploy", "envoy", "envoy.yaml")))
+    a["admin"]["address"]["socket_address"]["port_value"] = admin
+    a["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listen
     for c in a["static_resources"]["clusters"]:
         if c["name"] == "kvroute_ext_proc":
             c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = grpc
+    return a
+
+
+def configs(listen_a, listen_b, grpc, admin_a, admin_b, sim):
+    a = with_ext_proc(listen_a, grpc, admin_a)
     mode = os.environ.get("REQUEST_BODY_MODE")
     if mode:  # e.g. BUFFERED, to compare with the shipped FULL_DUPLEX_STREAMED
         hcm_a = a["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -73,13 +80,70 @@ def configs(listen_a, listen_b, grpc, admin_a, admin_b, sim):
     return a, b
 
 
-def timed(conn, body):
+def timed(conn, body, check=None):
     t = time.perf_counter()
     conn.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
     r = conn.getresponse()
     text = r.read()
     assert r.status == 200, (r.status, text[:300])
+    if check:
+        check(text)
     return (time.perf_counter() - t) * 1e3
+
+
+def start(procs, args):
+    procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+def compare_attribution(requests):
+    """Hit attribution's cost on the ext_proc door: two routers, one with
+    --no-hit-attribution, each behind its own Envoy (the shipped config), one sim;
+    requests alternate between the two paths."""
+    sim = free_port()
+    procs = []
+    try:
+        start(procs, [KV, "sim", "--port", str(sim), "--model", "m", "--speedup", "1000", "--max-num-seqs", "64"])
+        wait(sim)
+        tmp = tempfile.mkdtemp()
+        paths = {}
+        for name, extra in (("on", []), ("off", ["--no-hit-attribution"])):
+            router, grpc, listen, admin = free_port(), free_port(), free_port(), free_port()
+            start(procs, [KV, "serve", "--listen", f"127.0.0.1:{router}", "--no-zmq-bind",
+                          "--backend", f"http://127.0.0.1:{sim}", "--ext-proc-listen", f"127.0.0.1:{grpc}",
+                          "--admin-listen", "off", "--admin-on-serving-port"] + extra)
+            wait(router)
+            path = os.path.join(tmp, f"{name}.yaml")
+            json.dump(with_ext_proc(listen, grpc, admin), open(path, "w"))
+            start(procs, [envoy_bin(), "-c", path, "--concurrency", "1", "-l", "error", "--base-id", str(admin)])
+            wait(admin, "/ready")
+            paths[name] = listen
+        prompt = " ".join(f"w{i}" for i in range(400))  # ~2 KB
+        no_usage = lambda t: None if b'"usage"' not in t else sys.exit("a usage chunk reached the client")
+        rows = (
+            ("2 KB, not streamed, 1 token", {"max_tokens": 1}, None),
+            ("2 KB, streamed, 64 tokens (the door asks for usage and strips it)", {"max_tokens": 64, "stream": True}, no_usage),
+            ("2 KB, streamed, 64 tokens, the client asks for usage", {"max_tokens": 64, "stream": True,
+                                                                       "stream_options": {"include_usage": True}}, None),
+        )
+        print("| request | attribution off p50 / p99 (ms) | on p50 / p99 (ms) | on / off p50 |")
+        print("|---|---|---|---|")
+        for label, extra, check in rows:
+            body = json.dumps({"model": "m", "prompt": prompt, **extra})
+            con = {k: http.client.HTTPConnection("127.0.0.1", p) for k, p in paths.items()}
+            for _ in range(20):
+                for k in ("on", "off"):
+                    timed(con[k], body)
+            x = {"on": [], "off": []}
+            for n in range(requests):
+                order = ("on", "off") if n % 2 == 0 else ("off", "on")  # ABBA
+                for k in order:
+                    x[k].append(timed(con[k], body, check if k == "on" else None))
+            on, off = x["on"], x["off"]
+            print(f"| {label} | {pct(off, .5):.2f} / {pct(off, .99):.2f} | {pct(on, .5):.2f} / {pct(on, .99):.2f} | "
+                  f"{pct(on, .5) / pct(off, .5):.3f} |")
+    finally:
+        for p in procs:
+            p.kill()
 
 
 def pct(v, p):
@@ -90,7 +154,11 @@ def pct(v, p):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--attribution", action="store_true",
+                    help="compare the door with hit attribution on and off (streamed and not) instead")
     args = ap.parse_args()
+    if args.attribution:
+        return compare_attribution(args.requests)
     sim, zmq, router, grpc = free_port(), free_port(), free_port(), free_port()
     la, lb, aa, ab = free_port(), free_port(), free_port(), free_port()
     procs = []
