@@ -90,25 +90,10 @@ impl ResponseReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Instant, SystemTime};
 
     fn prediction() -> Prediction {
-        Prediction {
-            request_id: "r1".into(),
-            model: "m".into(),
-            pod: "p".into(),
-            decode_pod: None,
-            prompt_tokens: 160,
-            predicted_tokens: 144,
-            best_tokens: 144,
-            best_pod: None,
-            block_size: 16,
-            reason: String::new(),
-            arrival: SystemTime::now(),
-            started: Instant::now(),
-            keys: Arc::from(Vec::new()),
-            stream: true,
-        }
+        let p = Prediction { request_id: "r1".into(), pod: "p".into(), stream: true, ..Default::default() };
+        Prediction { prompt_tokens: 160, predicted_tokens: 144, best_tokens: 144, ..p }
     }
 
     const STREAM: [&str; 3] = [

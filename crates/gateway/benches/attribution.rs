@@ -3,7 +3,6 @@
 //! the same stream re-cut into events, read for its usage and stripped of the usage chunk
 //! (`tap_sse`); and a 4 KiB non-streaming body passed through against `tap_whole`.
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
 use axum::body::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -15,17 +14,13 @@ fn prediction() -> Prediction {
         request_id: "kvr-bench".into(),
         model: "m".into(),
         pod: "10.0.0.1:8000".into(),
-        decode_pod: None,
         prompt_tokens: 2048,
         predicted_tokens: 1024,
         best_tokens: 1024,
-        best_pod: None,
-        block_size: 16,
         reason: "longest cached prefix".into(),
-        arrival: SystemTime::now(),
-        started: Instant::now(),
         keys: Arc::from(vec![1u64; 128]),
         stream: true,
+        ..Default::default()
     }
 }
 

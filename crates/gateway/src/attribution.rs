@@ -56,6 +56,28 @@ pub struct Prediction {
     pub stream: bool,
 }
 
+/// Empty names, nothing predicted, vLLM's default 16-token blocks, arrival now.
+impl Default for Prediction {
+    fn default() -> Self {
+        Prediction {
+            request_id: String::new(),
+            model: String::new(),
+            pod: String::new(),
+            decode_pod: None,
+            prompt_tokens: 0,
+            predicted_tokens: 0,
+            best_tokens: 0,
+            best_pod: None,
+            block_size: 16,
+            reason: String::new(),
+            arrival: SystemTime::now(),
+            started: Instant::now(),
+            keys: Arc::from(Vec::new()),
+            stream: false,
+        }
+    }
+}
+
 /// The request a [`Prediction`] is made for (see [`Prediction::of`]).
 pub struct Arrival<'a> {
     pub request_id: &'a str,
@@ -513,22 +535,8 @@ mod tests {
     use super::*;
 
     fn pred(prompt: u64, predicted: u64, best: u64) -> Prediction {
-        Prediction {
-            request_id: "r".into(),
-            model: "m".into(),
-            pod: "p".into(),
-            decode_pod: None,
-            prompt_tokens: prompt,
-            predicted_tokens: predicted,
-            best_tokens: best,
-            best_pod: None,
-            block_size: 16,
-            reason: String::new(),
-            arrival: SystemTime::now(),
-            started: Instant::now(),
-            keys: Arc::from(Vec::new()),
-            stream: false,
-        }
+        let p = Prediction { request_id: "r".into(), model: "m".into(), pod: "p".into(), ..Default::default() };
+        Prediction { prompt_tokens: prompt, predicted_tokens: predicted, best_tokens: best, ..p }
     }
 
     fn usage(prompt: u64, cached: u64) -> Usage {
