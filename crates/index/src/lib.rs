@@ -20,7 +20,7 @@ mod slab;
 
 pub use applier::{ApplySnapshot, EventApplier, KeyMode};
 pub use entry::{PodEntry, PodId, TierId, MAX_PODS, MAX_TIERS};
-pub use memory::{InMemoryIndex, IndexConfig};
+pub use memory::{InMemoryIndex, IndexConfig, MIN_ENTRIES_PER_SHARD};
 pub use pods::{Pods, Tiers};
 
 /// Why an index operation failed.

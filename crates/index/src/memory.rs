@@ -38,7 +38,10 @@ pub struct IndexConfig {
     /// Most (block, pod) entries kept; least-recently-used blocks are evicted beyond.
     /// Default 16 M (≈ 0.6 GB at the measured ≈ 40 B per entry).
     pub capacity: usize,
-    /// Number of independently locked shards (rounded up to a power of two). Default 64.
+    /// Number of independently locked shards (rounded up to a power of two). Default 64;
+    /// fewer for a small `capacity`, so that each shard holds at least
+    /// [`MIN_ENTRIES_PER_SHARD`]: LRU is per shard, and keys spread unevenly over many
+    /// small shards (256 entries over 64 shards evicted with a quarter of them in use).
     pub shards: usize,
     /// How long a speculative entry lives unless a `BlockStored` confirms it. Default 2 s
     /// (llm-d's `speculativeTTL`).
@@ -50,6 +53,9 @@ impl Default for IndexConfig {
         Self { capacity: 16 << 20, shards: 64, speculative_ttl: Duration::from_secs(2) }
     }
 }
+
+/// A shard's least capacity (see [`IndexConfig::shards`]).
+pub const MIN_ENTRIES_PER_SHARD: usize = 4096;
 
 const NIL: u32 = u32::MAX;
 /// At most this many speculative entries await expiry; older ones expire early.
@@ -246,7 +252,10 @@ impl InMemoryIndex {
 
     /// An index reading time from `clock` (tests drive speculative expiry with it).
     pub fn with_clock(cfg: IndexConfig, clock: Clock) -> Self {
-        let n = cfg.shards.clamp(1, 1 << 12).next_power_of_two();
+        let mut n = cfg.shards.clamp(1, 1 << 12).next_power_of_two();
+        while n > 1 && cfg.capacity / n < MIN_ENTRIES_PER_SHARD {
+            n /= 2;
+        }
         Self {
             shards: (0..n).map(|_| Mutex::new(Shard::new())).collect(),
             mask: (n - 1) as u64,

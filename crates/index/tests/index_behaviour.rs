@@ -43,6 +43,17 @@ fn capacity_is_enforced_by_evicting_least_recently_used_blocks() {
 }
 
 #[test]
+fn a_small_index_holds_its_capacity_however_many_shards_were_asked_for() {
+    // 64 shards of 4 entries each evicted blocks with a quarter of 256 in use (keys spread
+    // unevenly); shards now hold at least MIN_ENTRIES_PER_SHARD each.
+    let idx = InMemoryIndex::new(IndexConfig { capacity: 256, shards: 64, ..Default::default() });
+    let keys: Vec<u64> = (0..256u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    idx.store(0, Tiers::GPU, &keys);
+    assert_eq!(idx.stats().evicted_blocks, 0);
+    assert!(keys.iter().all(|&k| pods_of(&idx, k) == vec![(0, false)]));
+}
+
+#[test]
 fn clear_pod_forgets_only_that_pod_even_across_epoch_wraps() {
     let idx = InMemoryIndex::new(IndexConfig::default());
     idx.store(1, Tiers::GPU, &[10, 11]);
