@@ -265,3 +265,42 @@ fn json_logs_have_one_line_per_decision_with_its_request_id_pick_and_prediction(
     assert_eq!(d["reason"], "no cached prefix anywhere");
     let _ = std::fs::remove_file(&log);
 }
+
+/// A pod that publishes KV events is taken at its word: once it has evicted a prompt, the
+/// router predicts nothing of it there. (Its own record of past picks used to stand in
+/// whenever no pod's index entries matched a prompt, and predicted the evicted prefix on
+/// the pod it last went to: a `stale_index` miss on every prompt evicted everywhere.)
+#[test]
+fn an_evicted_prompt_is_not_predicted_from_the_routers_record_of_its_picks() {
+    let ports = free_ports(3);
+    let (rp, zp, sp) = (ports[0], ports[1], ports[2]);
+    // 24 blocks: a 184-token prompt takes 12 (11 full, 1 partial), so two more prompts
+    // evict the first one entirely (freed tail first, its first block last).
+    let mut kids = Children(vec![sim(sp, zp, &["--num-gpu-blocks", "24"])]);
+    kids.0.push(serve(rp, zp, &[sp], &[]));
+    std::thread::sleep(Duration::from_millis(500)); // the sim's publisher connects
+    let url = format!("http://127.0.0.1:{rp}/v1/completions");
+    let body = |t: &str| json!({"model": "m", "prompt": format!("{} {}", words(t, 160), words(&format!("{t}q"), 24)), "max_tokens": 2});
+    let batches = || metric_sum(&[rp], "kvroute_kv_batches_applied_total");
+    let send = |t: &str| {
+        let before = batches();
+        let r = post(&url, &body(t), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        wait_for(Duration::from_secs(5), &format!("{t}: KV events past {before}"), || batches() > before);
+    };
+    send("evicted");
+    for t in ["second", "third", "fourth"] {
+        send(t);
+    }
+    let v: Value = ureq::post(&format!("{}/v1/route/explain", admin(&format!("http://127.0.0.1:{rp}"))))
+        .send_json(body("evicted"))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(v["pods"][0]["matched_blocks"], 0, "{v}");
+    send("evicted");
+    wait_for(Duration::from_secs(5), "five requests attributed", || {
+        metric_sum(&[rp], "kvroute_cache_attribution_total") == 5.0
+    });
+    assert_eq!((outcome(rp, "stale_index"), outcome(rp, "no_prefix")), (0.0, 5.0));
+}

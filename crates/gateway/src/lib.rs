@@ -527,11 +527,14 @@ impl Gateway {
             .map(|b| {
                 let s = scores.iter().find(|s| s.pod == b.pod);
                 let approx = approx_scores.iter().find(|s| s.pod == b.pod).map_or(0.0, |s| s.score);
-                // The router's own record of recent picks stands in where the index knows
-                // nothing of this prompt (a same-prompt request routed while tokenization
-                // was late, so without block keys).
+                // The router's own record of recent picks stands in where the index cannot
+                // know: no block keys (tokenization was late), or a pod that publishes no
+                // KV events while no pod's index entries match. A pod whose events the
+                // index follows is taken at its word: the record never learns evictions,
+                // so after one it would predict a prefix the pod no longer has.
+                let follows_events = || self.applier.applied_seq(b.pod).is_some();
                 let matched = match &tokens {
-                    Some(_) if precise_known => s.map_or(0, |s| s.matched_blocks),
+                    Some(_) if precise_known || follows_events() => s.map_or(0, |s| s.matched_blocks),
                     _ => (approx * est_tokens as f64) as usize / bs.max(1),
                 };
                 let (active_blocks, active_prefix_blocks) = b.active_blocks(&keys);
