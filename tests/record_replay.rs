@@ -185,15 +185,15 @@ fn round_trip(policy: &str, kv_blocks: usize) {
         .all(|l| l["hash_ids"].as_array().unwrap().len() as u64 == l["input_length"].as_u64().unwrap() / 16));
 
     // Replay on the same fleet: 2 servers, block 16, the sims' KV blocks, the per-request
-    // engine `kvroute sim` runs, the same policy. The sims run 100× faster than model time
-    // and each request finished before the next was sent: × 1000 keeps them apart offline.
+    // engine `kvroute sim` runs, the same policy. The sims run 100× faster than model time,
+    // so the trace's wall-clock times × 100 are the fleet's own timeline.
     let combined = dir.0.join("all.jsonl");
     std::fs::write(&combined, &all).unwrap();
     let out = dir.0.join("replay.json");
     let o = Command::new(env!("CARGO_BIN_EXE_kvroute"))
         .args(["simulate", "--workload", "trace", "--trace", combined.to_str().unwrap(), "--trace-block-size", "16"])
         .args(["--block-size", "16", "--servers", &SIMS.to_string(), "--gpu-blocks-per-server", &kv])
-        .args(["--engine", "per-request", "--policies", policy, "--time-scale", "1000"])
+        .args(["--engine", "per-request", "--policies", policy, "--time-scale", "100"])
         .args(["--output-json", out.to_str().unwrap()])
         .output()
         .unwrap();
