@@ -1,13 +1,14 @@
 //! Hit attribution's cost on a response body: a 200-token stream (one SSE event per token,
 //! then the usage chunk the gateway asked for and `[DONE]`) passed through as is, against
 //! the same stream re-cut into events, read for its usage and stripped of the usage chunk
-//! (`tap_sse`); and a 4 KiB non-streaming body passed through against `tap_whole`.
+//! (`tap_sse`); a 4 KiB non-streaming body passed through against `tap_whole`; and the
+//! per-request counting alone (`Attribution::finish`).
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::StreamExt;
-use kvroute_gateway::attribution::{tap_sse, tap_whole, Attribution, Prediction, Tap};
+use kvroute_gateway::attribution::{tap_sse, tap_whole, Attribution, Prediction, Tap, Usage};
 
 fn prediction() -> Prediction {
     Prediction {
@@ -64,6 +65,10 @@ fn bench(c: &mut Criterion) {
             rt.block_on(tap_whole(stream(&one), tap).count())
         })
     });
+    // Counting one request (metrics, the recent-decisions entry), the body aside.
+    let p = prediction();
+    let usage = Usage { prompt_tokens: Some(2048), completion_tokens: Some(200), cached_tokens: Some(1024) };
+    g.bench_function("finish_one_request", |b| b.iter(|| attribution.finish(&p, Some(usage), 200)));
     g.finish();
 }
 
