@@ -21,7 +21,7 @@
 //! the pod's first byte (the router's in-flight view), adds `x-kvroute-pod`, and reads
 //! `usage` (vLLM's `prompt_tokens_details.cached_tokens`) from streamed and buffered
 //! bodies into metrics and the gateway's hit attribution and traffic record
-//! ([`attribute`]; a request id is set on the request when Envoy sent none).
+//! (`attribute.rs`; a request id is set on the request when Envoy sent none).
 //! [`listen`] serves the gRPC listeners under client limits (connection cap, handshake
 //! timeout, streams per connection, keepalive).
 

@@ -49,7 +49,7 @@ pub struct ApplyCounters {
     pub repeated_batches: AtomicU64,
 }
 
-/// A snapshot of [`ApplyCounters`].
+/// A snapshot of the applier's counters (`ApplyCounters`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplySnapshot {
     pub batches: u64,

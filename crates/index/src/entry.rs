@@ -18,7 +18,7 @@ pub(crate) const INLINE_COPIES: u32 = 7;
 /// tier, 20–27 the pod's clear-epoch when written, bit 28 speculative, 29–31 how many
 /// copies of the block the pod holds on that tier (vLLM does not de-duplicate cached
 /// blocks: the same block can be stored twice and removed once; 0 for a speculative
-/// entry, [`INLINE_COPIES`] meaning "that many or more", the rest counted elsewhere).
+/// entry, `INLINE_COPIES` meaning "that many or more", the rest counted elsewhere).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct PodEntry(u32);
 
@@ -50,7 +50,7 @@ impl PodEntry {
         self.0 & (1 << 28) != 0
     }
     /// Copies of the block this entry counts (0 for a speculative entry; saturates at
-    /// [`INLINE_COPIES`], the in-memory index keeps the rest beside it).
+    /// `INLINE_COPIES`, the in-memory index keeps the rest beside it).
     pub fn copies(self) -> u32 {
         self.0 >> 29
     }

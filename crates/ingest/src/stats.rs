@@ -87,7 +87,7 @@ pub struct Metrics {
     /// Pods that left the fleet (discovery) and were forgotten: sockets closed, index cleared.
     pub pods_removed: IntCounter,
     /// Every pod's counters: the ingestor keeps them here, and the registry reads them per
-    /// pod at scrape time (`kvroute_ingest_pod_*`, see [`crate::pod_metrics`]).
+    /// pod at scrape time (`kvroute_ingest_pod_*`, see `pod_metrics.rs`).
     pub pods: Arc<PodTable>,
 }
 

@@ -210,7 +210,7 @@ pub struct Timing {
     pub ttft: Duration,
 }
 
-/// A queued request; becomes running with [`Ticket::run`].
+/// A queued request; becomes running with [`Engine::start`].
 pub struct Ticket<'a> {
     engine: &'a Engine,
     arrived: Instant,

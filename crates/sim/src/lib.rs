@@ -85,7 +85,7 @@ pub fn entropy() -> [u8; 32] {
     out
 }
 
-/// Runs the simulator until SIGTERM or SIGINT, then drains ([`shutdown_signals`]).
+/// Runs the simulator until SIGTERM or SIGINT, then drains (`shutdown_signals`).
 pub fn run(a: SimArgs) -> Result<(), SimError> {
     let hasher = hasher(&a)?;
     let tokenizer = kvroute_tokenize::load(a.tokenizer.as_deref()).map_err(|e| SimError::Config(e.to_string()))?;

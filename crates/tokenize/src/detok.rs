@@ -25,7 +25,7 @@ pub struct IncrementalDetokenizer {
 
 impl IncrementalDetokenizer {
     /// A detokenizer whose window starts on the end of `prompt` (may be empty). The
-    /// shortest tail of at least [`CONTEXT`] tokens that decodes without U+FFFD is used.
+    /// shortest tail of at least `CONTEXT` tokens that decodes without U+FFFD is used.
     pub fn new(tok: &dyn Tokenizer, prompt: &[u32]) -> Self {
         let mut n = CONTEXT.min(prompt.len());
         while n < prompt.len() && n < 24 && tok.decode(&prompt[prompt.len() - n..]).contains('\u{FFFD}') {
