@@ -12,11 +12,8 @@
 
 use std::sync::Arc;
 
-use kvroute_gateway::attribution::{Attribution, Prediction, Tap, Usage, UsageReader};
+use kvroute_gateway::attribution::{Attribution, Prediction, Tap, Usage, UsageReader, MAX_USAGE_BODY};
 use kvroute_gateway::sse::Cutter;
-
-/// Non-streaming bodies are read for `usage` up to this size.
-const MAX_WHOLE: usize = 16 << 20;
 
 /// One response on its way back through the door.
 pub(crate) struct ResponseReader {
@@ -72,7 +69,7 @@ impl ResponseReader {
                 keep.extend_from_slice(&self.cutter.rest());
             }
             out = self.strip.then_some(keep);
-        } else if self.whole.len() + chunk.len() <= MAX_WHOLE {
+        } else if self.whole.len() + chunk.len() <= MAX_USAGE_BODY {
             self.whole.extend_from_slice(chunk);
         }
         if !end_of_stream {

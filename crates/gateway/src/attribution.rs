@@ -117,6 +117,10 @@ impl Prediction {
     }
 }
 
+/// Non-streaming bodies are read for `usage` up to this size (a larger one is counted
+/// `unreported`).
+pub const MAX_USAGE_BODY: usize = 16 << 20;
+
 /// The engine's token counts for one response.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -148,17 +152,20 @@ impl Usage {
 pub struct UsageReader {
     usage: Option<Usage>,
     strip: bool,
-    finder: memchr::memmem::Finder<'static>,
 }
+
+/// `"usage"`, searched for in every event (built once: a searcher costs microseconds).
+static USAGE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
 
 impl UsageReader {
     pub fn new(strip: bool) -> Self {
-        Self { usage: None, strip, finder: memchr::memmem::Finder::new(b"\"usage\"") }
+        Self { usage: None, strip }
     }
 
     /// The event to pass on, `None` for the usage chunk removed.
     pub fn event(&mut self, event: Bytes) -> Option<Bytes> {
-        if self.finder.find(&event).is_some() {
+        if USAGE_KEY.find(&event).is_some() {
             if let Some(v) = crate::sse::event_json(&event) {
                 if let Some(u) = Usage::of(&v) {
                     self.usage = Some(u);
@@ -503,7 +510,6 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
 {
-    const MAX: usize = 16 << 20;
     struct St<S> {
         body: S,
         copy: Vec<u8>,
@@ -513,7 +519,7 @@ where
     futures_util::stream::unfold(st, |mut st| async move {
         match st.body.next().await {
             Some(Ok(b)) => {
-                if st.copy.len() + b.len() <= MAX {
+                if st.copy.len() + b.len() <= MAX_USAGE_BODY {
                     st.copy.extend_from_slice(&b);
                 }
                 Some((Ok(b), st))

@@ -8,6 +8,10 @@ use bytes::BytesMut;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 
+/// The event boundary (`\n\n`), built once (a searcher costs microseconds to build).
+static BOUNDARY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
+
 /// `body` with each event (`…\n\n`) replaced by `f(event)`; `None` drops the event. A
 /// trailing partial event (the body ended mid-event) passes unchanged; an error from the
 /// body is passed on and ends the stream.
@@ -22,52 +26,36 @@ where
         /// The chunk being cut while no partial event is carried (events are slices of it).
         cur: Bytes,
         /// A partial event and what arrived after it (copied until it is cut).
-        buf: BytesMut,
-        /// Where the search for the next boundary in `buf` resumes (bytes before it have none).
-        scanned: usize,
+        carry: Cutter,
         done: bool,
         f: F,
-        boundary: memchr::memmem::Finder<'static>,
     }
-    let boundary = memchr::memmem::Finder::new(b"\n\n");
-    let st = St { body: Box::pin(body), cur: Bytes::new(), buf: BytesMut::new(), scanned: 0, done: false, f, boundary };
+    let st = St { body: Box::pin(body), cur: Bytes::new(), carry: Cutter::default(), done: false, f };
     futures_util::stream::unfold(st, |mut st| async move {
         loop {
-            if !st.buf.is_empty() {
-                let from = st.scanned.saturating_sub(1).min(st.buf.len());
-                if let Some(end) = st.boundary.find(&st.buf[from..]).map(|p| p + from) {
-                    let event = st.buf.split_to(end + 2).freeze();
-                    st.scanned = 0;
-                    match (st.f)(event) {
-                        Some(out) => return Some((Ok(out), st)),
-                        None => continue,
-                    }
-                }
-                st.scanned = st.buf.len();
-            } else if !st.cur.is_empty() {
+            let event = if !st.carry.is_empty() {
+                st.carry.next_event()
+            } else if let Some(end) = BOUNDARY.find(&st.cur) {
                 // Whole events straight out of the chunk, without a copy (the usual case:
                 // engines write an event per chunk).
-                if let Some(end) = st.boundary.find(&st.cur) {
-                    let event = st.cur.split_to(end + 2);
-                    match (st.f)(event) {
-                        Some(out) => return Some((Ok(out), st)),
-                        None => continue,
-                    }
+                Some(st.cur.split_to(end + 2))
+            } else {
+                st.carry.extend(&std::mem::take(&mut st.cur));
+                None
+            };
+            if let Some(event) = event {
+                match (st.f)(event) {
+                    Some(out) => return Some((Ok(out), st)),
+                    None => continue,
                 }
-                st.buf.extend_from_slice(&std::mem::take(&mut st.cur));
-                st.scanned = st.buf.len();
             }
             if st.done {
-                if st.buf.is_empty() {
-                    return None;
-                }
-                st.scanned = 0;
-                let rest = st.buf.split().freeze();
-                return Some((Ok(rest), st));
+                let rest = st.carry.rest();
+                return (!rest.is_empty()).then_some((Ok(rest), st));
             }
             match st.body.next().await {
-                Some(Ok(b)) if st.buf.is_empty() => st.cur = b,
-                Some(Ok(b)) => st.buf.extend_from_slice(&b),
+                Some(Ok(b)) if st.carry.is_empty() => st.cur = b,
+                Some(Ok(b)) => st.carry.extend(&b),
                 Some(Err(e)) => {
                     st.done = true;
                     return Some((Err(e), st));
@@ -79,9 +67,9 @@ where
     .boxed()
 }
 
-/// [`map_events`] for a caller handed chunks one at a time (the ext_proc door): `push`
-/// returns the events a chunk completed and keeps a partial one; `rest` gives back what is
-/// left when the body ends.
+/// Cuts bytes handed in piece by piece into whole events: [`map_events`]'s carry, and the
+/// ext_proc door's cutter (it gets chunks one at a time): `push` returns the events a chunk
+/// completed and keeps a partial one; `rest` gives back what is left when the body ends.
 #[derive(Default)]
 pub struct Cutter {
     buf: BytesMut,
@@ -91,19 +79,29 @@ pub struct Cutter {
 
 impl Cutter {
     pub fn push(&mut self, chunk: &[u8]) -> Vec<Bytes> {
+        self.extend(chunk);
+        std::iter::from_fn(|| self.next_event()).collect()
+    }
+
+    fn extend(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        loop {
-            let from = self.scanned.saturating_sub(1).min(self.buf.len());
-            match memchr::memmem::find(&self.buf[from..], b"\n\n") {
-                Some(p) => {
-                    events.push(self.buf.split_to(from + p + 2).freeze());
-                    self.scanned = 0;
-                }
-                None => {
-                    self.scanned = self.buf.len();
-                    return events;
-                }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The next whole event, if one has arrived.
+    fn next_event(&mut self) -> Option<Bytes> {
+        let from = self.scanned.saturating_sub(1).min(self.buf.len());
+        match BOUNDARY.find(&self.buf[from..]) {
+            Some(p) => {
+                self.scanned = 0;
+                Some(self.buf.split_to(from + p + 2).freeze())
+            }
+            None => {
+                self.scanned = self.buf.len();
+                None
             }
         }
     }
