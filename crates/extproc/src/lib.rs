@@ -193,18 +193,15 @@ impl ExtProc {
                         g.first_byte();
                     }
                     s.prefill_guard = None;
-                    let status = proto::headers(h.headers.as_ref())
-                        .into_iter()
-                        .find(|(k, _)| k == ":status")
-                        .map(|(_, v)| v)
-                        .unwrap_or_default();
-                    self.metrics.responses.with_label_values(&[&status]).inc();
-                    let ctype = proto::headers(h.headers.as_ref()).into_iter().find(|(k, _)| k == "content-type");
+                    let headers = proto::headers(h.headers.as_ref());
+                    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+                    let status = header(":status").unwrap_or_default();
+                    self.metrics.responses.with_label_values(&[status]).inc();
                     s.response = Some(attribute::ResponseReader::new(
                         &self.gw.attribution,
                         s.prediction.take(),
                         status.parse().unwrap_or(0),
-                        ctype.as_ref().map(|(_, v)| v.as_str()),
+                        header("content-type"),
                         s.strip_usage,
                     ));
                     let set = s.pod.iter().map(|p| ("x-kvroute-pod".to_string(), p.clone())).collect();

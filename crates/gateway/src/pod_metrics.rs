@@ -98,10 +98,16 @@ impl Collector for PodCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let _one = self.lock.lock();
-        for v in [&self.up, &self.in_flight, &self.queued, &self.pending_prefill] {
-            v.reset();
-        }
-        for v in [&self.capacity, &self.index_blocks, &self.saturated] {
+        let ints = [
+            &self.up,
+            &self.in_flight,
+            &self.queued,
+            &self.pending_prefill,
+            &self.capacity,
+            &self.index_blocks,
+            &self.saturated,
+        ];
+        for v in ints {
             v.reset();
         }
         self.kv_usage.reset();
